@@ -1,0 +1,619 @@
+"""Students' Unix accounts: setup, remove and status.
+
+Each step checks first and then acts, so re-running is harmless. Only
+accounts the course created (recorded in the state, same uid, uid inside
+UID_MIN..UID_MAX) are ever changed or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import shlex
+import signal
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import psutil
+
+from . import credentials, passwords
+from .course import Course, progress
+from .errors import InvalidInput, Refused, StepFailed
+from .roster import Student
+from .secret import Secret
+from .state import now
+from .system import as_user, login_defs, run, sudo_caller
+
+log = logging.getLogger("classroom")
+
+OK, MISSING, FOREIGN = "ok", "missing", "foreign"
+
+
+@dataclass(frozen=True)
+class Account:
+    """What exists for one student, and whether the course owns it."""
+
+    student: Student
+    kind: str  # ok | missing | foreign
+    why: str = ""
+    pw: pwd.struct_passwd | None = None
+    adopt: bool = False  # the course was creating it when a run was cut off
+
+    @property
+    def username(self) -> str:
+        return self.student.username
+
+
+def inspect(course: Course, student: Student) -> Account:
+    """Classify a student's account: the course's own (ok), missing, or foreign (never touched)."""
+    defs = login_defs()
+    row = course.state.account(student.username)
+    try:
+        pw = pwd.getpwnam(student.username)
+    except KeyError:
+        return Account(student, MISSING)
+    if pw.pw_uid == 0 or not defs.uid_min <= pw.pw_uid <= defs.uid_max:
+        return Account(
+            student,
+            FOREIGN,
+            f"{student.username} is a system account (uid {pw.pw_uid}, outside "
+            f"UID_MIN..UID_MAX {defs.uid_min}..{defs.uid_max}); it is never touched: "
+            f"rename the student in the roster",
+            pw,
+        )
+    if row is None:
+        return Account(
+            student,
+            FOREIGN,
+            f"account {student.username} (uid {pw.pw_uid}) exists but the course did not create it; "
+            "it is never touched: rename the student in the roster or remove that account yourself",
+            pw,
+        )
+    if row["uid"] is None and row["status"] == "creating":
+        if Path(pw.pw_dir) == Path(row["home"]):
+            return Account(student, OK, pw=pw, adopt=True)
+        return Account(student, FOREIGN, f"account {student.username} exists with another home", pw)
+    if row["uid"] != pw.pw_uid:
+        return Account(
+            student,
+            FOREIGN,
+            f"account {student.username} now has uid {pw.pw_uid}, not the course's {row['uid']}; "
+            "it was recreated outside the course and is never touched",
+            pw,
+        )
+    return Account(student, OK, pw=pw)
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def check_group(course: Course) -> grp.struct_group | None:
+    """The course group if it exists; refuse a system group the course did not create."""
+    settings = course.settings
+    try:
+        group = grp.getgrnam(settings.group)
+    except KeyError:
+        return None
+    defs = login_defs()
+    gid_min = int(defs.get("GID_MIN", "1000") or 1000)
+    created = course.state.meta("group_gid")
+    if group.gr_gid < gid_min and created != str(group.gr_gid):
+        raise InvalidInput(
+            f"{settings.where('course', 'group')}: group '{settings.group}' is a system group "
+            f"(gid {group.gr_gid}); choose another [course] group"
+        )
+    return group
+
+
+def ensure_group(course: Course) -> bool:
+    """Create the course group if it is missing; True if it was created."""
+    if check_group(course) is not None:
+        return False
+    if course.dry_run:
+        click.echo(f"  would run: groupadd {course.settings.group}")
+        return True
+    with course.state.transaction():
+        course.state.set_meta("group_creating", course.settings.group)
+    run(["groupadd", "--", course.settings.group])
+    gid = grp.getgrnam(course.settings.group).gr_gid
+    with course.state.transaction():
+        course.state.set_meta("group_gid", str(gid))
+        course.state.set_meta("group_creating", None)
+        course.state.record("setup", None, "group created", {"group": course.settings.group, "gid": gid})
+    return True
+
+
+def useradd_argv(course: Course, student: Student) -> list[str]:
+    s = course.settings
+    argv = [
+        "useradd",
+        "--create-home",
+        "--home-dir",
+        str(s.home_base / student.username),
+        "--shell",
+        s.shell,
+        "--user-group",
+        "--groups",
+        s.group,
+        "--comment",
+        student.gecos,
+        "-K",
+        f"HOME_MODE={s.home_mode:04o}",
+    ]
+    if s.skeleton:
+        argv += ["--skel", str(s.skeleton)]
+    return [*argv, "--", student.username]
+
+
+def create_account(course: Course, student: Student) -> pwd.struct_passwd:
+    """useradd, with the intent recorded first so a cut-off run can adopt the account."""
+    home = course.settings.home_base / student.username
+    with course.state.transaction():
+        course.state.execute(
+            "INSERT OR REPLACE INTO accounts (username, uid, home, status, password_set, created_at) "
+            "VALUES (?, NULL, ?, 'creating', 0, ?)",
+            (student.username, str(home), now()),
+        )
+    run(useradd_argv(course, student))
+    pw = pwd.getpwnam(student.username)
+    with course.state.transaction():
+        course.state.execute(
+            "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?", (pw.pw_uid, student.username)
+        )
+        course.state.record("setup", student.username, "account created", {"uid": pw.pw_uid})
+    return pw
+
+
+def align_account(course: Course, account: Account) -> list[str]:
+    """Bring an existing course account in line (group, home mode); return what changed."""
+    s = course.settings
+    pw = account.pw
+    assert pw is not None
+    changes = []
+    if account.adopt:
+        changes.append("account adopted after an interrupted run")
+        if not course.dry_run:
+            with course.state.transaction():
+                course.state.execute(
+                    "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?", (pw.pw_uid, pw.pw_name)
+                )
+                course.state.record("setup", pw.pw_name, "account adopted", {"uid": pw.pw_uid})
+    try:
+        members = grp.getgrnam(s.group).gr_mem
+    except KeyError:
+        members = []
+    if pw.pw_name not in members:
+        changes.append(f"added to group {s.group}")
+        if not course.dry_run:
+            run(["usermod", "--append", "--groups", s.group, "--", pw.pw_name])
+    home = Path(pw.pw_dir)
+    try:
+        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        changes.append("home created")
+        if not course.dry_run:
+            make_home(course, pw)
+        return changes
+    except OSError as exc:
+        raise StepFailed(f"home {home} cannot be opened safely: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != pw.pw_uid:
+            raise StepFailed(f"home {home} is owned by uid {st.st_uid}, not {pw.pw_name}; fix it by hand")
+        if stat.S_IMODE(st.st_mode) != s.home_mode:
+            changes.append(f"home mode {stat.S_IMODE(st.st_mode):04o} -> {s.home_mode:04o}")
+            if not course.dry_run:
+                os.fchmod(fd, s.home_mode)
+    finally:
+        os.close(fd)
+    return changes
+
+
+def make_home(course: Course, pw: pwd.struct_passwd) -> None:
+    home = Path(pw.pw_dir)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(home, course.settings.home_mode)
+    os.chown(home, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    os.chmod(home, course.settings.home_mode, follow_symlinks=False)
+
+
+def teacher_profile(course: Course) -> dict[str, str]:
+    """The teacher's IPython profile files (``*.py``, ``startup/*.py``) as {relative path: text}."""
+    spec = course.settings.profile
+    if not spec:
+        return {}
+    if "/" in spec:
+        folder = Path(spec)
+    else:
+        caller = sudo_caller()
+        if caller is None:
+            raise InvalidInput(f"{course.settings.where('accounts', 'profile')}: cannot tell who the teacher is")
+        folder = Path(caller.pw_dir) / ".ipython" / f"profile_{spec}"
+    if not folder.is_dir():
+        raise InvalidInput(
+            f"{course.settings.where('accounts', 'profile')}: IPython profile folder {folder} not found"
+        )
+    files: dict[str, str] = {}
+    for sub in ("", "startup"):
+        base = folder / sub if sub else folder
+        if not base.is_dir():
+            continue
+        for path in sorted(base.glob("*.py")):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
+                rel = f"{sub}/{path.name}" if sub else path.name
+                files[rel] = path.read_text(encoding="utf-8", errors="replace")
+    return files
+
+
+def _write_student_files(home: str, hashed: str | None, profile: dict[str, str]) -> list[str]:
+    """As the student: set the Jupyter password hash and copy the IPython profile."""
+    written = []
+
+    def write(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.classroom-tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+        written.append(str(path))
+
+    if hashed is not None:
+        config_path = Path(home) / ".jupyter" / "jupyter_server_config.json"
+        config: dict = {}
+        try:
+            fd = os.open(config_path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, encoding="utf-8") as inp:
+                loaded = json.load(inp)
+            if isinstance(loaded, dict):
+                config = loaded
+        except (OSError, ValueError):
+            config = {}
+        section = config.get("IdentityProvider")
+        if not isinstance(section, dict):
+            section = config["IdentityProvider"] = {}
+        section["hashed_password"] = hashed
+        write(config_path, json.dumps(config, indent=2) + "\n")
+        os.chmod(config_path, 0o600)
+    profile_dir = Path(home) / ".ipython" / "profile_default"
+    for rel, text in profile.items():
+        target = profile_dir / rel
+        if not target.exists():
+            write(target, text)
+    return written
+
+
+def setup(course: Course, *, only: tuple[str, ...] = (), reset_passwords: bool = False, handout: Path | None = None) -> int:
+    """Create or align each selected student's account; write credentials and handout."""
+    s = course.settings
+    report = course.report("setup")
+    students = course.students(only)
+    profile = teacher_profile(course)
+    check_group(course)
+    accounts = [inspect(course, st) for st in students]
+
+    if course.dry_run:
+        if check_group(course) is None:
+            click.echo(f"  would run: groupadd -- {s.group}")
+        for acc in accounts:
+            if acc.kind == FOREIGN:
+                report.failed(acc.username, acc.why)
+            elif acc.kind == MISSING:
+                report.done(acc.username, "created", shlex.join(useradd_argv(course, acc.student)))
+            else:
+                changes = align_account(course, acc)
+                row = course.state.account(acc.username)
+                if reset_passwords or (row is not None and not row["password_set"]):
+                    changes.append("new password")
+                if changes:
+                    report.done(acc.username, "updated", "; ".join(changes))
+                else:
+                    report.unchanged(acc.username)
+        return report.finish()
+
+    s.home_base.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if ensure_group(course):
+        report.note(f"group {s.group} created")
+
+    need_password: list[tuple[Account, pwd.struct_passwd]] = []
+    for acc in progress(accounts, "accounts"):
+        try:
+            if acc.kind == FOREIGN:
+                report.failed(acc.username, acc.why)
+                continue
+            if acc.kind == MISSING:
+                pw = create_account(course, acc.student)
+                report.outcomes[acc.username] = "created"
+                need_password.append((acc, pw))
+                continue
+            changes = align_account(course, acc)
+            pw = pwd.getpwnam(acc.username)
+            row = course.state.account(acc.username)
+            if reset_passwords or not row["password_set"]:
+                changes.append("new password")
+                need_password.append((acc, pw))
+            if changes:
+                report.outcomes[acc.username] = "updated"
+                report.done(acc.username, "updated", "; ".join(changes))
+                with course.state.transaction():
+                    course.state.record("setup", acc.username, "updated", {"changes": changes})
+            else:
+                report.unchanged(acc.username)
+        except StepFailed as exc:
+            report.failed(acc.username, str(exc))
+
+    set_passwords(course, report, need_password, profile)
+    for acc, _ in need_password:
+        if report.outcomes.get(acc.username) == "created":
+            report.done(acc.username, "created")
+
+    rows = credentials.read(s.state_dir / "credentials.csv")
+    rows = {u: r for u, r in rows.items() if u in set(course.roster.names())}
+    credentials.write_private(s.state_dir / "handout.html", credentials.handout_html(s, rows))
+    if handout:
+        credentials.write_private(Path(handout), credentials.handout_html(s, rows))
+        report.note(f"handout written to {handout}")
+    if need_password:
+        report.note(f"passwords: {s.state_dir / 'credentials.csv'}; handout: {s.state_dir / 'handout.html'}")
+    return report.finish()
+
+
+def set_passwords(
+    course: Course, report, pending: list[tuple[Account, pwd.struct_passwd]], profile: dict[str, str]
+) -> None:
+    """New passwords: credentials file first, then chpasswd (stdin), then Jupyter hash, then state."""
+    if not pending:
+        return
+    s = course.settings
+    new: dict[str, tuple[Secret, Secret]] = {}
+    for acc, _ in pending:
+        unix = passwords.generate(s.password_length)
+        nb = unix if s.notebook_password == "same" else passwords.generate(s.password_length)
+        new[acc.username] = (unix, nb)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        hashes = dict(zip(new, pool.map(lambda u: passwords.jupyter_hash(new[u][1]), new), strict=True))
+        credentials.update(
+            s.state_dir / "credentials.csv",
+            {
+                acc.username: {
+                    "name": acc.student.full_name,
+                    "email": acc.student.email,
+                    "password": new[acc.username][0],
+                    "notebook_password": new[acc.username][1],
+                }
+                for acc, _ in pending
+            },
+        )
+        batch = Secret("".join(f"{u}:{p.reveal()}\n" for u, (p, _) in new.items()))
+        try:
+            run(["chpasswd"], stdin=batch)
+        except StepFailed as exc:
+            for acc, _ in pending:
+                report.failed(acc.username, f"setting the password failed: {exc}")
+            return
+        for acc, pw in pending:
+            try:
+                as_user(pw, _write_student_files, pw.pw_dir, hashes[acc.username].reveal(), profile)
+            except StepFailed as exc:
+                report.failed(acc.username, f"writing the Jupyter password failed: {exc}")
+                continue
+            with course.state.transaction():
+                course.state.execute("UPDATE accounts SET password_set = 1 WHERE username = ?", (acc.username,))
+                course.state.record("setup", acc.username, "password set")
+
+
+# --- remove -----------------------------------------------------------------------------------
+
+
+def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
+    found: dict[int, list[psutil.Process]] = {u: [] for u in uids}
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            uids_of = proc.info["uids"]
+            if uids_of is None:
+                continue
+            for uid in {uids_of.real, uids_of.effective, uids_of.saved}:
+                if uid in found:
+                    found[uid].append(proc)
+                    break
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_all(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: every process a student still runs."""
+    if not procs:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            log.debug("SIGTERM %d (%s)", proc.pid, proc.name())
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            log.debug("SIGKILL %d", proc.pid)
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def archive_home(course: Course, pw: pwd.struct_passwd) -> Path:
+    """tar.gz of the home into archive_dir (0600 root); the name says who and when."""
+    folder = course.settings.archive_dir
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = folder / f"{pw.pw_name}-{stamp}.tar.gz"
+    tmp = folder / f".{pw.pw_name}-{stamp}.tar.gz.part"
+    home = Path(pw.pw_dir)
+    try:
+        run(
+            [
+                "tar",
+                "--create",
+                "--gzip",
+                "--one-file-system",
+                "--file",
+                str(tmp),
+                "--directory",
+                str(home.parent),
+                "--",
+                home.name,
+            ],
+            timeout=3600,
+        )
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
+    """Confirm, stop everything the students run, archive each home, delete account and home."""
+    s = course.settings
+    report = course.report("remove")
+    accounts = [inspect(course, st) for st in course.students(only)]
+    foreign = [a for a in accounts if a.kind == FOREIGN]
+    if foreign:
+        raise Refused(
+            "remove refused, nothing was changed:\n"
+            + "\n".join(f"  {a.username}: {a.why}" for a in foreign)
+        )
+    present = [a for a in accounts if a.kind == OK]
+    gone = [a for a in accounts if a.kind == MISSING]
+    if present and not course.dry_run and not course.yes:
+        names = ", ".join(a.username for a in present)
+        what = "archived and deleted" if s.archive else "deleted WITHOUT an archive"
+        click.echo(f"These {len(present)} accounts and their homes will be {what}: {names}")
+        if not click.confirm("Go on?", default=False):
+            raise Refused("remove declined: nothing was changed")
+    if course.dry_run:
+        for a in present:
+            steps = ["stop every process", "archive the home" if s.archive else "no archive", "userdel --remove"]
+            report.done(a.username, "removed", "; ".join(steps))
+        for a in gone:
+            report.unchanged(a.username, "no account")
+        return report.finish()
+
+    from . import servers as servers_mod
+
+    procs = processes_of({a.pw.pw_uid for a in present if a.pw})
+    for a in progress(present, "removing"):
+        pw = a.pw
+        assert pw is not None
+        try:
+            with contextlib.suppress(Exception):
+                servers_mod.forget_server(course, a.username, stop=True)
+            kill_all(procs.get(pw.pw_uid, []))
+            leftover = processes_of({pw.pw_uid})[pw.pw_uid]
+            kill_all(leftover, timeout=2)
+            archive = None
+            if s.archive and Path(pw.pw_dir).is_dir():
+                archive = archive_home(course, pw)
+            with course.state.transaction():
+                course.state.record("remove", a.username, "archived", {"archive": str(archive)})
+            result = run(["userdel", "--remove", "--", a.username], check=False)
+            if result.returncode not in (0, 12):
+                raise StepFailed(f"userdel failed with status {result.returncode}: {result.stderr.strip()}")
+            home = Path(pw.pw_dir)
+            if home.is_dir() and not home.is_symlink() and home.parent == s.home_base:
+                run(["rm", "-rf", "--one-file-system", "--", str(home)])
+            with course.state.transaction():
+                course.state.execute("DELETE FROM accounts WHERE username = ?", (a.username,))
+                course.state.execute("DELETE FROM servers WHERE username = ?", (a.username,))
+                course.state.record("remove", a.username, "removed", {"archive": str(archive) if archive else ""})
+            report.done(a.username, "removed", f"archive {archive}" if archive else "")
+        except StepFailed as exc:
+            report.failed(a.username, str(exc))
+    for a in gone:
+        if course.state.account(a.username) is not None:
+            with course.state.transaction():
+                course.state.execute("DELETE FROM accounts WHERE username = ?", (a.username,))
+        report.unchanged(a.username, "no account")
+    if not report.failures:
+        credentials.update(s.state_dir / "credentials.csv", {}, drop={a.username for a in present})
+    remove_group_if_empty(course, report)
+    return report.finish()
+
+
+def remove_group_if_empty(course: Course, report) -> None:
+    s = course.settings
+    gid = course.state.meta("group_gid")
+    try:
+        group = grp.getgrnam(s.group)
+    except KeyError:
+        if gid:
+            with course.state.transaction():
+                course.state.set_meta("group_gid", None)
+        return
+    if gid != str(group.gr_gid):
+        return
+    if group.gr_mem or any(p.pw_gid == group.gr_gid for p in pwd.getpwall()):
+        return
+    run(["groupdel", "--", s.group])
+    with course.state.transaction():
+        course.state.set_meta("group_gid", None)
+        course.state.record("remove", None, "group deleted", {"group": s.group})
+    report.note(f"group {s.group} deleted")
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False) -> int:
+    """A table (or JSON list) of account, server, last send and last retrieve per student."""
+    from . import servers as servers_mod
+
+    rows = []
+    for st in course.students(only):
+        acc = inspect(course, st)
+        server = servers_mod.server_status(course, st.username) if acc.kind == OK else {}
+        rows.append(
+            {
+                "username": st.username,
+                "name": st.full_name,
+                "account": acc.kind,
+                "server": server.get("server", "stopped"),
+                "port": server.get("port"),
+                "pid": server.get("pid"),
+                "url": server.get("url"),
+                "last_send": course.state.last(st.username, "send"),
+                "last_retrieve": course.state.last(st.username, "retrieve"),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return 0
+    if course.state.path is None and os.geteuid() != 0:
+        click.echo("note: the course state is root-only; run with sudo to see servers and history", err=True)
+    headers = ["username", "name", "account", "server", "last send", "last retrieve"]
+    table = []
+    for r in rows:
+        server = r["server"]
+        if r["server"] == "running":
+            server = f"running :{r['port']} pid {r['pid']}"
+        table.append(
+            [r["username"], r["name"], r["account"], server, r["last_send"] or "-", r["last_retrieve"] or "-"]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=False)]
+    for line in [headers, *table]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+    counts = {k: sum(r["account"] == k for r in rows) for k in (OK, MISSING, FOREIGN)}
+    running = sum(r["server"] == "running" for r in rows)
+    click.echo(
+        f"status: {len(rows)} students, {counts[OK]} accounts ok, {counts[MISSING]} missing, "
+        f"{counts[FOREIGN]} foreign, {running} servers running"
+    )
+    return 0

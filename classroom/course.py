@@ -1,0 +1,163 @@
+"""What every command shares: the loaded course, the lock, the report it prints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import click
+
+from . import roster as roster_mod
+from . import settings as settings_mod
+from .errors import EXIT_OK, EXIT_PARTIAL, Refused
+from .roster import Roster, Student
+from .settings import Settings
+from .state import Lock, State
+from .system import is_root
+
+log = logging.getLogger("classroom")
+T = TypeVar("T")
+
+
+@dataclass
+class Report:
+    """Per-student outcome lines and the one summary line of a command."""
+
+    command: str
+    dry_run: bool = False
+    quiet: bool = False
+    outcomes: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def done(self, username: str, outcome: str, detail: str = "") -> None:
+        """``username`` changed (``outcome`` is e.g. 'created'); print one line."""
+        self.outcomes[username] = outcome
+        if not self.quiet:
+            tail = f" ({detail})" if detail else ""
+            click.echo(f"  {username}: {'would be ' if self.dry_run else ''}{outcome}{tail}")
+
+    def unchanged(self, username: str, detail: str = "") -> None:
+        self.outcomes[username] = "unchanged"
+        if detail and not self.quiet:
+            click.echo(f"  {username}: unchanged ({detail})")
+
+    def failed(self, username: str, reason: str) -> None:
+        self.outcomes[username] = "failed"
+        self.failures[username] = reason
+        click.echo(f"  {username}: FAILED: {reason}", err=False)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        if not self.quiet:
+            click.echo(text)
+
+    def summary(self) -> str:
+        counts = Counter(self.outcomes.values())
+        parts = [f"{n} {what}" for what, n in counts.items() if what not in ("unchanged", "failed")]
+        parts += [f"{counts['unchanged']} unchanged", f"{counts['failed']} failed"]
+        head = f"{self.command} (dry run, nothing changed)" if self.dry_run else self.command
+        return f"{head}: {', '.join(parts)}"
+
+    def finish(self) -> int:
+        if self.failures:
+            click.echo(f"{len(self.failures)} student(s) failed:", err=True)
+            for user, reason in self.failures.items():
+                click.echo(f"  {user}: {reason}", err=True)
+        click.echo(self.summary())
+        return EXIT_PARTIAL if self.failures else EXIT_OK
+
+
+def progress(items: Iterable[T], label: str, length: int | None = None) -> Iterator[T]:
+    """A progress bar on stderr when it is a terminal; the plain items otherwise."""
+    items = list(items)
+    if not sys.stderr.isatty() or len(items) < 2:
+        yield from items
+        return
+    with click.progressbar(items, label=label, file=sys.stderr, length=length) as bar:
+        yield from bar
+
+
+@dataclass
+class Course:
+    """The validated config and roster, the state and (for changes) the lock."""
+
+    settings: Settings
+    roster: Roster
+    state: State
+    dry_run: bool = False
+    yes: bool = False
+    quiet: bool = False
+    lock: Lock | None = None
+
+    def students(self, only: tuple[str, ...] = ()) -> list[Student]:
+        return self.roster.select(only)
+
+    def report(self, command: str) -> Report:
+        return Report(command, dry_run=self.dry_run, quiet=self.quiet)
+
+    def close(self) -> None:
+        if self.lock:
+            self.lock.release()
+            self.lock = None
+        self.state.close()
+
+
+def load(config_path, *, only: tuple[str, ...] = ()) -> tuple[Settings, Roster]:
+    """Load and validate config and roster (and ``--only``); raise ``InvalidInput`` on any problem."""
+    settings = settings_mod.load(config_path)
+    roster = roster_mod.load(settings.roster)
+    roster.select(only)
+    for warning in roster.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return settings, roster
+
+
+def open_course(
+    config_path,
+    command: str,
+    *,
+    changes: bool,
+    dry_run: bool = False,
+    only: tuple[str, ...] = (),
+    yes: bool = False,
+    quiet: bool = False,
+) -> Course:
+    """Everything checked at the boundary, once: config, roster, root, state folder, lock."""
+    settings, roster = load(config_path, only=only)
+    if changes and not dry_run:
+        if not is_root():
+            raise Refused(f"{command} changes accounts and files: run it as root (sudo notebooks.py {command} ...)")
+        state = State.open(settings.state_dir)
+        attach_log_file(settings)
+        lock = Lock(settings.state_dir, command)
+        try:
+            lock.acquire()
+        except BaseException:
+            state.close()
+            raise
+        log.info("%s started by %s (pid %d)", command, os.environ.get("SUDO_USER", "root"), os.getpid())
+        return Course(settings, roster, state, dry_run=False, yes=yes, quiet=quiet, lock=lock)
+    return Course(settings, roster, State.peek(settings.state_dir), dry_run=dry_run, yes=yes, quiet=quiet)
+
+
+def attach_log_file(settings: Settings) -> None:
+    """Full detail (every command run, its output; never a password) to STATE_DIR/classroom.log."""
+    path = settings.state_dir / "classroom.log"
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == str(path):
+            return
+    old = os.umask(0o077)
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    finally:
+        os.umask(old)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)

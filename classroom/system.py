@@ -1,0 +1,212 @@
+"""The one place that runs external commands and changes identity.
+
+Every external command is an argument list (never a shell), logged quoted,
+with any secret fed on stdin. ``as_user`` runs a function in a child process
+that has dropped to a student's uid, gid and groups.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import shlex
+import signal
+import subprocess
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StepFailed
+from .secret import Secret
+
+log = logging.getLogger("classroom")
+
+LOGIN_DEFS = Path("/etc/login.defs")
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class CommandFailed(StepFailed):
+    def __init__(self, argv: Sequence[str], returncode: int, output: str):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output.strip()
+        detail = f": {self.output.splitlines()[-1]}" if self.output else ""
+        super().__init__(f"{shlex.join(self.argv)} failed with status {returncode}{detail}")
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    stdin: Secret | str | None = None,
+    check: bool = True,
+    timeout: float | None = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (a list, no shell) and return it completed; log the command and its output.
+
+    A ``Secret`` given as ``stdin`` is fed to the command and never logged.
+    Raises ``CommandFailed`` (with the output) when ``check`` and the status is not 0.
+    """
+    argv = [str(a) for a in argv]
+    log.debug("run: %s%s", shlex.join(argv), " (secret on stdin)" if stdin is not None else "")
+    data = stdin.reveal() if isinstance(stdin, Secret) else stdin
+    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    try:
+        proc = subprocess.run(
+            argv,
+            input=data,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            close_fds=True,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(argv, -1, f"timed out after {timeout} s") from exc
+    out = (proc.stdout or "") + (proc.stderr or "")
+    if out.strip():
+        log.debug("  -> %s", out.strip().replace("\n", "\n     "))
+    if check and proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode, out)
+    return proc
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def sudo_caller() -> pwd.struct_passwd | None:
+    """The account that ran ``sudo`` (or the current one when not under sudo)."""
+    name = os.environ.get("SUDO_USER")
+    try:
+        if name:
+            return pwd.getpwnam(name)
+        return pwd.getpwuid(os.getuid())
+    except KeyError:
+        return None
+
+
+@dataclass(frozen=True)
+class LoginDefs:
+    uid_min: int = 1000
+    uid_max: int = 60000
+    encrypt_method: str = "SHA512"
+    values: tuple[tuple[str, str], ...] = ()
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.values).get(key, default)
+
+
+def login_defs(path: Path = LOGIN_DEFS) -> LoginDefs:
+    """Read the UID range and password hashing policy of ``/etc/login.defs``."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 1)
+        if len(parts) == 2:
+            values[parts[0]] = parts[1].strip()
+
+    def num(key: str, default: int) -> int:
+        try:
+            return int(values.get(key, default))
+        except ValueError:
+            return default
+
+    return LoginDefs(
+        uid_min=num("UID_MIN", 1000),
+        uid_max=num("UID_MAX", 60000),
+        encrypt_method=values.get("ENCRYPT_METHOD", "SHA512").upper(),
+        values=tuple(sorted(values.items())),
+    )
+
+
+def drop_privileges(user: pwd.struct_passwd) -> None:
+    """In a child process: become ``user`` for good (groups, gid, uid), or die trying."""
+    if user.pw_uid == 0:
+        raise PermissionError("refusing to act as root on behalf of a student")
+    os.initgroups(user.pw_name, user.pw_gid)
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:  # pragma: no cover - would mean the kernel let us back
+        os._exit(99)
+    if os.getuid() != user.pw_uid or os.geteuid() != user.pw_uid:
+        os._exit(99)
+
+
+def user_env(user: pwd.struct_passwd) -> dict[str, str]:
+    """A clean environment for ``user``: nothing of root's."""
+    return {
+        "HOME": user.pw_dir,
+        "USER": user.pw_name,
+        "LOGNAME": user.pw_name,
+        "SHELL": user.pw_shell or "/bin/sh",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+    }
+
+
+def as_user(user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600) -> Any:
+    """Run ``func(*args)`` in a child that has become ``user``; return its JSON-able result.
+
+    The child has the student's uid, gid and groups, a clean environment and
+    umask 077, and cwd ``/``. An exception in the child is raised here as
+    ``StepFailed`` with its message.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        status = 0
+        try:
+            os.close(rfd)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            drop_privileges(user)
+            os.environ.clear()
+            os.environ.update(user_env(user))
+            os.umask(0o077)
+            os.chdir("/")
+            try:
+                payload = {"ok": func(*args)}
+            except Exception as exc:  # reported to the parent, never as a traceback
+                payload = {"error": f"{exc}", "type": type(exc).__name__}
+                if log.isEnabledFor(logging.DEBUG):
+                    payload["trace"] = traceback.format_exc()
+            data = json.dumps(payload).encode()
+            with os.fdopen(wfd, "wb") as out:
+                out.write(data)
+        except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(wfd)
+    chunks = []
+    with os.fdopen(rfd, "rb") as inp:
+        while chunk := inp.read(1 << 16):
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    try:
+        payload = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        payload = {}
+    if "ok" in payload:
+        return payload["ok"]
+    if "error" in payload:
+        if "trace" in payload:
+            log.debug("%s", payload["trace"])
+        raise StepFailed(f"as {user.pw_name}: {payload['error']}")
+    raise StepFailed(f"as {user.pw_name}: the helper process failed (status {status})")

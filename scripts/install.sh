@@ -1,0 +1,37 @@
+#!/bin/sh
+# Install everything classroom needs on a fresh Debian host (run as root).
+#
+#   sh scripts/install.sh          # the tool and the student servers' environment
+#   sh scripts/install.sh --test   # the same, plus test tools and chromium
+#
+# The Python environment lives in $CLASSROOM_VENV (default /opt/classroom/venv),
+# built from Debian's python3 so that students can read it: their Jupyter
+# servers run from it.
+set -eu
+VENV=${CLASSROOM_VENV:-/opt/classroom/venv}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+TEST=no
+[ "${1:-}" = "--test" ] && TEST=yes
+
+PKGS="python3 python3-venv python3-dev passwd tar"
+[ "$TEST" = yes ] && PKGS="$PKGS chromium rsync procps"
+if ! dpkg -s $PKGS >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends $PKGS
+fi
+
+umask 022
+if [ ! -x "$VENV/bin/python" ]; then
+    mkdir -p "$(dirname "$VENV")"
+    /usr/bin/python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+fi
+if [ "$TEST" = yes ]; then
+    "$VENV/bin/pip" install -q "$HERE[test]"
+else
+    "$VENV/bin/pip" install -q "$HERE"
+fi
+chmod -R a+rX "$VENV"
+ln -sf "$VENV/bin/notebooks" /usr/local/bin/notebooks
+echo "classroom installed in $VENV"
