@@ -1,0 +1,203 @@
+"""Shared fixtures: a throw-away course with real accounts under a temporary home base.
+
+Usernames and the course name are random; the home base and state folder are
+temporary; every account, group and process a test made is removed afterwards,
+also when the test fails. The host's existing users are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks.py"
+PYTHON = sys.executable
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates real accounts")
+
+
+def random_name(prefix: str = "t") -> str:
+    return prefix + secrets.token_hex(4)
+
+
+def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300,
+            check_traceback: bool = True) -> subprocess.CompletedProcess:
+    """Run ``notebooks.py ARGS`` as a teacher would; return the completed process (text)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [PYTHON, str(NOTEBOOKS), *args],
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
+    if check_traceback and "-v" not in args:
+        assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+CONFIG_TEMPLATE = {
+    "course": {"name": None, "roster": "students.csv", "state_dir": None},
+    "accounts": {"home_base": None, "password_length": "12"},
+    "material": {"source": "tutorial", "folder": "tutorial"},
+    "retrieve": {"destination": "submissions"},
+    "launch": {"title": "Test course", "portal_port": "0", "first_port": "0"},
+    "hooks": {},
+    "remove": {"archive": "yes"},
+}
+
+
+class TestCourse:
+    """A course in a temporary folder: config, roster, tutorial; helpers to run commands."""
+
+    def __init__(self, base: Path, n: int = 2):
+        self.base = base
+        self.name = random_name("test-")
+        self.home_base = Path(tempfile.mkdtemp(prefix="classroom-homes-", dir="/tmp"))
+        os.chmod(self.home_base, 0o755)
+        self.state_dir = base / "state"
+        self.usernames = [random_name() for _ in range(n)]
+        self.extra_users: list[str] = []
+        self.config = base / "notebooks.cfg"
+        self.roster = base / "students.csv"
+        tutorial = base / "tutorial"
+        (tutorial / "data").mkdir(parents=True)
+        (tutorial / "lesson.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n')
+        (tutorial / "data" / "numbers.csv").write_text("a,b\n1,2\n")
+        self.sections = {k: dict(v) for k, v in CONFIG_TEMPLATE.items()}
+        self.sections["course"]["name"] = self.name
+        self.sections["course"]["state_dir"] = str(self.state_dir)
+        self.sections["accounts"]["home_base"] = str(self.home_base)
+        # Ports: pick free ones so tests can run next to a live class.
+        self.sections["launch"]["portal_port"] = str(free_port())
+        self.sections["launch"]["first_port"] = str(free_port())
+        self.write_roster()
+        self.write_config()
+
+    def write_roster(self, rows: list[str] | None = None) -> None:
+        if rows is None:
+            rows = [f"{u},Surname{i},Name{i},{u}@example.org" for i, u in enumerate(self.usernames)]
+        self.roster.write_text("username,surname,name,email\n" + "\n".join(rows) + "\n")
+
+    def write_config(self, **sections: dict) -> None:
+        for section, values in sections.items():
+            self.sections.setdefault(section, {}).update(values)
+        lines = []
+        for section, values in self.sections.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {v}" for k, v in values.items() if v is not None]
+            lines.append("")
+        self.config.write_text("\n".join(lines))
+
+    def run(self, command: str, *args: str, **kw) -> subprocess.CompletedProcess:
+        return run_cli(command, str(self.config), *args, **kw)
+
+    def home(self, username: str) -> Path:
+        return self.home_base / username
+
+    def pw(self, username: str) -> pwd.struct_passwd:
+        return pwd.getpwnam(username)
+
+    def credentials(self) -> dict[str, dict[str, str]]:
+        import csv
+
+        with open(self.state_dir / "credentials.csv", encoding="utf-8") as f:
+            return {r["username"]: r for r in csv.DictReader(f)}
+
+    def cleanup(self) -> None:
+        for username in [*self.usernames, *self.extra_users]:
+            remove_account(username)
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(self.name)
+            subprocess.run(["groupdel", self.name], capture_output=True, check=False)
+        shutil.rmtree(self.home_base, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_user_processes(uid: int) -> None:
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=5)
+
+
+def remove_account(username: str) -> None:
+    """Delete a test account (only one with a random test name and a uid >= 1000)."""
+    try:
+        pw = pwd.getpwnam(username)
+    except KeyError:
+        return
+    assert pw.pw_uid >= 1000 and username.startswith("t"), f"refusing to delete {username}"
+    kill_user_processes(pw.pw_uid)
+    for _ in range(3):
+        r = subprocess.run(["userdel", "-r", "-f", username], capture_output=True, check=False)
+        if r.returncode in (0, 6, 12):
+            break
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def course(tmp_path):
+    """A two-student course (accounts not yet created); cleaned up afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates real accounts")
+    c = TestCourse(tmp_path, n=2)
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+@pytest.fixture
+def make_course(tmp_path):
+    """Factory: ``make_course(n)`` for a course of n students; all cleaned up afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates real accounts")
+    made: list[TestCourse] = []
+
+    def make(n: int = 2) -> TestCourse:
+        sub = tmp_path / f"c{len(made)}"
+        sub.mkdir()
+        c = TestCourse(sub, n=n)
+        made.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.cleanup()
+
+
+@pytest.fixture
+def ready_course(course):
+    """A course whose accounts exist (setup has run)."""
+    r = course.run("setup", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return course
