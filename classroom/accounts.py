@@ -127,7 +127,9 @@ def ensure_group(course: Course) -> bool:
     with course.state.transaction():
         course.state.set_meta("group_gid", str(gid))
         course.state.set_meta("group_creating", None)
-        course.state.record("setup", None, "group created", {"group": course.settings.group, "gid": gid})
+        course.state.record(
+            "setup", None, "group created", {"group": course.settings.group, "gid": gid}
+        )
     return True
 
 
@@ -166,7 +168,8 @@ def create_account(course: Course, student: Student) -> pwd.struct_passwd:
     pw = pwd.getpwnam(student.username)
     with course.state.transaction():
         course.state.execute(
-            "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?", (pw.pw_uid, student.username)
+            "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?",
+            (pw.pw_uid, student.username),
         )
         course.state.record("setup", student.username, "account created", {"uid": pw.pw_uid})
     return pw
@@ -183,7 +186,8 @@ def align_account(course: Course, account: Account) -> list[str]:
         if not course.dry_run:
             with course.state.transaction():
                 course.state.execute(
-                    "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?", (pw.pw_uid, pw.pw_name)
+                    "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?",
+                    (pw.pw_uid, pw.pw_name),
                 )
                 course.state.record("setup", pw.pw_name, "account adopted", {"uid": pw.pw_uid})
     try:
@@ -207,7 +211,9 @@ def align_account(course: Course, account: Account) -> list[str]:
     try:
         st = os.fstat(fd)
         if st.st_uid != pw.pw_uid:
-            raise StepFailed(f"home {home} is owned by uid {st.st_uid}, not {pw.pw_name}; fix it by hand")
+            raise StepFailed(
+                f"home {home} is owned by uid {st.st_uid}, not {pw.pw_name}; fix it by hand"
+            )
         if stat.S_IMODE(st.st_mode) != s.home_mode:
             changes.append(f"home mode {stat.S_IMODE(st.st_mode):04o} -> {s.home_mode:04o}")
             if not course.dry_run:
@@ -235,7 +241,9 @@ def teacher_profile(course: Course) -> dict[str, str]:
     else:
         caller = sudo_caller()
         if caller is None:
-            raise InvalidInput(f"{course.settings.where('accounts', 'profile')}: cannot tell who the teacher is")
+            raise InvalidInput(
+                f"{course.settings.where('accounts', 'profile')}: cannot tell who the teacher is"
+            )
         folder = Path(caller.pw_dir) / ".ipython" / f"profile_{spec}"
     if not folder.is_dir():
         raise InvalidInput(
@@ -293,7 +301,13 @@ def _write_student_files(home: str, hashed: str | None, profile: dict[str, str])
     return written
 
 
-def setup(course: Course, *, only: tuple[str, ...] = (), reset_passwords: bool = False, handout: Path | None = None) -> int:
+def setup(
+    course: Course,
+    *,
+    only: tuple[str, ...] = (),
+    reset_passwords: bool = False,
+    handout: Path | None = None,
+) -> int:
     """Create or align each selected student's account; write credentials and handout."""
     s = course.settings
     report = course.report("setup")
@@ -364,12 +378,29 @@ def setup(course: Course, *, only: tuple[str, ...] = (), reset_passwords: bool =
         credentials.write_private(Path(handout), credentials.handout_html(s, rows))
         report.note(f"handout written to {handout}")
     if need_password:
-        report.note(f"passwords: {s.state_dir / 'credentials.csv'}; handout: {s.state_dir / 'handout.html'}")
+        report.note(
+            f"passwords: {s.state_dir / 'credentials.csv'}; handout: {s.state_dir / 'handout.html'}"
+        )
     return report.finish()
 
 
+def chpasswd_argv() -> list[str]:
+    """chpasswd hashing as /etc/login.defs says (ENCRYPT_METHOD; chpasswd reads the rounds).
+
+    ``--crypt-method`` also keeps Debian's chpasswd from handing the hashing to PAM,
+    whose policy may differ from login.defs.
+    """
+    method = login_defs().encrypt_method
+    if method not in ("SHA512", "SHA256", "YESCRYPT", "MD5"):
+        method = "SHA512"
+    return ["chpasswd", "--crypt-method", method]
+
+
 def set_passwords(
-    course: Course, report, pending: list[tuple[Account, pwd.struct_passwd]], profile: dict[str, str]
+    course: Course,
+    report,
+    pending: list[tuple[Account, pwd.struct_passwd]],
+    profile: dict[str, str],
 ) -> None:
     """New passwords: credentials file first, then chpasswd (stdin), then Jupyter hash, then state."""
     if not pending:
@@ -381,7 +412,9 @@ def set_passwords(
         nb = unix if s.notebook_password == "same" else passwords.generate(s.password_length)
         new[acc.username] = (unix, nb)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        hashes = dict(zip(new, pool.map(lambda u: passwords.jupyter_hash(new[u][1]), new), strict=True))
+        hashes = dict(
+            zip(new, pool.map(lambda u: passwords.jupyter_hash(new[u][1]), new), strict=True)
+        )
         credentials.update(
             s.state_dir / "credentials.csv",
             {
@@ -396,7 +429,7 @@ def set_passwords(
         )
         batch = Secret("".join(f"{u}:{p.reveal()}\n" for u, (p, _) in new.items()))
         try:
-            run(["chpasswd"], stdin=batch)
+            run(chpasswd_argv(), stdin=batch)
         except StepFailed as exc:
             for acc, _ in pending:
                 report.failed(acc.username, f"setting the password failed: {exc}")
@@ -408,7 +441,9 @@ def set_passwords(
                 report.failed(acc.username, f"writing the Jupyter password failed: {exc}")
                 continue
             with course.state.transaction():
-                course.state.execute("UPDATE accounts SET password_set = 1 WHERE username = ?", (acc.username,))
+                course.state.execute(
+                    "UPDATE accounts SET password_set = 1 WHERE username = ?", (acc.username,)
+                )
                 course.state.record("setup", acc.username, "password set")
 
 
@@ -501,7 +536,11 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
             raise Refused("remove declined: nothing was changed")
     if course.dry_run:
         for a in present:
-            steps = ["stop every process", "archive the home" if s.archive else "no archive", "userdel --remove"]
+            steps = [
+                "stop every process",
+                "archive the home" if s.archive else "no archive",
+                "userdel --remove",
+            ]
             report.done(a.username, "removed", "; ".join(steps))
         for a in gone:
             report.unchanged(a.username, "no account")
@@ -526,14 +565,18 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
                 course.state.record("remove", a.username, "archived", {"archive": str(archive)})
             result = run(["userdel", "--remove", "--", a.username], check=False)
             if result.returncode not in (0, 12):
-                raise StepFailed(f"userdel failed with status {result.returncode}: {result.stderr.strip()}")
+                raise StepFailed(
+                    f"userdel failed with status {result.returncode}: {result.stderr.strip()}"
+                )
             home = Path(pw.pw_dir)
             if home.is_dir() and not home.is_symlink() and home.parent == s.home_base:
                 run(["rm", "-rf", "--one-file-system", "--", str(home)])
             with course.state.transaction():
                 course.state.execute("DELETE FROM accounts WHERE username = ?", (a.username,))
                 course.state.execute("DELETE FROM servers WHERE username = ?", (a.username,))
-                course.state.record("remove", a.username, "removed", {"archive": str(archive) if archive else ""})
+                course.state.record(
+                    "remove", a.username, "removed", {"archive": str(archive) if archive else ""}
+                )
             report.done(a.username, "removed", f"archive {archive}" if archive else "")
         except StepFailed as exc:
             report.failed(a.username, str(exc))
@@ -597,7 +640,10 @@ def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False)
         click.echo(json.dumps(rows, indent=2))
         return 0
     if course.state.path is None and os.geteuid() != 0:
-        click.echo("note: the course state is root-only; run with sudo to see servers and history", err=True)
+        click.echo(
+            "note: the course state is root-only; run with sudo to see servers and history",
+            err=True,
+        )
     headers = ["username", "name", "account", "server", "last send", "last retrieve"]
     table = []
     for r in rows:
@@ -605,7 +651,14 @@ def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False)
         if r["server"] == "running":
             server = f"running :{r['port']} pid {r['pid']}"
         table.append(
-            [r["username"], r["name"], r["account"], server, r["last_send"] or "-", r["last_retrieve"] or "-"]
+            [
+                r["username"],
+                r["name"],
+                r["account"],
+                server,
+                r["last_send"] or "-",
+                r["last_retrieve"] or "-",
+            ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=False)]
     for line in [headers, *table]:

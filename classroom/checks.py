@@ -91,19 +91,27 @@ def check(config_path: Path, as_json: bool = False) -> int:
     if settings is not None:
         s = settings
         if s.material_source is None:
-            warnings.append(f"{s.where('material', 'source')}: [material] source is not set: send needs it")
+            warnings.append(
+                f"{s.where('material', 'source')}: [material] source is not set: send needs it"
+            )
         elif not s.material_source.is_dir():
-            problems.append(f"{s.where('material', 'source')}: [material] source {s.material_source} is not a folder")
+            problems.append(
+                f"{s.where('material', 'source')}: [material] source {s.material_source} is not a folder"
+            )
         for key, path in (("certfile", s.certfile), ("keyfile", s.keyfile)):
             if path and not path.is_file():
                 problems.append(f"{s.where('launch', key)}: [launch] {key} {path} not found")
         if not s.home_base.is_dir():
-            warnings.append(f"{s.where('accounts', 'home_base')}: {s.home_base} does not exist yet (setup creates it)")
+            warnings.append(
+                f"{s.where('accounts', 'home_base')}: {s.home_base} does not exist yet (setup creates it)"
+            )
         if not port_free(s.ip, s.portal_port):
             warnings.append(f"{s.where('launch', 'portal_port')}: port {s.portal_port} is in use")
         for key, hook in (("pre_spawn", s.pre_spawn), ("post_stop", s.post_stop)):
             if hook and ":" not in hook and not os.access(hook, os.X_OK):
-                problems.append(f"{s.where('hooks', key)}: [hooks] {key} {hook} is not an executable")
+                problems.append(
+                    f"{s.where('hooks', key)}: [hooks] {key} {hook} is not an executable"
+                )
         reason = students_can_run_python(server_python())
         if reason:
             problems.append(f"servers' Python: {reason}")
@@ -121,13 +129,24 @@ def check(config_path: Path, as_json: bool = False) -> int:
                     )
     ok = not problems
     if as_json:
-        click.echo(json.dumps({"ok": ok, "problems": problems, "warnings": warnings,
-                               "students": len(roster) if roster else 0}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "ok": ok,
+                    "problems": problems,
+                    "warnings": warnings,
+                    "students": len(roster) if roster else 0,
+                },
+                indent=2,
+            )
+        )
     else:
         for p in problems:
             click.echo(f"problem: {p}")
         for w in warnings:
             click.echo(f"warning: {w}")
         n = len(roster) if roster else 0
-        click.echo(f"check: {'ok' if ok else 'NOT ok'}, {n} students, {len(problems)} problems, {len(warnings)} warnings")
+        click.echo(
+            f"check: {'ok' if ok else 'NOT ok'}, {n} students, {len(problems)} problems, {len(warnings)} warnings"
+        )
     return EXIT_OK if ok else EXIT_USAGE

@@ -19,7 +19,9 @@ CONFIG_HELP = "CONFIG is the course's INI file (default: $NOTEBOOKS_CONFIG, else
 
 
 def config_argument(func):
-    return click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))(func)
+    return click.argument(
+        "config", required=False, type=click.Path(dir_okay=False, path_type=Path)
+    )(func)
 
 
 def change_options(func):
@@ -32,7 +34,10 @@ def change_options(func):
         help="Only this student (repeatable); must be in the roster.",
     )(func)
     func = click.option(
-        "--dry-run", "-n", is_flag=True, help="Print what would be done; change nothing (no root needed)."
+        "--dry-run",
+        "-n",
+        is_flag=True,
+        help="Print what would be done; change nothing (no root needed).",
     )(func)
     return func
 
@@ -75,7 +80,9 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     log.setLevel(logging.DEBUG)
 
 
-def _course(ctx: click.Context, config, command: str, *, changes: bool, dry_run=False, only=(), yes=False):
+def _course(
+    ctx: click.Context, config, command: str, *, changes: bool, dry_run=False, only=(), yes=False
+):
     return open_course(
         resolve_config(config),
         command,
@@ -108,7 +115,9 @@ def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
 
     course = _course(ctx, config, "setup", changes=True, dry_run=dry_run, only=only, yes=yes)
     try:
-        code = accounts.setup(course, only=tuple(only), reset_passwords=reset_passwords, handout=handout)
+        code = accounts.setup(
+            course, only=tuple(only), reset_passwords=reset_passwords, handout=handout
+        )
     finally:
         course.close()
     ctx.exit(code)
@@ -117,8 +126,12 @@ def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
 @cli.command(epilog=CONFIG_HELP)
 @config_argument
 @change_options
-@click.option("--force", is_flag=True, help="Overwrite edited files (the student's version is backed up).")
-@click.option("--source", type=click.Path(file_okay=False, path_type=Path), help="Send this folder instead.")
+@click.option(
+    "--force", is_flag=True, help="Overwrite edited files (the student's version is backed up)."
+)
+@click.option(
+    "--source", type=click.Path(file_okay=False, path_type=Path), help="Send this folder instead."
+)
 @click.option("--folder", metavar="NAME", help="Into HOME/NAME instead of [material] folder.")
 @click.pass_context
 def send(ctx, config, dry_run, only, yes, force, source, folder):
@@ -152,7 +165,9 @@ def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
 
     course = _course(ctx, config, "launch", changes=True, dry_run=dry_run, only=only, yes=yes)
     try:
-        code = servers.launch(course, only=tuple(only), portal=not no_portal, stop_on_exit=stop_on_exit)
+        code = servers.launch(
+            course, only=tuple(only), portal=not no_portal, stop_on_exit=stop_on_exit
+        )
     finally:
         course.close()
     ctx.exit(code)
@@ -161,7 +176,9 @@ def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
 @cli.command(epilog=CONFIG_HELP)
 @config_argument
 @change_options
-@click.option("--all-jupyter", is_flag=True, help="Also stop Jupyter processes the course did not start.")
+@click.option(
+    "--all-jupyter", is_flag=True, help="Also stop Jupyter processes the course did not start."
+)
 @click.pass_context
 def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
     """Stop every student's Jupyter server and its kernels."""
@@ -178,7 +195,9 @@ def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
 @cli.command(epilog=CONFIG_HELP)
 @config_argument
 @change_options
-@click.option("--deadline", metavar='"YYYY-MM-DD HH:MM"', help="Mark files modified after it as late.")
+@click.option(
+    "--deadline", metavar='"YYYY-MM-DD HH:MM"', help="Mark files modified after it as late."
+)
 @click.pass_context
 def retrieve(ctx, config, dry_run, only, yes, deadline):
     """Collect every student's work into DESTINATION/USERNAME/TIMESTAMP/ (every version kept)."""

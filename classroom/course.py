@@ -59,10 +59,18 @@ class Report:
 
     def summary(self) -> str:
         counts = Counter(self.outcomes.values())
-        parts = [f"{n} {what}" for what, n in counts.items() if what not in ("unchanged", "failed")]
+        would = "would be " if self.dry_run else ""
+        parts = [
+            f"{n} {would}{what}"
+            for what, n in counts.items()
+            if what not in ("unchanged", "failed")
+        ]
         parts += [f"{counts['unchanged']} unchanged", f"{counts['failed']} failed"]
         head = f"{self.command} (dry run, nothing changed)" if self.dry_run else self.command
-        return f"{head}: {', '.join(parts)}"
+        tail = ""
+        if not self.dry_run and not self.failures and set(counts) <= {"unchanged"}:
+            tail = " (nothing to do)"
+        return f"{head}: {', '.join(parts)}{tail}"
 
     def finish(self) -> int:
         if self.failures:
@@ -132,7 +140,9 @@ def open_course(
     settings, roster = load(config_path, only=only)
     if changes and not dry_run:
         if not is_root():
-            raise Refused(f"{command} changes accounts and files: run it as root (sudo notebooks.py {command} ...)")
+            raise Refused(
+                f"{command} changes accounts and files: run it as root (sudo notebooks.py {command} ...)"
+            )
         state = State.open(settings.state_dir)
         attach_log_file(settings)
         lock = Lock(settings.state_dir, command)
@@ -141,9 +151,13 @@ def open_course(
         except BaseException:
             state.close()
             raise
-        log.info("%s started by %s (pid %d)", command, os.environ.get("SUDO_USER", "root"), os.getpid())
+        log.info(
+            "%s started by %s (pid %d)", command, os.environ.get("SUDO_USER", "root"), os.getpid()
+        )
         return Course(settings, roster, state, dry_run=False, yes=yes, quiet=quiet, lock=lock)
-    return Course(settings, roster, State.peek(settings.state_dir), dry_run=dry_run, yes=yes, quiet=quiet)
+    return Course(
+        settings, roster, State.peek(settings.state_dir), dry_run=dry_run, yes=yes, quiet=quiet
+    )
 
 
 def attach_log_file(settings: Settings) -> None:

@@ -36,10 +36,14 @@ def read(path: Path) -> dict[str, dict[str, str]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
-    return {row["username"]: row for row in csv.DictReader(io.StringIO(text)) if row.get("username")}
+    return {
+        row["username"]: row for row in csv.DictReader(io.StringIO(text)) if row.get("username")
+    }
 
 
-def update(path: Path, changes: dict[str, dict[str, str | Secret]], drop: set[str] = frozenset()) -> None:
+def update(
+    path: Path, changes: dict[str, dict[str, str | Secret]], drop: set[str] = frozenset()
+) -> None:
     """Update rows in place (one per student), drop others, keep the rest as they are."""
     rows = read(path)
     for username, values in changes.items():

@@ -16,7 +16,15 @@ from pathlib import Path
 from .errors import InvalidInput
 
 USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-PASSWORD_COLUMNS = {"sys-pass", "nb-pass", "password", "passwd", "sys_pass", "nb_pass", "notebook_password"}
+PASSWORD_COLUMNS = {
+    "sys-pass",
+    "nb-pass",
+    "password",
+    "passwd",
+    "sys_pass",
+    "nb_pass",
+    "notebook_password",
+}
 GECOS_UNSAFE = re.compile(r"[:,=\\\x00-\x1f\x7f]")
 
 
@@ -74,14 +82,18 @@ def load(path: Path | str) -> Roster:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise InvalidInput(f"{path}: roster file not found (check [course] roster in the config)") from None
+        raise InvalidInput(
+            f"{path}: roster file not found (check [course] roster in the config)"
+        ) from None
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read the roster: {exc.strerror}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise InvalidInput(f"{path}, line {line}: not UTF-8 text (save the roster as CSV UTF-8)") from None
+        raise InvalidInput(
+            f"{path}, line {line}: not UTF-8 text (save the roster as CSV UTF-8)"
+        ) from None
     return parse(text, path)
 
 
@@ -122,7 +134,9 @@ def parse(text: str, path: Path = Path("roster.csv")) -> Roster:
                     break
                 dups = sorted({c for c in header if c and header.count(c) > 1})
                 for col in dups:
-                    problems.append(f"{path}, line {line}: column '{col}' appears twice in the header")
+                    problems.append(
+                        f"{path}, line {line}: column '{col}' appears twice in the header"
+                    )
                 password_cols = [i for i, c in enumerate(header) if c in PASSWORD_COLUMNS]
                 continue
             cells = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header) if h}
@@ -161,11 +175,16 @@ def parse(text: str, path: Path = Path("roster.csv")) -> Roster:
     except csv.Error as exc:
         problems.append(f"{path}, line {reader.line_num}: {exc}")
     if header is None and not problems:
-        problems.append(f"{path}: the roster is empty; it needs a header row with a 'username' column")
+        problems.append(
+            f"{path}: the roster is empty; it needs a header row with a 'username' column"
+        )
     elif not students and not problems:
         problems.append(f"{path}, line {header_line}: the roster has a header but no students")
     if problems:
-        raise InvalidInput(problems, heading=f"{path}: the roster has {len(problems)} problem(s); nothing was changed")
+        raise InvalidInput(
+            problems,
+            heading=f"{path}: the roster has {len(problems)} problem(s); nothing was changed",
+        )
     if passwords_found:
         warnings.append(
             f"{path}: the roster has password columns; passwords in a roster are never used "

@@ -267,8 +267,15 @@ def _validate(
     roster_text = raw("course", "roster")
     roster = path_or_none(roster_text) or base / "students.csv"
     group = raw("course", "group") or name
-    check(bool(GROUP_NAME.match(group)) or not group, "course", "group", f"{group!r} is not a valid group name")
-    state_dir = path_or_none(raw("course", "state_dir")) or Path("/var/lib/classroom") / (name or "course")
+    check(
+        bool(GROUP_NAME.match(group)) or not group,
+        "course",
+        "group",
+        f"{group!r} is not a valid group name",
+    )
+    state_dir = path_or_none(raw("course", "state_dir")) or Path("/var/lib/classroom") / (
+        name or "course"
+    )
 
     home_base = path_or_none(raw("accounts", "home_base")) or Path("/home")
     shell = raw("accounts", "shell")
@@ -277,7 +284,9 @@ def _validate(
     def mode(text: str) -> int:
         value = int(text, 8)
         if value & 0o007:
-            raise ValueError(f"{text} lets other users in; homes are never world-readable (use 0700 or 0750)")
+            raise ValueError(
+                f"{text} lets other users in; homes are never world-readable (use 0700 or 0750)"
+            )
         if value & ~0o7777 or not value & 0o700 == 0o700:
             raise ValueError(f"{text} is not a sensible home mode (use 0700)")
         return value
@@ -294,11 +303,21 @@ def _validate(
 
     source = path_or_none(raw("material", "source"))
     folder = raw("material", "folder")
-    check(_safe_folder(folder), "material", "folder", f"{folder!r} must be a relative path inside the home, without '..'")
+    check(
+        _safe_folder(folder),
+        "material",
+        "folder",
+        f"{folder!r} must be a relative path inside the home, without '..'",
+    )
 
     destination = path_or_none(raw("retrieve", "destination")) or base / "submissions"
     owner = raw("retrieve", "owner")
-    check(not owner or bool(USERNAME.match(owner)), "retrieve", "owner", f"{owner!r} is not a user name")
+    check(
+        not owner or bool(USERNAME.match(owner)),
+        "retrieve",
+        "owner",
+        f"{owner!r} is not a user name",
+    )
     max_file = conv("retrieve", "max_file_size", parse_size, 20 << 20)
     max_total = conv("retrieve", "max_total_size", parse_size, 200 << 20)
 
@@ -309,7 +328,9 @@ def _validate(
     certfile = path_or_none(raw("launch", "certfile"))
     keyfile = path_or_none(raw("launch", "keyfile"))
     if bool(certfile) != bool(keyfile):
-        problems.append(f"{at('launch', 'certfile')}: [launch] certfile and keyfile go together: set both or neither")
+        problems.append(
+            f"{at('launch', 'certfile')}: [launch] certfile and keyfile go together: set both or neither"
+        )
     root = conv("launch", "root", choice("folder", "home"), "folder")
     start_timeout = conv("launch", "start_timeout", positive, 60.0)
     start_mode = conv("launch", "start_mode", choice("fork", "exec"), "fork")
@@ -320,7 +341,10 @@ def _validate(
     archive_dir = path_or_none(raw("remove", "archive_dir")) or state_dir / "archive"
 
     if problems:
-        raise InvalidInput(problems, heading=f"{path}: the config has {len(problems)} problem(s); nothing was changed")
+        raise InvalidInput(
+            problems,
+            heading=f"{path}: the config has {len(problems)} problem(s); nothing was changed",
+        )
     return Settings(
         config_file=path,
         name=name,

@@ -123,7 +123,9 @@ class State:
         db = state_dir / "state.db"
         try:
             if db.is_file() and os.access(db, os.R_OK):
-                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+                conn = sqlite3.connect(
+                    f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None
+                )
                 conn.execute("SELECT 1 FROM accounts LIMIT 1")
                 return cls(conn, db, readonly=True)
         except (OSError, sqlite3.Error):
@@ -168,7 +170,9 @@ class State:
     # -- accounts the course created ---------------------------------------------------
 
     def account(self, username: str) -> sqlite3.Row | None:
-        return self.conn.execute("SELECT * FROM accounts WHERE username = ?", (username,)).fetchone()
+        return self.conn.execute(
+            "SELECT * FROM accounts WHERE username = ?", (username,)
+        ).fetchone()
 
     def accounts(self) -> dict[str, sqlite3.Row]:
         return {r["username"]: r for r in self.conn.execute("SELECT * FROM accounts")}
@@ -181,7 +185,9 @@ class State:
         if value is None:
             self.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
         else:
-            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)
+            )
 
     def last(self, username: str, command: str) -> str | None:
         """When ``command`` last changed something for ``username``."""

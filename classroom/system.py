@@ -161,7 +161,9 @@ def user_env(user: pwd.struct_passwd) -> dict[str, str]:
     }
 
 
-def as_user(user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600) -> Any:
+def as_user(
+    user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600
+) -> Any:
     """Run ``func(*args)`` in a child that has become ``user``; return its JSON-able result.
 
     The child has the student's uid, gid and groups, a clean environment and

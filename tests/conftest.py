@@ -33,8 +33,13 @@ def random_name(prefix: str = "t") -> str:
     return prefix + secrets.token_hex(4)
 
 
-def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 300,
-            check_traceback: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    input: str | None = None,
+    env: dict | None = None,
+    timeout: float = 300,
+    check_traceback: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``notebooks.py ARGS`` as a teacher would; return the completed process (text)."""
     full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
     full_env.update(env or {})
@@ -78,7 +83,9 @@ class TestCourse:
         self.roster = base / "students.csv"
         tutorial = base / "tutorial"
         (tutorial / "data").mkdir(parents=True)
-        (tutorial / "lesson.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n')
+        (tutorial / "lesson.ipynb").write_text(
+            '{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n'
+        )
         (tutorial / "data" / "numbers.csv").write_text("a,b\n1,2\n")
         self.sections = {k: dict(v) for k, v in CONFIG_TEMPLATE.items()}
         self.sections["course"]["name"] = self.name
@@ -140,7 +147,9 @@ def free_port() -> int:
 def kill_user_processes(uid: int) -> None:
     import psutil
 
-    procs = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+    procs = [
+        p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid
+    ]
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGKILL)

@@ -1,0 +1,393 @@
+"""setup, remove, status, check against real accounts (root), through the CLI as a teacher runs it."""
+
+from __future__ import annotations
+
+import csv
+import grp
+import json
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import tarfile
+import time
+
+import pytest
+from conftest import needs_root, random_name, remove_account, run_cli
+
+pytestmark = needs_root
+
+
+def shadow_hash(username: str) -> str:
+    for line in open("/etc/shadow"):
+        name, hashed, *_ = line.split(":")
+        if name == username:
+            return hashed
+    raise KeyError(username)
+
+
+def test_setup_dry_run_then_real_then_unchanged(course):
+    dry = course.run("setup", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would be created" in dry.stdout and "useradd" in dry.stdout
+    for u in course.usernames:
+        with pytest.raises(KeyError):
+            pwd.getpwnam(u)
+    assert not course.state_dir.exists()
+
+    real = course.run("setup")
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert "setup: 2 created, 0 unchanged, 0 failed" in real.stdout
+    group = grp.getgrnam(course.name)
+    creds = course.credentials()
+    for i, u in enumerate(course.usernames):
+        pw = pwd.getpwnam(u)
+        assert pw.pw_dir == str(course.home(u))
+        assert pw.pw_gecos == f"Name{i} Surname{i}"
+        assert u in group.gr_mem
+        st = os.stat(course.home(u))
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == pw.pw_uid
+        password = creds[u]["password"]
+        assert len(password) == 12 and creds[u]["notebook_password"] == password
+        assert shadow_hash(u).startswith("$6$")  # ENCRYPT_METHOD SHA512 of login.defs
+        import crypt_r_check  # noqa: F401  (helper module below)
+
+        assert crypt_r_check.verify(password, shadow_hash(u))
+        cfg = course.home(u) / ".jupyter" / "jupyter_server_config.json"
+        st = os.stat(cfg)
+        assert st.st_uid == pw.pw_uid and stat.S_IMODE(st.st_mode) == 0o600
+        hashed = json.loads(cfg.read_text())["IdentityProvider"]["hashed_password"]
+        from jupyter_server.auth.security import passwd_check
+
+        assert passwd_check(hashed, password)
+    for name in ("credentials.csv", "handout.html", "state.db"):
+        st = os.stat(course.state_dir / name)
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    assert stat.S_IMODE(os.stat(course.state_dir).st_mode) == 0o700
+    handout = (course.state_dir / "handout.html").read_text()
+    for u in course.usernames:
+        assert u in handout and creds[u]["password"] in handout
+    log = (course.state_dir / "classroom.log").read_text()
+    assert "useradd" in log and "chpasswd" in log
+    for u in course.usernames:
+        assert creds[u]["password"] not in log
+        assert creds[u]["password"] not in real.stdout + real.stderr
+
+    again = course.run("setup")
+    assert again.returncode == 0
+    assert "setup: 2 unchanged, 0 failed (nothing to do)" in again.stdout
+    assert course.credentials() == creds
+
+
+def test_passwords_never_in_argv(course):
+    """Watch every process while setup runs: no password ever shows in a command line."""
+    import threading
+
+    import psutil
+
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for p in psutil.process_iter(["cmdline"]):
+                seen.add(" ".join(p.info["cmdline"] or []))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        r = course.run("setup")
+    finally:
+        stop.set()
+        t.join()
+    assert r.returncode == 0
+    assert any("useradd" in c for c in seen)  # the watcher did see setup's commands
+    for row in course.credentials().values():
+        assert not any(row["password"] in c for c in seen)
+
+
+def test_reset_passwords_and_separate_notebook_password(course):
+    course.write_config(accounts={"notebook_password": "separate", "password_length": "16"})
+    assert course.run("setup").returncode == 0
+    before = course.credentials()
+    u = course.usernames[0]
+    assert before[u]["password"] != before[u]["notebook_password"]
+    assert len(before[u]["password"]) == 16
+    old_shadow = shadow_hash(u)
+    r = course.run("setup", "--reset-passwords", "--only", u)
+    assert r.returncode == 0, r.stderr
+    after = course.credentials()
+    assert after[u]["password"] != before[u]["password"]
+    assert shadow_hash(u) != old_shadow
+    other = course.usernames[1]
+    assert after[other] == before[other]
+
+
+def test_existing_course_account_is_brought_in_line(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    os.chmod(course.home(u), 0o755)
+    subprocess.run(["gpasswd", "-d", u, course.name], check=True, capture_output=True)
+    r = course.run("setup")
+    assert r.returncode == 0
+    assert f"{u}: updated" in r.stdout
+    assert stat.S_IMODE(os.stat(course.home(u)).st_mode) == 0o700
+    assert u in grp.getgrnam(course.name).gr_mem
+
+
+def test_system_and_foreign_accounts_fail_and_are_untouched(course):
+    foreign = random_name()
+    course.extra_users.append(foreign)
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", foreign], check=True)
+    course.write_roster([f"{course.usernames[0]},A,B,", "daemon,D,E,", f"{foreign},F,G,"])
+    daemon_before = pwd.getpwnam("daemon")
+    r = course.run("setup")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "daemon" in r.stdout and "system account" in r.stdout
+    assert foreign in r.stdout and "did not create" in r.stdout
+    assert "setup: 1 created, 0 unchanged, 2 failed" in r.stdout
+    assert pwd.getpwnam("daemon") == daemon_before
+    assert course.name not in [g.gr_name for g in grp.getgrall() if "daemon" in g.gr_mem]
+    assert foreign not in grp.getgrnam(course.name).gr_mem
+    # remove refuses before any change when a foreign account is selected
+    r = course.run("remove", "--yes")
+    assert r.returncode == 3
+    assert pwd.getpwnam(course.usernames[0])
+    # ... and works when only the course's own student is selected
+    r = course.run("remove", "--yes", "--only", course.usernames[0])
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(KeyError):
+        pwd.getpwnam(course.usernames[0])
+    assert pwd.getpwnam(foreign)
+
+
+def test_account_recreated_outside_the_course_is_foreign(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    remove_account(u)
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-u", "59999", u], check=True)
+    r = course.run("remove", "--yes")
+    assert r.returncode == 3
+    assert "never touched" in r.stderr
+    assert pwd.getpwnam(u).pw_uid == 59999
+
+
+def test_remove_dry_run_declined_then_real(ready_course):
+    course = ready_course
+    u0, u1 = course.usernames
+    (course.home(u0) / "work.txt").write_text("my work")
+    dry = course.run("remove", "--dry-run")
+    assert dry.returncode == 0 and "would be removed" in dry.stdout
+    declined = course.run("remove", input="n\n")
+    assert declined.returncode == 3
+    assert pwd.getpwnam(u0) and course.home(u0).exists()
+    # a process the student still runs is stopped first
+    sleeper = subprocess.Popen(["sleep", "300"], user=u0, start_new_session=True)
+    try:
+        r = course.run("remove", input="y\n")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "remove: 2 removed, 0 unchanged, 0 failed" in r.stdout
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+    for u in course.usernames:
+        with pytest.raises(KeyError):
+            pwd.getpwnam(u)
+        assert not course.home(u).exists()
+    archives = sorted((course.state_dir / "archive").iterdir())
+    assert len(archives) == 2
+    mine = next(a for a in archives if a.name.startswith(u0 + "-"))
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o600
+    with tarfile.open(mine) as tar:
+        assert tar.extractfile(f"{u0}/work.txt").read() == b"my work"
+    with pytest.raises(KeyError):
+        grp.getgrnam(course.name)
+    creds = (course.state_dir / "credentials.csv").read_text()
+    assert u0 not in creds
+    again = course.run("remove", "--yes")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_archive_failure_keeps_the_account(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    course.write_config(remove={"archive_dir": "/proc/classroom-cannot-write"})
+    r = course.run("remove", "--yes")
+    assert r.returncode in (1, 2)
+    assert pwd.getpwnam(u) and course.home(u).is_dir()
+
+
+def test_status_json_and_table(ready_course):
+    course = ready_course
+    ghost = random_name()
+    course.write_roster([f"{u},S,N," for u in course.usernames] + [f"{ghost},S,N,", "daemon,,,"])
+    r = course.run("status", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["username"]: row for row in json.loads(r.stdout)}
+    assert rows[course.usernames[0]]["account"] == "ok"
+    assert rows[ghost]["account"] == "missing"
+    assert rows["daemon"]["account"] == "foreign"
+    for row in rows.values():
+        assert row["server"] == "stopped" and row["port"] is None and row["pid"] is None
+        assert set(row) >= {"username", "account", "server", "port", "pid", "url"}
+    table = course.run("status")
+    assert table.returncode == 0 and "foreign" in table.stdout and "missing" in table.stdout
+
+
+def test_setup_needs_root_but_dry_run_does_not(course):
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(course.base, 0o755)
+    os.chmod(course.base.parent, 0o755)
+    env = {"HOME": "/tmp"}
+
+    def as_nobody(*args):
+        return subprocess.run(
+            [os.sys.executable, str(course.config.parent.parent.parent / "x")]
+            if False
+            else [__import__("sys").executable, "notebooks.py", *args],
+            cwd=str(__import__("conftest").ROOT),
+            capture_output=True,
+            text=True,
+            user=nobody.pw_uid,
+            group=nobody.pw_gid,
+            extra_groups=[],
+            env=env,
+            check=False,
+        )
+
+    for p in course.config.parents:
+        if str(p).startswith("/tmp/pytest-of-root"):
+            os.chmod(p, 0o755)
+    r = as_nobody("setup", str(course.config))
+    assert r.returncode == 3 and "sudo" in r.stderr
+    r = as_nobody("setup", str(course.config), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would be created" in r.stdout
+
+
+def test_bad_roster_changes_nothing(course):
+    course.write_roster(
+        [f"{course.usernames[0]},,,", f"{course.usernames[0].upper()},,,", "Bad Name,,,"]
+    )
+    r = course.run("setup")
+    assert r.returncode == 2
+    assert "line 3" in r.stderr and "line 4" in r.stderr
+    assert not course.state_dir.exists()
+    with pytest.raises(KeyError):
+        pwd.getpwnam(course.usernames[0])
+
+
+def test_typo_in_config_and_missing_roster(course):
+    text = course.config.read_text().replace("password_length", "pasword_length")
+    course.config.write_text(text)
+    r = course.run("setup")
+    assert r.returncode == 2 and "did you mean 'password_length'" in r.stderr
+    course.write_config()
+    course.write_config(course={"roster": "nope.csv"})
+    course.config.write_text(course.config.read_text().replace("pasword_length", "password_length"))
+    r = course.run("setup")
+    assert r.returncode == 2 and "nope.csv" in r.stderr and "not found" in r.stderr
+
+
+def test_state_dir_not_usable(course):
+    blocker = course.base / "afile"
+    blocker.write_text("x")
+    course.write_config(course={"state_dir": str(blocker / "state")})
+    r = course.run("setup")
+    assert r.returncode == 2 and "state_dir" in r.stderr
+    with pytest.raises(KeyError):
+        pwd.getpwnam(course.usernames[0])
+
+
+def test_only_must_be_in_roster(course):
+    r = course.run("setup", "--only", "zzz")
+    assert r.returncode == 2 and "not in the roster" in r.stderr
+
+
+def test_second_command_is_locked_out(course):
+    course.state_dir.mkdir(mode=0o700)
+    import fcntl
+
+    fd = os.open(course.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"'setup' (pid 1, since now)\n")
+    try:
+        r = course.run("setup")
+        assert r.returncode == 3
+        assert "locked by 'setup'" in r.stderr
+        with pytest.raises(KeyError):
+            pwd.getpwnam(course.usernames[0])
+    finally:
+        os.close(fd)
+
+
+def test_two_setups_at_once(make_course):
+    course = make_course(6)
+    procs = [
+        subprocess.Popen(
+            [__import__("sys").executable, "notebooks.py", "setup", str(course.config)],
+            cwd=str(__import__("conftest").ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    # Either the second waited out the first (0, 0) or was refused (0, 3); never a half-made class.
+    assert codes in ([0, 0], [0, 3]), results
+    if codes == [0, 3]:
+        assert any("locked" in r[2] for r in results)
+    for u in course.usernames:
+        assert pwd.getpwnam(u)
+    assert len(course.credentials()) == 6
+
+
+def test_setup_killed_halfway_then_rerun(make_course):
+    course = make_course(12)
+    proc = subprocess.Popen(
+        [__import__("sys").executable, "notebooks.py", "setup", str(course.config)],
+        cwd=str(__import__("conftest").ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        made = sum(1 for u in course.usernames if course.home(u).exists())
+        if made >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    made = [u for u in course.usernames if course.home(u).exists()]
+    assert 0 < len(made) < 12, "setup finished before it could be killed"
+    r = course.run("setup")
+    assert r.returncode == 0, r.stdout + r.stderr
+    creds = course.credentials()
+    for u in course.usernames:
+        pw = pwd.getpwnam(u)
+        import crypt_r_check
+
+        assert crypt_r_check.verify(creds[u]["password"], shadow_hash(u)), u
+        assert stat.S_IMODE(os.stat(pw.pw_dir).st_mode) == 0o700
+    again = course.run("setup")
+    assert "nothing to do" in again.stdout
+
+
+def test_check_reports_problems_without_root(course):
+    r = run_cli("check", str(course.config), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(r.stdout)
+    assert data["ok"] is True and data["students"] == 2
+    course.write_config(material={"source": "missing-folder"})
+    r = run_cli("check", str(course.config))
+    assert r.returncode == 2 and "missing-folder" in r.stdout
+
+
+def test_credentials_csv_header(ready_course):
+    with open(ready_course.state_dir / "credentials.csv", newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == ["username", "name", "email", "password", "notebook_password"]
