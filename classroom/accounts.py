@@ -30,7 +30,7 @@ from .errors import InvalidInput, Refused, StepFailed
 from .roster import Student
 from .secret import Secret
 from .state import now
-from .system import as_user, login_defs, run, sudo_caller
+from .system import as_user, login_defs, run, run_account_tool, sudo_caller
 
 log = logging.getLogger("classroom")
 
@@ -122,7 +122,7 @@ def ensure_group(course: Course) -> bool:
         return True
     with course.state.transaction():
         course.state.set_meta("group_creating", course.settings.group)
-    run(["groupadd", "--", course.settings.group])
+    run_account_tool(["groupadd", "--", course.settings.group])
     gid = grp.getgrnam(course.settings.group).gr_gid
     with course.state.transaction():
         course.state.set_meta("group_gid", str(gid))
@@ -164,7 +164,7 @@ def create_account(course: Course, student: Student) -> pwd.struct_passwd:
             "VALUES (?, NULL, ?, 'creating', 0, ?)",
             (student.username, str(home), now()),
         )
-    run(useradd_argv(course, student))
+    run_account_tool(useradd_argv(course, student))
     pw = pwd.getpwnam(student.username)
     with course.state.transaction():
         course.state.execute(
@@ -197,7 +197,7 @@ def align_account(course: Course, account: Account) -> list[str]:
     if pw.pw_name not in members:
         changes.append(f"added to group {s.group}")
         if not course.dry_run:
-            run(["usermod", "--append", "--groups", s.group, "--", pw.pw_name])
+            run_account_tool(["usermod", "--append", "--groups", s.group, "--", pw.pw_name])
     home = Path(pw.pw_dir)
     try:
         fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -429,22 +429,32 @@ def set_passwords(
         )
         batch = Secret("".join(f"{u}:{p.reveal()}\n" for u, (p, _) in new.items()))
         try:
-            run(chpasswd_argv(), stdin=batch)
+            run_account_tool(chpasswd_argv(), stdin=batch)
         except StepFailed as exc:
             for acc, _ in pending:
                 report.failed(acc.username, f"setting the password failed: {exc}")
             return
-        for acc, pw in pending:
+
+        def write(item: tuple[Account, pwd.struct_passwd]) -> str | None:
+            acc, pw = item
             try:
                 as_user(pw, _write_student_files, pw.pw_dir, hashes[acc.username].reveal(), profile)
             except StepFailed as exc:
-                report.failed(acc.username, f"writing the Jupyter password failed: {exc}")
-                continue
-            with course.state.transaction():
+                return str(exc)
+            return None
+
+        done = []
+        for (acc, _), error in zip(pending, pool.map(write, pending), strict=True):
+            if error:
+                report.failed(acc.username, f"writing the Jupyter password failed: {error}")
+            else:
+                done.append(acc.username)
+        with course.state.transaction():
+            for username in done:
                 course.state.execute(
-                    "UPDATE accounts SET password_set = 1 WHERE username = ?", (acc.username,)
+                    "UPDATE accounts SET password_set = 1 WHERE username = ?", (username,)
                 )
-                course.state.record("setup", acc.username, "password set")
+                course.state.record("setup", username, "password set")
 
 
 # --- remove -----------------------------------------------------------------------------------
@@ -548,38 +558,37 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
 
     from . import servers as servers_mod
 
-    procs = processes_of({a.pw.pw_uid for a in present if a.pw})
-    for a in progress(present, "removing"):
-        pw = a.pw
-        assert pw is not None
-        try:
-            with contextlib.suppress(Exception):
-                servers_mod.forget_server(course, a.username, stop=True)
-            kill_all(procs.get(pw.pw_uid, []))
-            leftover = processes_of({pw.pw_uid})[pw.pw_uid]
-            kill_all(leftover, timeout=2)
-            archive = None
-            if s.archive and Path(pw.pw_dir).is_dir():
-                archive = archive_home(course, pw)
-            with course.state.transaction():
-                course.state.record("remove", a.username, "archived", {"archive": str(archive)})
-            result = run(["userdel", "--remove", "--", a.username], check=False)
-            if result.returncode not in (0, 12):
-                raise StepFailed(
-                    f"userdel failed with status {result.returncode}: {result.stderr.strip()}"
-                )
-            home = Path(pw.pw_dir)
-            if home.is_dir() and not home.is_symlink() and home.parent == s.home_base:
-                run(["rm", "-rf", "--one-file-system", "--", str(home)])
-            with course.state.transaction():
-                course.state.execute("DELETE FROM accounts WHERE username = ?", (a.username,))
-                course.state.execute("DELETE FROM servers WHERE username = ?", (a.username,))
-                course.state.record(
-                    "remove", a.username, "removed", {"archive": str(archive) if archive else ""}
-                )
-            report.done(a.username, "removed", f"archive {archive}" if archive else "")
-        except StepFailed as exc:
-            report.failed(a.username, str(exc))
+    for a in present:
+        with contextlib.suppress(Exception):
+            servers_mod.forget_server(course, a.username, stop=True)
+    # Every process the students still run, all at once: one scan, one grace period.
+    uids = {a.pw.pw_uid for a in present if a.pw}
+    kill_all([p for procs in processes_of(uids).values() for p in procs])
+    kill_all([p for procs in processes_of(uids).values() for p in procs], timeout=2)
+
+    def archive(a: Account) -> Path | None:
+        assert a.pw is not None
+        if s.archive and Path(a.pw.pw_dir).is_dir():
+            return archive_home(course, a.pw)
+        return None
+
+    # Archives (tar + gzip, CPU bound) in parallel; accounts deleted one by one, in order.
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = [(a, pool.submit(archive, a)) for a in present]
+        for a, future in progress(futures, "removing"):
+            try:
+                try:
+                    archived = future.result()
+                except StepFailed as exc:
+                    raise StepFailed(f"archive failed, account kept: {exc}") from None
+                except OSError as exc:
+                    raise StepFailed(
+                        f"archive failed, account kept: {exc.strerror}: {exc.filename}"
+                    ) from None
+                delete_account(course, a, archived)
+                report.done(a.username, "removed", f"archive {archived}" if archived else "")
+            except StepFailed as exc:
+                report.failed(a.username, str(exc))
     for a in gone:
         if course.state.account(a.username) is not None:
             with course.state.transaction():
@@ -589,6 +598,25 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
         credentials.update(s.state_dir / "credentials.csv", {}, drop={a.username for a in present})
     remove_group_if_empty(course, report)
     return report.finish()
+
+
+def delete_account(course: Course, a: Account, archived: Path | None) -> None:
+    """userdel (home included), then forget the account; the archive is recorded first."""
+    s = course.settings
+    pw = a.pw
+    assert pw is not None
+    with course.state.transaction():
+        course.state.record("remove", a.username, "archived", {"archive": str(archived or "")})
+    result = run_account_tool(["userdel", "--remove", "--", a.username], check=False)
+    if result.returncode not in (0, 12):
+        raise StepFailed(f"userdel failed with status {result.returncode}: {result.stderr.strip()}")
+    home = Path(pw.pw_dir)
+    if home.is_dir() and not home.is_symlink() and home.parent == s.home_base:
+        run(["rm", "-rf", "--one-file-system", "--", str(home)])
+    with course.state.transaction():
+        course.state.execute("DELETE FROM accounts WHERE username = ?", (a.username,))
+        course.state.execute("DELETE FROM servers WHERE username = ?", (a.username,))
+        course.state.record("remove", a.username, "removed", {"archive": str(archived or "")})
 
 
 def remove_group_if_empty(course: Course, report) -> None:
@@ -605,7 +633,7 @@ def remove_group_if_empty(course: Course, report) -> None:
         return
     if group.gr_mem or any(p.pw_gid == group.gr_gid for p in pwd.getpwall()):
         return
-    run(["groupdel", "--", s.group])
+    run_account_tool(["groupdel", "--", s.group])
     with course.state.transaction():
         course.state.set_meta("group_gid", None)
         course.state.record("remove", None, "group deleted", {"group": s.group})

@@ -77,6 +77,29 @@ def run(
     return proc
 
 
+def run_account_tool(argv: Sequence[str], *, stdin: Secret | str | None = None, check: bool = True,
+                     attempts: int = 40) -> subprocess.CompletedProcess[str]:
+    """``run`` for useradd, usermod, chpasswd, userdel, groupadd, groupdel.
+
+    These fail at once when another program holds the lock on /etc/passwd or
+    /etc/group; that is retried for a while instead of failing the student.
+    """
+    import random
+    import time
+
+    for attempt in range(attempts):
+        proc = run(argv, stdin=stdin, check=False)
+        text = (proc.stdout or "") + (proc.stderr or "")
+        if proc.returncode != 0 and ("cannot lock" in text or "try again later" in text):
+            if attempt < attempts - 1:
+                time.sleep(0.05 + random.random() * 0.25)
+                continue
+        if check and proc.returncode != 0:
+            raise CommandFailed(list(argv), proc.returncode, text)
+        return proc
+    raise AssertionError("unreachable")
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 
