@@ -1,0 +1,383 @@
+"""The fork server: one pre-imported root process that forks each student's Jupyter server.
+
+``launch`` starts it as ``python -I forkserver.py APP``. It imports the server
+application (``lab``, ``notebook`` or ``server``) and its heavy dependencies,
+``gc.freeze()``s, then answers one JSON request per line on stdin with one JSON
+line on stdout: ``{"username", "uid", "argv", "log"}`` -> ``{"pid"}`` or ``{"error"}``.
+
+It holds no secret and no roster data: a request carries only a username, the
+uid launch expects, the server's arguments (no secret in them) and the log path.
+The child becomes the student before any Jupyter code runs, then reads its own
+settings (the password hash included) from the student's ``~/.jupyter``.
+
+The module imports only the standard library at the top, so it runs as a script
+without the ``classroom`` package; ``ForkServer`` is the client ``launch`` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import os
+import pwd
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+
+APPS = {
+    "lab": ("jupyterlab.labapp", "LabApp", "jupyter-lab"),
+    "notebook": ("notebook.app", "JupyterNotebookApp", "jupyter-notebook"),
+    "server": ("jupyter_server.serverapp", "ServerApp", "jupyter-server"),
+}
+# Imported once here so that every child shares their pages instead of importing them again.
+PRELOAD = (
+    "jupyter_server.serverapp",
+    "jupyter_server.services.contents.largefilemanager",
+    "jupyter_server.services.contents.filemanager",
+    "jupyter_server.services.kernels.kernelmanager",
+    "jupyter_server.services.sessions.sessionmanager",
+    "jupyter_server.services.kernels.websocket",
+    "jupyter_server.services.kernels.connection.channels",
+    "jupyter_server.gateway.managers",
+    "jupyter_server.auth.identity",
+    "jupyter_server.auth.login",
+    "jupyter_server.extension.manager",
+    "jupyter_server.extension.serverextension",
+    "jupyter_server.files.handlers",
+    "jupyter_server.nbconvert.handlers",
+    "jupyter_server.view.handlers",
+    "jupyter_server_terminals",
+    "jupyter_server_terminals.app",
+    "jupyter_server_terminals.handlers",
+    "jupyter_server_terminals.api_handlers",
+    "terminado",
+    "jupyter_lsp",
+    "jupyter_lsp.serverextension",
+    "notebook_shim",
+    "notebook_shim.shim",
+    "jupyterlab_server",
+    "jupyterlab_server.app",
+    "jupyterlab_server.handlers",
+    "jupyterlab_server.workspaces_handler",
+    "jupyterlab_server.settings_handler",
+    "jupyterlab_server.themes_handler",
+    "jupyterlab_server.translations_handler",
+    "jupyterlab_server.licenses_handler",
+    "jupyterlab_server.listings_handler",
+    "nbconvert",
+    "nbformat",
+    "jupyter_client",
+    "jupyter_client.ioloop",
+    "jupyter_events",
+    "jsonschema",
+    "jinja2",
+    "argon2",
+    "prometheus_client",
+    "send2trash",
+    "babel",
+    "json5",
+)
+FIRST_FD = 3
+
+
+# --- the server (runs as root, single-threaded) ----------------------------------------------
+
+
+def preload(app: str) -> None:
+    """Import the app and its heavy dependencies; a missing optional module is fine."""
+    module, _, _ = APPS[app]
+    importlib.import_module(module)
+    extra = (
+        ("jupyterlab", "jupyterlab.labapp", "notebook", "notebook.app") if app != "server" else ()
+    )
+    for name in (*PRELOAD, *extra):
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+
+
+def threads() -> int:
+    """The number of threads of this process (the kernel's count, not just Python's)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def reply(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def serve(app: str) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for launch; EOF on stdin ends us
+    try:
+        preload(app)
+    except Exception as exc:  # reported to launch, which falls back to exec
+        reply({"error": f"cannot import the {app} application: {type(exc).__name__}: {exc}"})
+        return 1
+    gc.collect()
+    gc.freeze()
+    if threads() != 1:
+        reply(
+            {"error": f"the fork server has {threads()} threads after importing; it must have one"}
+        )
+        return 1
+    reply({"ready": True, "pid": os.getpid(), "app": app})
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+            reply({"pid": spawn(app, request)})
+        except Exception as exc:  # one bad request is that student's failure, not ours
+            reply({"error": f"{type(exc).__name__}: {exc}"})
+    return 0
+
+
+def spawn(app: str, request: dict) -> int:
+    """Fork twice (so the server is nobody's child here) and return the server's pid."""
+    username = str(request["username"])
+    uid = int(request["uid"])
+    args = [str(a) for a in request["argv"]]
+    log_path = str(request["log"])
+    pw = pwd.getpwnam(username)
+    if pw.pw_uid != uid or uid == 0:
+        raise PermissionError(f"{username} has uid {pw.pw_uid}, not {uid}: refused")
+    if threads() != 1:
+        raise RuntimeError("the fork server has more than one thread; refusing to fork")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate: fork the server, tell its pid, vanish
+        code = 1
+        try:
+            os.close(rfd)
+            server = os.fork()
+            if server == 0:
+                os.close(wfd)
+                become_server(app, pw, args, log_path)  # never returns
+            os.write(wfd, str(server).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 64):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError("fork failed")
+    return int(data)
+
+
+def become_server(app: str, pw: pwd.struct_passwd, args: list[str], log_path: str) -> None:
+    """In the child: drop everything of root's, become the student, run the server. Never returns."""
+    try:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
+        os.setsid()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a freshly started Python
+        os.initgroups(pw.pw_name, pw.pw_gid)
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise PermissionError("setuid(0) succeeded after dropping privileges")
+        if {*os.getresuid(), *os.getresgid()} - {pw.pw_uid, pw.pw_gid}:
+            raise PermissionError("the student's ids did not stick")
+        os.environ.clear()
+        os.environ.update(student_env(pw))
+        os.chdir(pw.pw_dir)
+        os.umask(0o077)
+        random.seed()  # nothing seeded in the fork server is shared between students
+        add_user_site()
+        set_name(APPS[app][2])
+        module, cls, prog = APPS[app]
+        sys.argv = [prog, *args]
+        application = getattr(importlib.import_module(module), cls)
+    except BaseException as exc:  # noqa: BLE001 - the child must never return into the server
+        with contextlib.suppress(Exception):
+            os.write(2, f"classroom: cannot start {pw.pw_name}'s server: {exc}\n".encode())
+        os._exit(1)
+    code = 0
+    try:
+        sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
+        sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115
+        application.launch_instance(argv=args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def student_env(pw: pwd.struct_passwd) -> dict[str, str]:
+    """The same clean environment as the exec path (``servers.server_env``)."""
+    bindir = os.path.dirname(sys.executable)
+    return {
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "SHELL": pw.pw_shell or "/bin/sh",
+        "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+    }
+
+
+def add_user_site() -> None:
+    """The student's ``~/.local`` site-packages, as a fresh Python would have (``-I`` left it out)."""
+    import site
+
+    site.USER_BASE = None
+    site.USER_SITE = None
+    path = site.getusersitepackages()
+    if os.path.isdir(path):
+        site.addsitedir(path)
+
+
+def set_name(name: str) -> None:
+    """Name the process (``ps -o comm``) after the app rather than the fork server."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+# --- the client (runs in launch) -------------------------------------------------------------
+
+
+class ForkServerError(Exception):
+    """The fork server could not start, or stopped answering."""
+
+
+class ForkServer:
+    """Start, ask and stop the fork server. Not thread-safe: call it from one thread."""
+
+    def __init__(self, proc: subprocess.Popen, app: str):
+        self.proc = proc
+        self.app = app
+        self.buffer = b""
+        self.ready = False
+
+    @classmethod
+    def start(
+        cls, app: str, *, python: str | None = None, log_path: str | None = None
+    ) -> ForkServer:
+        """Start it (it imports in the background); ``wait_ready`` before ``spawn``."""
+        if app not in APPS:
+            raise ForkServerError(f"unknown app {app!r}")
+        python = python or sys.executable
+        stderr = subprocess.DEVNULL
+        if log_path:
+            stderr = os.open(
+                log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600
+            )
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent"}
+        try:
+            # An argument list, no shell; launch's own log has the command.
+            proc = subprocess.Popen(
+                [python, "-I", os.path.abspath(__file__), app],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                cwd="/",
+                close_fds=True,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ForkServerError(f"cannot start {python}: {exc.strerror}") from None
+        finally:
+            if isinstance(stderr, int) and stderr >= 0:
+                os.close(stderr)
+        return cls(proc, app)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_reply(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ForkServerError(f"no answer within {timeout:g} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                code = self.proc.poll()
+                raise ForkServerError(
+                    f"it stopped (status {code})" if code is not None else "it closed its output"
+                )
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise ForkServerError(f"garbled answer: {line[:80]!r}") from None
+
+    def wait_ready(self, timeout: float) -> None:
+        if self.ready:
+            return
+        message = self._read_reply(timeout)
+        if not message.get("ready"):
+            raise ForkServerError(message.get("error") or f"unexpected answer {message}")
+        self.ready = True
+
+    def spawn(
+        self, username: str, uid: int, argv: list[str], log_path: str, timeout: float = 30
+    ) -> int:
+        """Ask for one student's server; return its pid. ``ForkServerError`` if the server is gone."""
+        self.wait_ready(timeout)
+        request = {"username": username, "uid": uid, "argv": argv, "log": log_path}
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise ForkServerError(f"it stopped ({exc.strerror or exc})") from None
+        message = self._read_reply(timeout)
+        if "pid" in message:
+            return int(message["pid"])
+        raise ValueError(message.get("error") or f"unexpected answer {message}")
+
+    def close(self, timeout: float = 5) -> None:
+        """EOF on its stdin ends it; the servers it forked keep running."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        with contextlib.suppress(OSError):
+            self.proc.stdout.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in APPS:
+        sys.stderr.write(f"usage: forkserver.py {{{'|'.join(APPS)}}}\n")
+        sys.exit(2)
+    sys.exit(serve(sys.argv[1]))
