@@ -1,11 +1,66 @@
-"""retrieve: collect students' work for grading. (Being built: issue 3.)"""
+"""retrieve: collect each student's HOME/FOLDER into DESTINATION/USERNAME/TIMESTAMP/.
+
+Every version is kept: a snapshot is only made when something changed, files
+unchanged since the previous snapshot are hard links to it, ``latest`` points
+at the newest, and DESTINATION/manifest.csv gets one row per file of each new
+snapshot (username, snapshot, path, size, mtime, sha256, status, late).
+
+Per student, a root worker owns the snapshot side; it forks a reader that
+becomes the student, walks the folder through directory descriptors that
+never follow a link, opens each regular file (``O_NOFOLLOW``, fstat-checked)
+and hands the open descriptor over a socket. So root never resolves a path
+inside a home, and nothing the student could not read themselves can reach
+the teacher. Root re-checks each descriptor (a regular file, under the size
+limits) and copies at most ``max_file_size`` bytes from it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
 
+import click
+
+from . import safefs
 from .course import Course
-from .errors import InvalidInput, NotImplementedYet
+from .errors import InvalidInput
+from .safefs import Unsafe
+from .system import is_root, sudo_caller
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS retrieved (
+    username TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    path BLOB NOT NULL,          -- relative to HOME/FOLDER, bytes as on disk
+    snapshot TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    stat_key TEXT NOT NULL,      -- the student's file when it was collected
+    PRIMARY KEY (username, destination, path)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    username TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    taken_at TEXT NOT NULL,
+    PRIMARY KEY (username, destination, snapshot)
+);
+"""
+
+MANIFEST_HEADER = ["username", "snapshot", "path", "size", "mtime", "sha256", "status", "late"]
+READ_TIMEOUT = 300.0
 
 
 def parse_deadline(text: str) -> dt.datetime:
@@ -15,5 +70,672 @@ def parse_deadline(text: str) -> dt.datetime:
         raise InvalidInput(f'--deadline {text!r}: use "YYYY-MM-DD HH:MM"') from None
 
 
+def _show(rel: str) -> str:
+    text = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def _iso(mtime_ns: int) -> str:
+    return dt.datetime.fromtimestamp(mtime_ns / 1e9).astimezone().isoformat(timespec="seconds")
+
+
+def owner_account(course: Course) -> pwd.struct_passwd:
+    """Who owns what is retrieved: [retrieve] owner, else the sudo caller, else root; never a student."""
+    s = course.settings
+    if s.retrieve_owner:
+        try:
+            owner = pwd.getpwnam(s.retrieve_owner)
+        except KeyError:
+            raise InvalidInput(
+                f"{s.where('retrieve', 'owner')}: [retrieve] owner {s.retrieve_owner!r}: no such user"
+            ) from None
+    else:
+        owner = sudo_caller() or pwd.getpwuid(0)
+    if owner.pw_name in set(course.roster.names()):
+        raise InvalidInput(
+            f"{s.where('retrieve', 'owner')}: the submissions would belong to {owner.pw_name}, a student; "
+            "set [retrieve] owner to the teacher"
+        )
+    return owner
+
+
+def check_destination(dest: Path, owner: pwd.struct_passwd, *, create: bool) -> None:
+    """DESTINATION exists (or is made), is a folder, and no one but its owner and root can write it."""
+    if create and not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(dest, 0o750)
+        except FileExistsError:
+            pass
+        else:
+            os.chown(dest, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+    try:
+        st = os.stat(dest)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InvalidInput(f"[retrieve] destination {dest}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidInput(f"[retrieve] destination {dest} is not a folder")
+    if st.st_mode & 0o022 or st.st_uid not in (0, owner.pw_uid):
+        raise InvalidInput(
+            f"[retrieve] destination {dest} can be written by other users (owner uid {st.st_uid}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}); students could tamper with the submissions: "
+            f"chmod go-w it, or choose another folder"
+        )
+
+
+# --- the reader: runs as the student ------------------------------------------------------------
+
+
+def _reader(sock: socket.socket, job: dict) -> None:
+    """Walk the student's folder as the student; send each regular file's open descriptor."""
+
+    def send(msg: dict, fd: int | None = None) -> None:
+        socket.send_fds(sock, [json.dumps(msg).encode()], [fd] if fd is not None else [])
+
+    pw = job["pw"]
+    safefs.become(pw)
+    try:
+        home_fd = safefs.open_dir(None, pw.pw_dir, uid=pw.pw_uid, what=f"home {pw.pw_dir}")
+    except Unsafe as exc:
+        send({"t": "error", "why": str(exc)})
+        return
+    dev = os.fstat(home_fd).st_dev
+    fd = home_fd
+    done: list[str] = []
+    for part in job["folder"].split("/"):
+        done.append(part)
+        where = "~/" + "/".join(done)
+        try:
+            st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            send({"t": "missing", "why": f"no folder {where}"})
+            return
+        except OSError as exc:
+            send({"t": "error", "why": f"{where}: {exc.strerror}"})
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            send({"t": "error", "why": f"{where} is {safefs.kind(st)}, not a folder; not followed"})
+            return
+        try:
+            fd = safefs.open_dir(fd, part, expect=st, uid=pw.pw_uid, dev=dev, what=where)
+        except Unsafe as exc:
+            send({"t": "error", "why": f"{exc}; not followed"})
+            return
+    prev: dict[str, list] = job["prev_keys"]
+    max_file = job["max_file"]
+    for entry in safefs.walk(
+        fd, exclude=job["exclude"], include=job["include"], dev=dev, uid=pw.pw_uid
+    ):
+        st = entry.st
+        size = st.st_size if st is not None else 0
+        mtime = st.st_mtime_ns if st is not None else 0
+        if entry.problem:
+            send(
+                {"t": "skip", "rel": entry.rel, "why": entry.problem, "size": size, "mtime": mtime}
+            )
+            continue
+        assert st is not None
+        key = safefs.stat_key(st)
+        if size > max_file:
+            why = f"larger than max_file_size ({size} > {max_file} bytes)"
+            send({"t": "skip", "rel": entry.rel, "why": why, "size": size, "mtime": mtime})
+            continue
+        if prev.get(entry.rel) == key:
+            send({"t": "file", "rel": entry.rel, "key": key, "same": True})
+            continue
+        try:
+            ffd, fst = safefs.open_file(entry.dir_fd, entry.name, expect=st, what="it")
+        except Unsafe as exc:
+            send({"t": "skip", "rel": entry.rel, "why": str(exc), "size": size, "mtime": mtime})
+            continue
+        try:
+            send({"t": "file", "rel": entry.rel, "key": safefs.stat_key(fst), "same": False}, ffd)
+        finally:
+            os.close(ffd)
+    send({"t": "end"})
+
+
+# --- the collector: runs as root, on the destination side ---------------------------------------
+
+
+class Snapshot:
+    """A snapshot being built in DESTINATION/USERNAME/.partial-STAMP, renamed when complete."""
+
+    def __init__(self, user_fd: int, job: dict):
+        self.user_fd = user_fd
+        self.job = job
+        self.uid, self.gid = job["owner"]
+        self.partial = f".partial-{job['stamp']}-{os.getpid()}"
+        os.mkdir(self.partial, 0o700, dir_fd=user_fd)
+        self.fd = safefs.open_dir(user_fd, self.partial)
+        os.fchown(self.fd, self.uid, self.gid)
+        self.dirs: set[str] = set()
+
+    def parent(self, rel: str) -> None:
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub in self.dirs:
+                continue
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(sub, 0o755, dir_fd=self.fd)
+            os.chown(sub, self.uid, self.gid, dir_fd=self.fd, follow_symlinks=False)
+            self.dirs.add(sub)
+
+    def copy(self, rel: str, src_fd: int, mode: int, mtime_ns: int, cap: int) -> tuple[str, int]:
+        self.parent(rel)
+        fd = os.open(rel, safefs.NEW_FILE_FLAGS, 0o400, dir_fd=self.fd)
+        try:
+            sha, size = safefs.copy_hashing(src_fd, fd, cap, safefs.beat)
+            os.fchown(fd, self.uid, self.gid)
+            os.fchmod(fd, 0o555 if mode & 0o100 else 0o444)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(rel, dir_fd=self.fd)
+            raise
+        os.close(fd)
+        return sha, size
+
+    def link(self, rel: str, prev_fd: int) -> bool:
+        self.parent(rel)
+        try:
+            os.link(rel, rel, src_dir_fd=prev_fd, dst_dir_fd=self.fd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+
+    def finish(self) -> str:
+        """Rename into place under a new TIMESTAMP name and point ``latest`` at it."""
+        name = self.job["stamp"]
+        n = 1
+        while True:
+            try:
+                os.stat(name, dir_fd=self.user_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                break
+            n += 1
+            name = f"{self.job['stamp']}.{n}"
+        os.fchmod(self.fd, 0o755)
+        os.rename(self.partial, name, src_dir_fd=self.user_fd, dst_dir_fd=self.user_fd)
+        os.close(self.fd)
+        tmp = f".latest-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=self.user_fd)
+        os.symlink(name, tmp, dir_fd=self.user_fd)
+        os.chown(tmp, self.uid, self.gid, dir_fd=self.user_fd, follow_symlinks=False)
+        os.rename(tmp, "latest", src_dir_fd=self.user_fd, dst_dir_fd=self.user_fd)
+        return name
+
+
+def _user_dir(dest_fd: int, username: str, owner: tuple[int, int], create: bool) -> int | None:
+    """DESTINATION/USERNAME: created 0700 for the owner; refused if anyone else could write it."""
+    if create:
+        try:
+            os.mkdir(username, 0o700, dir_fd=dest_fd)
+        except FileExistsError:
+            pass
+        else:
+            os.chown(username, *owner, dir_fd=dest_fd, follow_symlinks=False)
+    try:
+        fd = os.open(username, safefs.DIR_FLAGS, dir_fd=dest_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RuntimeError(f"destination folder {username}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_uid not in (0, owner[0]) or st.st_mode & 0o022:
+        os.close(fd)
+        raise RuntimeError(
+            f"destination folder {username} can be written by others; fix its owner and mode"
+        )
+    return fd
+
+
+def collect_home(job: dict) -> dict:
+    """Root worker for one student: fork the reader, build a snapshot if anything changed."""
+    dry = job["dry_run"]
+    dest_fd = (
+        os.open(job["dest"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if os.path.isdir(job["dest"])
+        else None
+    )
+    user_fd = (
+        _user_dir(dest_fd, job["username"], job["owner"], create=not dry)
+        if dest_fd is not None
+        else None
+    )
+    prev_files: dict[str, list] = job["prev_files"]
+    prev_fd = None
+    if user_fd is not None:
+        if not dry:  # leftovers of a run that was cut off
+            for name in os.listdir(user_fd):
+                with contextlib.suppress(OSError):
+                    if name.startswith(".partial-"):
+                        shutil.rmtree(name, dir_fd=user_fd)
+                    elif name.startswith(".latest-"):
+                        os.unlink(name, dir_fd=user_fd)
+        if job["prev_snapshot"]:
+            with contextlib.suppress(Unsafe):
+                prev_fd = safefs.open_dir(user_fd, job["prev_snapshot"])
+    if prev_fd is None:
+        prev_files = {}  # nothing to link to: every file is collected afresh
+    job["prev_keys"] = {rel: v[2] for rel, v in prev_files.items()}
+
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the reader, as the student
+        code = 0
+        try:
+            parent_sock.close()
+            safefs.close_fds_except({child_sock.fileno()})
+            _reader(child_sock, job)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    child_sock.close()
+    parent_sock.settimeout(job.get("read_timeout", READ_TIMEOUT))
+    try:
+        return _collect(parent_sock, job, user_fd, prev_fd, prev_files)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        parent_sock.close()
+
+
+def _collect(
+    sock: socket.socket, job: dict, user_fd: int | None, prev_fd: int | None, prev_files: dict
+) -> dict:
+    dry = job["dry_run"]
+    username = job["username"]
+    max_file, max_total = job["max_file"], job["max_total"]
+    deadline = job["deadline"]
+    snap: Snapshot | None = None
+    pending_links: list[str] = []
+    entries: list[dict] = []  # manifest rows, in order
+    cache: list[list] = []  # [rel, sha, size, key] of every collected file
+    seen: set[str] = set()
+    counts = {"new": 0, "changed": 0, "unchanged": 0, "skipped": 0}
+    skipped: list[str] = []
+    late: list[str] = []
+    total = 0
+    changed = False
+
+    def ensure() -> Snapshot | None:
+        nonlocal snap
+        if snap is None and not dry:
+            snap = Snapshot(user_fd, job)
+            for rel in pending_links:
+                link_or_skip(rel)
+            pending_links.clear()
+        return snap
+
+    def link_or_skip(rel: str) -> None:
+        assert snap is not None and prev_fd is not None
+        if not snap.link(rel, prev_fd):
+            skip_row(rel, "the previous copy is missing from the destination; retrieve again")
+
+    def skip_row(rel: str, why: str, size: int = 0, mtime: int = 0) -> None:
+        counts["skipped"] += 1
+        skipped.append(f"{_show(rel)}: {why}")
+        entries.append(
+            {"rel": rel, "size": size, "mtime": mtime, "sha": "", "status": f"skipped: {why}"}
+        )
+        for i, row in enumerate(cache):
+            if row[0] == rel:
+                del cache[i]
+                break
+
+    def add(rel: str, status: str, sha: str, size: int, key: list[int]) -> None:
+        nonlocal total, changed
+        counts[status] += 1
+        total += size
+        if status != "unchanged":
+            changed = True
+        mtime = key[3]
+        is_late = deadline is not None and mtime / 1e9 > deadline
+        if is_late:
+            late.append(_show(rel))
+        entries.append(
+            {
+                "rel": rel,
+                "size": size,
+                "mtime": mtime,
+                "sha": sha,
+                "status": status,
+                "late": is_late,
+            }
+        )
+        cache.append([rel, sha, size, key])
+
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
+        except TimeoutError:
+            raise RuntimeError("the student's folder could not be read in time (stopped)") from None
+        if not data:
+            raise RuntimeError("the reader process ended unexpectedly")
+        msg = json.loads(data)
+        fd = fds[0] if fds else None
+        safefs.beat()
+        try:
+            t = msg["t"]
+            if t == "end":
+                break
+            if t == "missing":  # the last snapshot (if any) is kept as it is
+                return {"state": "nothing", "why": msg["why"]}
+            if t == "error":
+                raise RuntimeError(msg["why"])
+            rel = msg["rel"]
+            seen.add(rel)
+            if t == "skip":
+                skip_row(rel, msg["why"], msg["size"], msg["mtime"])
+                continue
+            key = msg["key"]
+            size = key[2]
+            prev = prev_files.get(rel)
+            if total + size > max_total:
+                skip_row(
+                    rel, f"over max_total_size ({max_total} bytes) for this retrieval", size, key[3]
+                )
+                continue
+            if msg["same"] and prev is not None:
+                add(rel, "unchanged", prev[0], prev[1], key)
+                if snap is not None:
+                    link_or_skip(rel)
+                else:
+                    pending_links.append(rel)
+                continue
+            if fd is None:
+                skip_row(rel, "could not be opened", size, key[3])
+                continue
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):
+                skip_row(rel, safefs.kind(fst), fst.st_size, fst.st_mtime_ns)
+                continue
+            if fst.st_size > max_file:
+                skip_row(
+                    rel,
+                    f"larger than max_file_size ({fst.st_size} > {max_file} bytes)",
+                    fst.st_size,
+                    fst.st_mtime_ns,
+                )
+                continue
+            key = safefs.stat_key(fst)
+            if prev is not None:
+                sha = safefs.file_sha256(fd, max_file)
+                if sha is None:
+                    skip_row(
+                        rel,
+                        f"grew past max_file_size ({max_file} bytes) while read",
+                        key[2],
+                        key[3],
+                    )
+                    continue
+                if sha == prev[0]:
+                    add(rel, "unchanged", sha, prev[1], key)
+                    if snap is not None:
+                        link_or_skip(rel)
+                    else:
+                        pending_links.append(rel)
+                    continue
+            status = "changed" if prev is not None else "new"
+            s = ensure()
+            if s is None:  # dry run
+                sha = safefs.file_sha256(fd, max_file)
+                if sha is None:
+                    skip_row(
+                        rel,
+                        f"grew past max_file_size ({max_file} bytes) while read",
+                        key[2],
+                        key[3],
+                    )
+                    continue
+                add(rel, status, sha, key[2], key)
+                continue
+            try:
+                sha, copied = s.copy(rel, fd, fst.st_mode, fst.st_mtime_ns, max_file)
+            except safefs.TooLarge:
+                skip_row(
+                    rel, f"grew past max_file_size ({max_file} bytes) while read", key[2], key[3]
+                )
+                continue
+            if copied != key[2]:
+                key = safefs.stat_key(os.fstat(fd))
+            add(rel, status, sha, copied, key)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            for extra in fds[1:]:
+                os.close(extra)
+
+    deleted = sorted(set(prev_files) - seen)
+    if deleted:
+        changed = True
+    result = {
+        "counts": counts,
+        "deleted": [_show(r) for r in deleted],
+        "skipped": skipped,
+        "late": late,
+        "files": len(cache),
+        "bytes": total,
+    }
+    if not cache and not prev_files:
+        why = "no files in the folder" + (f" ({len(skipped)} skipped)" if skipped else "")
+        return {**result, "state": "nothing", "why": why}
+    if not changed:
+        result.update(state="unchanged", cache=cache)
+        return result
+    if dry:
+        result.update(state="collected", snapshot=job["stamp"], rows=[], cache=[])
+        return result
+    s = ensure()
+    assert s is not None
+    name = s.finish()
+    rows = [
+        [
+            username,
+            name,
+            _show(e["rel"]),
+            e["size"],
+            _iso(e["mtime"]) if e["mtime"] else "",
+            e["sha"],
+            e["status"],
+            "late" if e.get("late") else "",
+        ]
+        for e in entries
+    ]
+    result.update(state="collected", snapshot=name, rows=rows, cache=cache)
+    return result
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _detail(result: dict, limit: int = 5) -> str:
+    parts = []
+    counts = result.get("counts", {})
+    if result.get("snapshot"):
+        parts.append(f"snapshot {result['snapshot']}")
+    nums = [f"{counts[k]} {k}" for k in ("new", "changed", "unchanged") if counts.get(k)]
+    if result.get("deleted"):
+        nums.append(f"{len(result['deleted'])} deleted")
+    if nums and result.get("state") == "collected":
+        parts.append(", ".join(nums))
+    late = result.get("late") or []
+    if late:
+        parts.append(
+            f"{len(late)} late: " + ", ".join(late[:limit]) + (" ..." if len(late) > limit else "")
+        )
+    skipped = result.get("skipped") or []
+    if skipped:
+        more = f"; ... {len(skipped) - limit} more" if len(skipped) > limit else ""
+        parts.append(f"{len(skipped)} skipped: " + "; ".join(skipped[:limit]) + more)
+    return "; ".join(parts)
+
+
 def retrieve(course: Course, *, only=(), deadline=None) -> int:
-    raise NotImplementedYet("retrieve is not built yet")
+    """Collect each selected student's folder (see the module docstring); return the exit status."""
+    from . import accounts
+    from .state import now
+
+    s = course.settings
+    owner = owner_account(course)
+    dest = s.retrieve_destination
+    check_destination(dest, owner, create=not course.dry_run)
+    course.state.ensure(SCHEMA_SQL)
+    report = course.report("retrieve")
+    students = course.students(only)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    folder = s.material_folder
+    inspect_homes = is_root()
+    if course.dry_run and not inspect_homes:
+        click.echo("  (not root: the homes cannot be looked into; showing what would be collected)")
+    tasks = []
+    for st in students:
+        acc = accounts.inspect(course, st)
+        if acc.kind != accounts.OK or acc.pw is None:
+            report.failed(st.username, acc.why or "no account: run setup first")
+            continue
+        if course.dry_run and not inspect_homes:
+            report.done(
+                st.username,
+                "collected",
+                f"{acc.pw.pw_dir}/{folder} into {dest}/{st.username}/{stamp}; not inspected",
+            )
+            continue
+        prev_files: dict[str, list] = {}
+        prev_snapshot = None
+        for row in safefs.rows(
+            course.state,
+            "SELECT path, snapshot, sha256, size, stat_key FROM retrieved WHERE username = ? AND destination = ?",
+            (st.username, str(dest)),
+        ):
+            prev_snapshot = row["snapshot"]
+            prev_files[os.fsdecode(bytes(row["path"]))] = [
+                row["sha256"],
+                row["size"],
+                json.loads(row["stat_key"]),
+            ]
+        job = {
+            "username": st.username,
+            "pw": acc.pw,
+            "folder": folder,
+            "dest": str(dest),
+            "owner": (owner.pw_uid, owner.pw_gid),
+            "prev_snapshot": prev_snapshot,
+            "prev_files": prev_files,
+            "include": s.retrieve_include,
+            "exclude": s.retrieve_exclude,
+            "max_file": s.max_file_size,
+            "max_total": s.max_total_size,
+            "stamp": stamp,
+            "deadline": deadline.timestamp() if deadline else None,
+            "dry_run": course.dry_run,
+        }
+        tasks.append((st.username, collect_home, (job,)))
+
+    results: dict[str, dict] = {}
+    bar = None
+    if len(tasks) > 1 and sys.stderr.isatty():
+        bar = click.progressbar(length=len(tasks), label="retrieve", file=sys.stderr)
+    for username, payload in safefs.fork_map(
+        tasks, workers=safefs.workers_for(len(tasks)), idle_timeout=READ_TIMEOUT + 60
+    ):
+        results[username] = payload
+        if "ok" in payload and not course.dry_run:
+            _record(course, username, str(dest), folder, payload["ok"], owner, now())
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.render_finish()
+    for st in students:
+        payload = results.get(st.username)
+        if payload is None:
+            continue
+        if "error" in payload:
+            report.failed(st.username, payload["error"])
+            continue
+        result = payload["ok"]
+        if result["state"] == "nothing":
+            report.unchanged(st.username, f"nothing to collect: {result['why']}")
+        elif result["state"] == "unchanged":
+            report.unchanged(st.username, _detail(result))
+        else:
+            report.done(st.username, "collected", _detail(result))
+    return report.finish()
+
+
+def _record(
+    course: Course, username: str, dest: str, folder: str, result: dict, owner, at: str
+) -> None:
+    """The manifest rows (one append), then the state, for one student's new snapshot."""
+    if result["state"] == "collected":
+        _append_manifest(Path(dest), result["rows"], owner)
+    if result["state"] not in ("collected", "unchanged"):
+        return
+    cache = [
+        (username, dest, os.fsencode(rel), result.get("snapshot") or "", sha, size, json.dumps(key))
+        for rel, sha, size, key in result["cache"]
+    ]
+    with course.state.transaction():
+        if result["state"] == "collected":
+            course.state.execute(
+                "DELETE FROM retrieved WHERE username = ? AND destination = ?", (username, dest)
+            )
+            course.state.conn.executemany(
+                "INSERT INTO retrieved (username, destination, snapshot, path, sha256, size, stat_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(u, d, snap, p, sha, size, key) for u, d, p, snap, sha, size, key in cache],
+            )
+            course.state.execute(
+                "INSERT OR REPLACE INTO snapshots (username, destination, snapshot, folder, files, bytes, taken_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (username, dest, result["snapshot"], folder, result["files"], result["bytes"], at),
+            )
+            course.state.record(
+                "retrieve",
+                username,
+                "collected",
+                {"snapshot": result["snapshot"], **result["counts"], "late": len(result["late"])},
+            )
+        else:  # unchanged content; remember the files' new stat so they are not read again
+            course.state.conn.executemany(
+                "UPDATE retrieved SET stat_key = ? WHERE username = ? AND destination = ? AND path = ?",
+                [(key, u, d, p) for u, d, p, _snap, _sha, _size, key in cache],
+            )
+
+
+def _append_manifest(dest: Path, rows: list[list], owner) -> None:
+    """Append rows to DESTINATION/manifest.csv in one write (an append-only log)."""
+    import csv
+    import io
+
+    if not rows:
+        return
+    fd = os.open(
+        dest / "manifest.csv",
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o640,
+    )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{dest / 'manifest.csv'} is not a regular file")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        if st.st_size == 0:
+            writer.writerow(MANIFEST_HEADER)
+            os.fchown(fd, owner.pw_uid, owner.pw_gid)
+        writer.writerows(rows)
+        data = buf.getvalue().encode("utf-8", "backslashreplace")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
