@@ -581,7 +581,7 @@ def _detail(result: dict, limit: int = 5) -> str:
 
 def retrieve(course: Course, *, only=(), deadline=None) -> int:
     """Collect each selected student's folder (see the module docstring); return the exit status."""
-    from . import accounts
+    from .material import account_for
     from .state import now
 
     s = course.settings
@@ -598,16 +598,13 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
         click.echo("  (not root: the homes cannot be looked into; showing what would be collected)")
     tasks = []
     for st in students:
-        acc = accounts.inspect(course, st)
-        if acc.kind != accounts.OK or acc.pw is None:
-            report.failed(st.username, acc.why or "no account: run setup first")
+        pw, why = account_for(course, st)
+        if pw is None:
+            report.failed(st.username, why)
             continue
         if course.dry_run and not inspect_homes:
-            report.done(
-                st.username,
-                "collected",
-                f"{acc.pw.pw_dir}/{folder} into {dest}/{st.username}/{stamp}; not inspected",
-            )
+            where = f"{pw.pw_dir}/{folder} into {dest}/{st.username}/{stamp}"
+            report.done(st.username, "collected", f"{where}; not inspected")
             continue
         prev_files: dict[str, list] = {}
         prev_snapshot = None
@@ -624,7 +621,7 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
             ]
         job = {
             "username": st.username,
-            "pw": acc.pw,
+            "pw": pw,
             "folder": folder,
             "dest": str(dest),
             "owner": (owner.pw_uid, owner.pw_gid),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import pwd
 import secrets
 import stat
 import sys
@@ -450,10 +451,27 @@ def _detail(actions: dict[str, list[str]], skipped: list[str], limit: int = 5) -
     return "; ".join(parts)
 
 
-def send(course: Course, *, only=(), force=False, source=None, folder=None) -> int:
-    """Send the material to each selected student (see the module docstring); return the exit status."""
+def account_for(course: Course, student) -> tuple[pwd.struct_passwd | None, str]:
+    """The student's account if the course may act on it, else (None, why).
+
+    A dry run without root cannot read the course state; there an existing
+    account is taken as the course's (nothing is changed anyway).
+    """
     from . import accounts
 
+    if course.dry_run and not is_root() and course.state.path is None:
+        try:
+            return pwd.getpwnam(student.username), ""
+        except KeyError:
+            return None, "no account: run setup first"
+    acc = accounts.inspect(course, student)
+    if acc.kind != accounts.OK or acc.pw is None:
+        return None, acc.why or "no account: run setup first"
+    return acc.pw, ""
+
+
+def send(course: Course, *, only=(), force=False, source=None, folder=None) -> int:
+    """Send the material to each selected student (see the module docstring); return the exit status."""
     s = course.settings
     folder = (folder or s.material_folder).strip("/")
     if not _safe_folder(folder):
@@ -481,15 +499,14 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
         tasks = []
         for st in students:
-            acc = accounts.inspect(course, st)
-            if acc.kind != accounts.OK or acc.pw is None:
-                why = acc.why or "no account: run setup first"
+            pw, why = account_for(course, st)
+            if pw is None:
                 report.failed(st.username, why)
                 continue
             if course.dry_run and not inspect_homes:
                 n = len(src.files)
                 report.done(
-                    st.username, "sent", f"{n} file(s) into {acc.pw.pw_dir}/{folder}; not inspected"
+                    st.username, "sent", f"{n} file(s) into {pw.pw_dir}/{folder}; not inspected"
                 )
                 continue
             sent = {}
@@ -505,7 +522,7 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
                     _loads(key) if key else None,
                 )
             job = {
-                "pw": acc.pw,
+                "pw": pw,
                 "folder": folder,
                 "dirs": src.dirs,
                 "files": src.files,
