@@ -34,7 +34,7 @@ import psutil
 
 from . import hooks
 from .course import Course, Report
-from .errors import Refused, StepFailed
+from .errors import ClassroomError, InvalidInput, Refused, StepFailed
 from .settings import Settings
 from .state import State, now
 from .system import as_user
@@ -508,19 +508,20 @@ def _run_hook(
 
 
 def _assign_ports(course: Course, starts: list[Start]) -> None:
+    """Each student keeps their previous port while it is free; the others get new ones."""
     s = course.settings
     previous = {r["username"]: r["port"] for r in course.state.execute("SELECT * FROM ports")}
-    mine = {st.username for st in starts}
-    reserved = {p for u, p in previous.items() if u not in mine}
-    for row in course.state.execute("SELECT username, port FROM servers"):
-        if row["username"] not in mine:
-            reserved.add(row["port"])
-    reserved.add(s.portal_port)
-    for st in sorted(starts, key=lambda x: x.username):
-        st.port = choose_port(
-            previous.get(st.username), reserved, s.first_port, lambda p: port_free(s.ip, p)
-        )
-        reserved.add(st.port)
+    reserved = set(previous.values()) | {s.portal_port}
+    reserved |= {r["port"] for r in course.state.execute("SELECT port FROM servers")}
+    ordered = sorted(starts, key=lambda x: x.username)
+    for st in ordered:  # first: previous ports, so nobody takes another student's
+        wanted = previous.get(st.username)
+        if wanted and port_free(s.ip, wanted):
+            st.port = wanted
+    for st in ordered:
+        if not st.port:
+            st.port = choose_port(None, reserved, s.first_port, lambda p: port_free(s.ip, p))
+            reserved.add(st.port)
         st.args = server_args(s, st.pw.pw_dir, st.port)
         st.url = server_url(s, st.port)
 
@@ -549,8 +550,6 @@ def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
     try:
         pre_spawn = hooks.parse(s.pre_spawn, base)
     except hooks.HookFailed as exc:
-        from .errors import InvalidInput
-
         raise InvalidInput(f"{s.where('hooks', 'pre_spawn')}: {exc}") from None
 
     starts: list[Start] = []
@@ -584,7 +583,7 @@ def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
     code = _start_all(course, report, starts, pre_spawn)
     _print_addresses(course, report)
     if portal:
-        _run_portal(course)
+        code = max(code, _run_portal(course))
     if stop_on_exit:
         if course.lock is not None and course.lock.fd is None:
             try:
@@ -758,7 +757,8 @@ def _print_addresses(course: Course, report: Report) -> None:
             click.echo(f"  {username}: {running[username]['url']}")
 
 
-def _run_portal(course: Course) -> None:
+def _run_portal(course: Course) -> int:
+    """Run the portal in the foreground; its exit status (0, or the portal's error's)."""
     try:
         from . import portal as portal_mod
     except ImportError as exc:
@@ -767,16 +767,16 @@ def _run_portal(course: Course) -> None:
         click.echo(
             "The portal is not available in this version: the servers run without it.", err=True
         )
-        return
-    from .credentials import portal_address
-
+        return 0
     # Let status, shutdown and retrieve run while the portal is up.
     if course.lock is not None:
         course.lock.release()
-    click.echo(
-        f"Portal: {portal_address(course.settings)} (Ctrl-C stops it; the servers keep running)"
-    )
-    portal_mod.serve(course)
+    try:
+        portal_mod.serve(course)
+    except ClassroomError as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
 
 
 # --- shutdown ---------------------------------------------------------------------------------
@@ -789,8 +789,6 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
     try:
         post_stop = hooks.parse(s.post_stop, s.config_file.parent)
     except hooks.HookFailed as exc:
-        from .errors import InvalidInput
-
         raise InvalidInput(f"{s.where('hooks', 'post_stop')}: {exc}") from None
 
     from . import accounts

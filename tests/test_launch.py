@@ -1,0 +1,399 @@
+"""launch: real Jupyter servers as real students, in both start modes (exec and fork).
+
+Also the helpers the other server tests share (HTTP login, process inspection,
+the /proc/PID/mem scan).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import re
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import needs_root
+
+from classroom import servers
+from classroom.settings import Settings, load
+
+MODES = pytest.mark.parametrize("mode", ["exec", "fork"])
+CLEAN_ENV = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG"}
+
+
+# --- helpers shared with test_shutdown, test_hooks and test_forkserver ----------------------
+
+
+def status(course) -> dict[str, dict]:
+    r = course.run("status", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {row["username"]: row for row in json.loads(r.stdout)}
+
+
+def server_rows(course) -> dict[str, dict]:
+    with sqlite3.connect(course.state_dir / "state.db") as db:
+        db.row_factory = sqlite3.Row
+        return {r["username"]: dict(r) for r in db.execute("SELECT * FROM servers")}
+
+
+def answers(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        requests.get(f"http://{host}:{port}/api", timeout=3)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def login(port: int, password: str) -> requests.Session:
+    """A session logged in to a student's server with the handed-out password."""
+    session = requests.Session()
+    base = f"http://127.0.0.1:{port}"
+    session.get(f"{base}/login", timeout=10)
+    xsrf = session.cookies.get("_xsrf", "")
+    r = session.post(
+        f"{base}/login?next=/api/status",
+        data={"password": password, "_xsrf": xsrf},
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert r.status_code in (302, 303), (r.status_code, r.text[:300])
+    session.headers["X-XSRFToken"] = xsrf
+    return session
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def proc_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if item)
+
+
+def proc_fds(pid: int) -> dict[int, str]:
+    fds = {}
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(entry)] = os.readlink(f"/proc/{pid}/fd/{entry}")
+    return fds
+
+
+def memory_contains(pid: int, needles: list[bytes]) -> set[bytes]:
+    """Which of ``needles`` occur in any readable region of /proc/PID/mem (as root)."""
+    found: set[bytes] = set()
+    longest = max(len(n) for n in needles)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            tail = b""
+            offset = start
+            while offset < end:
+                size = min(1 << 22, end - offset)
+                try:
+                    mem.seek(offset)
+                    chunk = mem.read(size)
+                except (OSError, OverflowError, ValueError):
+                    break
+                data = tail + chunk
+                for needle in needles:
+                    if needle in data:
+                        found.add(needle)
+                tail = data[-longest:]
+                offset += size
+    return found
+
+
+def jupyter_hash(course, username: str) -> str:
+    config = course.home(username) / ".jupyter" / "jupyter_server_config.json"
+    return json.loads(config.read_text())["IdentityProvider"]["hashed_password"]
+
+
+def write_as(course, username: str, relpath: str, text: str) -> Path:
+    """Put a file in a student's home, owned by the student (0600)."""
+    pw = course.pw(username)
+    path = course.home(username) / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chown(path.parent, pw.pw_uid, pw.pw_gid)
+    path.write_text(text)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o600)
+    return path
+
+
+def server_pids_gone(pids, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(
+            Path(f"/proc/{p}").exists() and "Z" not in proc_status(p).get("State", "Z")
+            for p in pids
+        ):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# --- pure tests (no root) ----------------------------------------------------------------
+
+
+def settings(tmp_path: Path, **launch: str) -> Settings:
+    cfg = tmp_path / "c.cfg"
+    lines = [
+        "[course]",
+        "name = demo",
+        "roster = r.csv",
+        f"state_dir = {tmp_path / 'st'}",
+        "[launch]",
+    ]
+    lines += [f"{k} = {v}" for k, v in launch.items()]
+    cfg.write_text("\n".join(lines) + "\n")
+    (tmp_path / "r.csv").write_text("username\nalice\n")
+    return load(cfg)
+
+
+def test_choose_port_keeps_previous_and_skips_taken():
+    free = {8001, 8003, 8004, 9000}.__contains__
+    assert servers.choose_port(9000, set(), 8001, free) == 9000
+    assert servers.choose_port(9000, {9000}, 8001, free) == 8001
+    assert servers.choose_port(8002, set(), 8001, free) == 8001  # 8002 is in use
+    assert servers.choose_port(None, {8001}, 8001, free) == 8003
+
+
+def test_port_free_sees_a_socket_someone_holds():
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert not servers.port_free("0.0.0.0", port)
+        assert not servers.port_free("127.0.0.1", port)
+    assert servers.port_free("0.0.0.0", port)
+
+
+def test_server_args_carry_no_secret_and_map_settings(tmp_path):
+    s = settings(tmp_path, idle_timeout="600", root="folder", app="notebook")
+    args = servers.server_args(s, "/home/alice", 8123)
+    text = " ".join(args)
+    assert "--ServerApp.port=8123" in args and "--ServerApp.port_retries=0" in args
+    assert "--ServerApp.root_dir=/home/alice/tutorial" in args
+    assert "--IdentityProvider.token=" in args
+    assert "--PasswordIdentityProvider.password_required=True" in args
+    assert "--MappingKernelManager.cull_idle_timeout=600" in args
+    assert "--ServerApp.shutdown_no_activity_timeout=600" in args
+    assert "hashed_password" not in text and "argon2" not in text and "password=" not in text
+    assert servers.exec_argv(s, args)[1:3] == ["-m", "notebook"]
+    home = servers.server_args(settings(tmp_path, root="home"), "/home/alice", 1)
+    assert "--ServerApp.root_dir=/home/alice" in home
+    assert not any("cull" in a for a in home)
+
+
+def test_dry_run_changes_nothing_without_root(tmp_path):
+    s = settings(tmp_path)
+    assert servers.running_servers(s) == {}
+
+
+# --- real servers ------------------------------------------------------------------------
+
+CONFIG_PY = """\
+import json, os
+with open(os.path.join(os.path.expanduser("~"), "config-was-read"), "w") as f:
+    json.dump({"uid": os.getuid(), "env": dict(os.environ), "cwd": os.getcwd()}, f)
+c.ServerApp.custom_display_url = "http://marker-from-student-config.invalid/"
+"""
+
+
+@needs_root
+@MODES
+def test_launch_runs_each_student_as_the_student(ready_course, mode):
+    c = ready_course
+    c.write_config(launch={"start_mode": mode})
+    a, b = c.usernames
+    write_as(c, b, ".jupyter/jupyter_server_config.py", CONFIG_PY)
+    creds = c.credentials()
+
+    dry = c.run("launch", "--dry-run", "--no-portal")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "would be started" in dry.stdout
+    assert all(row["server"] == "stopped" for row in status(c).values())
+
+    try:
+        r = c.run("launch", "--no-portal")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "launch: 2 started, 0 unchanged, 0 failed" in r.stdout
+        st = status(c)
+        rows = server_rows(c)
+        ports = {u: st[u]["port"] for u in c.usernames}
+        assert len(set(ports.values())) == 2
+        for u in c.usernames:
+            pw = c.pw(u)
+            pid = st[u]["pid"]
+            assert st[u]["server"] == "running" and st[u]["url"].endswith(f":{ports[u]}/")
+            assert rows[u]["mode"] == mode and rows[u]["uid"] == pw.pw_uid
+            # identity: the student's uid, gid and groups only
+            ps = proc_status(pid)
+            assert set(ps["Uid"].split()) == {str(pw.pw_uid)}
+            assert set(ps["Gid"].split()) == {str(pw.pw_gid)}
+            assert {int(g) for g in ps["Groups"].split()} == set(os.getgrouplist(u, pw.pw_gid))
+            assert os.getsid(pid) == pid  # its own session
+            if mode == "exec":
+                assert set(proc_env(pid)) == CLEAN_ENV and proc_env(pid)["HOME"] == pw.pw_dir
+            else:  # /proc shows the fork server's start-up block; the live one is checked below
+                assert set(proc_env(pid)) <= CLEAN_ENV
+            assert os.readlink(f"/proc/{pid}/cwd") == pw.pw_dir
+            fds = proc_fds(pid)
+            assert fds[0] == "/dev/null"
+            assert fds[1] == fds[2] == str(c.state_dir / "logs" / f"{u}.log")
+            assert not [t for n, t in fds.items() if n > 2 and t.startswith(str(c.state_dir))]
+            # never a password or hash in argv
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            assert creds[u]["notebook_password"] not in cmdline and "argon2" not in cmdline
+            # the log is the teacher's
+            logst = os.stat(c.state_dir / "logs" / f"{u}.log")
+            assert logst.st_uid == 0 and stat.S_IMODE(logst.st_mode) == 0o600
+            # the student's runtime dir, and the password works (and is needed)
+            runtime = Path(pw.pw_dir) / ".local/share/jupyter/runtime" / f"jpserver-{pid}.json"
+            assert runtime.exists() and runtime.stat().st_uid == pw.pw_uid
+            assert (
+                requests.get(f"http://127.0.0.1:{ports[u]}/api/contents", timeout=5).status_code
+                == 403
+            )
+            session = login(ports[u], creds[u]["notebook_password"])
+            assert (
+                session.get(f"http://127.0.0.1:{ports[u]}/api/contents", timeout=5).status_code
+                == 200
+            )
+            # no other student's password or hash in its memory (its own hash is: the scan works)
+            other = b if u == a else a
+            needles = [
+                creds[other]["password"].encode(),
+                creds[other]["notebook_password"].encode(),
+                jupyter_hash(c, other).encode(),
+                jupyter_hash(c, u).encode(),
+            ]
+            found = memory_contains(pid, needles)
+            assert found == {jupyter_hash(c, u).encode()}, f"{u}'s server holds {other}'s secrets"
+        # the student's own ~/.jupyter/jupyter_server_config.py ran, as the student
+        marker = json.loads((c.home(b) / "config-was-read").read_text())
+        assert marker["uid"] == c.pw(b).pw_uid and marker["cwd"] == c.pw(b).pw_dir
+        assert set(marker["env"]) == CLEAN_ENV and marker["env"]["HOME"] == c.pw(b).pw_dir
+        assert (
+            "marker-from-student-config.invalid" in (c.state_dir / "logs" / f"{b}.log").read_text()
+        )
+
+        again = c.run("launch", "--no-portal")
+        assert again.returncode == 0 and "2 unchanged" in again.stdout, again.stdout
+        assert {u: r["pid"] for u, r in status(c).items()} == {u: st[u]["pid"] for u in c.usernames}
+
+        down = c.run("shutdown")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "shutdown: 2 stopped" in down.stdout
+        assert server_pids_gone([st[u]["pid"] for u in c.usernames])
+        assert all(row["server"] == "stopped" for row in status(c).values())
+        assert "2 unchanged" in c.run("shutdown").stdout
+
+        # Ports are stable across launches; a port someone else holds is skipped.
+        with socket.socket() as held:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            held.bind(("0.0.0.0", ports[a]))
+            held.listen()
+            r = c.run("launch", "--no-portal")
+            assert r.returncode == 0, r.stdout + r.stderr
+            st2 = status(c)
+            assert st2[b]["port"] == ports[b]
+            assert st2[a]["port"] not in (ports[a], ports[b]) and st2[a]["server"] == "running"
+    finally:
+        c.run("shutdown")
+
+
+@needs_root
+@MODES
+def test_one_students_failure_does_not_stop_the_others(make_course, mode):
+    c = make_course(3)
+    assert c.run("setup").returncode == 0
+    c.write_config(launch={"start_mode": mode, "app": "server", "start_timeout": "6"})
+    broken, slow, fine = c.usernames
+    write_as(
+        c, broken, ".jupyter/jupyter_server_config.py", "raise SystemExit('broken on purpose')\n"
+    )
+    write_as(c, slow, ".jupyter/jupyter_server_config.py", "import time\ntime.sleep(60)\n")
+    try:
+        r = c.run("launch", "--no-portal")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "launch: 1 started, 0 unchanged, 2 failed" in r.stdout
+        out = r.stdout + r.stderr
+        assert re.search(rf"{broken}: .*(broken on purpose|stopped before it answered)", out), out
+        assert re.search(rf"{slow}: .*did not answer on port \d+ within 6 s", out), out
+        assert f"{c.state_dir / 'logs' / broken}.log" in out
+        st = status(c)
+        assert st[fine]["server"] == "running" and answers(st[fine]["port"])
+        assert st[broken]["server"] == "stopped" and st[slow]["server"] == "stopped"
+        # the slow one was stopped, not left behind
+        uid = c.pw(slow).pw_uid
+        leftovers = subprocess.run(["pgrep", "-u", str(uid)], capture_output=True, text=True).stdout
+        assert not leftovers.strip()
+    finally:
+        c.run("shutdown")
+
+
+@needs_root
+def test_launch_needs_an_account(course):
+    r = course.run("launch", "--no-portal")
+    assert r.returncode == 1
+    assert "has no account yet: run setup first" in r.stdout
+
+
+@needs_root
+def test_portal_runs_without_the_lock_and_stop_on_exit_stops_the_servers(ready_course):
+    c = ready_course
+    try:
+        import classroom.portal  # noqa: F401
+    except ImportError:
+        pytest.skip("the portal is not built yet")
+    c.write_config(launch={"app": "server"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "notebooks.py"),
+            "launch",
+            str(c.config),
+            "--stop-on-exit",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        portal = f"http://127.0.0.1:{c.sections['launch']['portal_port']}/healthz"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(portal, timeout=2).json()["running"] == 2:
+                    break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("the portal did not come up with 2 servers")
+        # the lock is free while the portal runs: shutdown works for one student
+        r = c.run("shutdown", "--only", c.usernames[0])
+        assert r.returncode == 0, r.stdout + r.stderr
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "Stopping the servers" in out
+        assert all(row["server"] == "stopped" for row in status(c).values())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        c.run("shutdown")
