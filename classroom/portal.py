@@ -1,0 +1,675 @@
+"""The portal: a small tornado page that sends each student to their own Jupyter server.
+
+    GET /                  the course title and a username form (never a list of students)
+    GET /go?username=NAME  and  GET /user/NAME: 302 to that student's running server
+    GET /healthz           JSON: status, course name, number of running servers
+    anything else, an unknown user or a stopped server: a friendly page, status 404
+
+A redirect is only ever ``SCHEME://HOST:PORT/PATH`` built from checked parts: HOST is
+``[launch] server_address`` or the host name of the browser's Host header (strictly
+checked, else the address the connection came in on), PORT and PATH come from the
+course's record of running servers, never from the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import html
+import ipaddress
+import logging
+import re
+import signal
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from .errors import EXIT_PARTIAL, ClassroomError, InvalidInput
+from .settings import USERNAME, Settings
+
+log = logging.getLogger("classroom")
+
+# {username: {"port": int, "url": str}} of the servers running now; read on every request.
+Lookup = Callable[[], Mapping[str, Mapping[str, Any]]]
+
+PROBE_TIMEOUT = 2.0  # seconds to wait for a student's port to accept a connection
+MAX_INPUT = 64  # characters of a typed username looked at; usernames have at most 32
+STOP_TIMEOUT = 5.0  # seconds open connections get to finish when the portal stops
+
+
+class PortalError(ClassroomError):
+    """The portal cannot run (port in use, bad certificate); the servers are unaffected."""
+
+    exit_code = EXIT_PARTIAL
+
+
+# --- host names ------------------------------------------------------------------------
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_V6 = re.compile(r"[0-9a-f:.]{2,45}")
+
+
+def _host_name(name: str) -> str | None:
+    """``name`` if it is a plain DNS name or dotted IPv4 address (lower case), else None."""
+    bare = name[:-1] if name.endswith(".") else name
+    if not bare or len(bare) > 253:
+        return None
+    labels = bare.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    if labels[-1].isdigit():  # browsers read this as an IPv4 address: it must be one
+        try:
+            return str(ipaddress.IPv4Address(bare))
+        except ValueError:
+            return None
+    return bare
+
+
+def _v6_literal(text: str) -> str | None:
+    if not _V6.fullmatch(text):  # no zone id, nothing but hex digits, colons and dots
+        return None
+    try:
+        return f"[{ipaddress.IPv6Address(text).compressed}]"
+    except ValueError:
+        return None
+
+
+def host_from_header(value: str | None) -> str | None:
+    """The host of a Host header (``name``, ``name:port``, ``[v6]:port``) for a URL, or None.
+
+    Anything else (userinfo, a path, spaces, control or non-ASCII characters, a bad
+    port, two headers joined) gives None.
+    """
+    if not value or len(value) > 260 or not value.isascii():
+        return None
+    value = value.lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        host, rest = _v6_literal(value[1:end]), value[end + 1 :]
+    else:
+        name, colon, port = value.partition(":")
+        host, rest = _host_name(name), colon + port
+    if rest and not (rest[0] == ":" and _PORT.fullmatch(rest[1:]) and int(rest[1:]) <= 65535):
+        return None
+    return host
+
+
+def host_from_setting(value: str) -> str:
+    """``[launch] server_address`` as the host of a URL; ValueError if it is not a bare host."""
+    text = value.strip().lower()
+    host = _v6_literal(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+    host = host or _host_name(text)
+    if not host:
+        raise ValueError(
+            f"{value!r} is not a host name or IP address "
+            "(give only the name, e.g. class.example.org: no scheme, port or path)"
+        )
+    return host
+
+
+def _socket_host(sockname: Any) -> str | None:
+    """The address a connection came in on, as the host of a URL."""
+    try:
+        addr = ipaddress.ip_address(sockname[0].split("%")[0])
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return None
+    return f"[{addr.compressed}]" if addr.version == 6 else str(addr)
+
+
+# --- where a student's server is -------------------------------------------------------
+
+_SAFE_PATH = re.compile(r"(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?")
+
+
+def _server_path(url: Any) -> str:
+    """The path of a recorded server URL if it is plainly a path (no '..', no '//'), else '/'."""
+    if not isinstance(url, str):
+        return "/"
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        return "/"
+    return path if path and _SAFE_PATH.fullmatch(path) else "/"
+
+
+def _server_port(entry: Any) -> int | None:
+    port = entry.get("port") if isinstance(entry, Mapping) else None
+    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+        return port
+    return None
+
+
+def clean_username(text: str | None) -> str | None:
+    """A typed username, trimmed and lower-cased, if it is a valid username; else None."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text.isascii() or len(text) > MAX_INPUT:  # ASCII first: 'K' (Kelvin).lower() is 'k'
+        return None
+    text = text.lower()
+    return text if USERNAME.fullmatch(text) else None
+
+
+def _probe_host(ip: str) -> str:
+    """Where to check that a student's port answers: the servers' listening address."""
+    if ip in ("", "0.0.0.0", "*"):
+        return "127.0.0.1"
+    if ip in ("::", "[::]"):
+        return "::1"
+    return ip.strip("[]")
+
+
+async def _answers(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True if something accepts a TCP connection on host:port."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+# --- pages -------------------------------------------------------------------------------
+
+CSS = """
+:root{color-scheme:light dark;--bg:#eef2f8;--card:#fff;--text:#1b2232;--muted:#586175;
+--accent:#1f6feb;--accent-hover:#1a5fcc;--on-accent:#fff;--border:#d3d9e4;--field:#fbfcfe;
+--note-bg:#fff6e8;--note-edge:#e59a2f;--shadow:0 12px 32px rgba(24,39,75,.10)}
+@media (prefers-color-scheme:dark){:root{--bg:#0f131a;--card:#181e28;--text:#e6eaf1;
+--muted:#a2acbd;--accent:#5b9dff;--accent-hover:#7db1ff;--on-accent:#0b1220;--border:#2e3746;
+--field:#121822;--note-bg:#33280f;--note-edge:#d08b22;--shadow:none}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
+body{margin:0;min-height:100vh;min-height:100dvh;display:flex;align-items:center;
+justify-content:center;padding:1rem;background:var(--bg);color:var(--text);
+font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Helvetica Neue",
+Arial,sans-serif}
+main{width:100%;max-width:26rem;background:var(--card);border:1px solid var(--border);
+border-radius:16px;padding:2rem 1.5rem 1.5rem;box-shadow:var(--shadow)}
+.mark{display:block;width:48px;height:48px;margin:0 0 1rem}
+h1{font-size:1.6rem;line-height:1.25;margin:0 0 .4rem;overflow-wrap:anywhere}
+.lead{color:var(--muted);margin:0 0 1.5rem}
+label{display:block;font-weight:600;margin:0 0 .4rem}
+input{display:block;width:100%;font:inherit;font-size:1.15rem;padding:.75rem .9rem;
+border:1px solid var(--border);border-radius:10px;background:var(--field);color:inherit;
+font-family:ui-monospace,"SFMono-Regular","DejaVu Sans Mono",Menlo,Consolas,monospace}
+input:focus{outline:3px solid var(--accent);outline-offset:1px;border-color:var(--accent)}
+.help{color:var(--muted);font-size:.875rem;margin:.4rem 0 0}
+button{display:block;width:100%;min-height:48px;margin:1.25rem 0 0;padding:.75rem 1rem;
+font:inherit;font-weight:600;font-size:1.05rem;color:var(--on-accent);background:var(--accent);
+border:0;border-radius:10px;cursor:pointer}
+button:hover{background:var(--accent-hover)}
+button:focus-visible{outline:3px solid var(--text);outline-offset:2px}
+.note{margin:0 0 1.25rem;padding:.8rem 1rem;border-left:4px solid var(--note-edge);
+background:var(--note-bg);border-radius:8px;overflow-wrap:anywhere}
+.note strong{display:block;margin-bottom:.15rem}
+.note p{margin:0}
+code{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:.95em}
+.foot{color:var(--muted);font-size:.8rem;margin:1.5rem 0 0;padding-top:1rem;
+border-top:1px solid var(--border)}
+@media (max-width:380px){main{padding:1.5rem 1rem 1rem;border-radius:12px}h1{font-size:1.4rem}}
+"""
+CSS_HASH = "sha256-" + base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
+
+# A notebook with a play mark: an inline SVG, so no request leaves the page.
+MARK = (
+    '<svg class="mark" viewBox="0 0 48 48" aria-hidden="true" focusable="false">'
+    '<rect x="4" y="4" width="40" height="40" rx="10" fill="#f37726"/>'
+    '<rect x="13" y="12" width="22" height="25" rx="3" fill="#fff"/>'
+    '<path d="M21 19.5v10l8-5z" fill="#f37726"/></svg>'
+)
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta name="robots" content="noindex, nofollow">
+<link rel="icon" href="data:,">
+<title>{head_title}</title>
+<style>{css}</style>
+</head>
+<body>
+<main>
+{mark}
+<h1>{title}</h1>
+{body}
+</main>
+</body>
+</html>
+"""
+
+FORM = """<form method="get" action="/go">
+<label for="username">Your username</label>
+<input id="username" name="username" type="text" value="{value}" required maxlength="{maxlength}"
+ autocomplete="username" autocapitalize="off" autocorrect="off" spellcheck="false"
+ inputmode="text" enterkeyhint="go" aria-describedby="username-help">
+<p id="username-help" class="help">The username on the slip from your teacher.</p>
+<button type="submit">Open my notebooks</button>
+</form>
+<p class="foot">You will be asked for your password on the next page.</p>"""
+
+
+def render(title: str, body: str, head_title: str = "") -> str:
+    """A complete page: the course title as heading, ``body`` (already HTML) below it."""
+    return PAGE.format(
+        head_title=html.escape(head_title or title),
+        css=CSS,
+        mark=MARK,
+        title=html.escape(title),
+        body=body,
+    )
+
+
+def form(value: str = "") -> str:
+    return FORM.format(value=html.escape(value), maxlength=MAX_INPUT)
+
+
+def note(heading: str, text: str) -> str:
+    """A notice above the form; both parts are HTML."""
+    return f'<div class="note" role="alert"><strong>{heading}</strong><p>{text}</p></div>'
+
+
+LEAD = '<p class="lead">Type your username to open your own Jupyter notebooks.</p>'
+
+
+# --- the application ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Portal:
+    """What the handlers share: the settings, the lookup and what follows from the settings."""
+
+    settings: Settings
+    lookup: Lookup
+    scheme: str
+    fixed_host: str | None  # [launch] server_address, checked
+    probe_host: str | None  # where to check that a port answers; None: do not check
+    title: str
+
+
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), interest-cohort=()",
+    "Cache-Control": "no-store",
+}
+
+
+def csp(form_target: str = "") -> str:
+    """No script at all; only the page's own style (by hash); forms to the portal (and servers)."""
+    targets = f"'self' {form_target}".strip()
+    return (
+        f"default-src 'none'; style-src '{CSS_HASH}'; img-src data:; "
+        f"form-action {targets}; frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+class Handler(tornado.web.RequestHandler):
+    """Security headers, friendly error pages, no traceback, no Server header."""
+
+    portal: Portal
+
+    def initialize(self, portal: Portal) -> None:
+        self.portal = portal
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        for name, value in SECURITY_HEADERS.items():
+            self.set_header(name, value)
+        self.set_header("Content-Security-Policy", csp())
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        # Undecodable bytes are just a username that does not exist (404), not a 400.
+        return value.decode("utf-8", "replace")
+
+    def check_xsrf_cookie(self) -> None:  # nothing here changes state; no cookies are set
+        return None
+
+    def compute_etag(self) -> None:  # every answer depends on the moment: nothing to revalidate
+        return None
+
+    # Where a student's server is, as the browser should reach it.
+
+    def target_host(self) -> str:
+        """server_address, else the browser's Host if it is plainly a host, else our address."""
+        if self.portal.fixed_host:
+            return self.portal.fixed_host
+        host = host_from_header(self.request.headers.get("Host"))
+        if host:
+            return host
+        with contextlib.suppress(Exception):
+            host = _socket_host(self.request.connection.stream.socket.getsockname())  # type: ignore[union-attr]
+        return host or "localhost"
+
+    def form_target(self) -> str:
+        host = self.target_host()
+        if host.startswith("["):  # CSP host sources cannot name IPv6 literals
+            return f"{self.portal.scheme}:"
+        return f"{self.portal.scheme}://{host}:*"
+
+    def page(self, body: str, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Content-Security-Policy", csp(self.form_target()))
+        self.finish(render(self.portal.title, body))
+
+    def not_running(self, username: str | None, typed: str = "") -> None:
+        """The one answer for an unknown user, a stopped server and a malformed name: 404."""
+        if username:
+            text = (
+                f"There is no running server for <code>{html.escape(username)}</code>. "
+                "Check the spelling of your username; if it is right, ask your teacher "
+                "to start your server."
+            )
+        elif typed.strip():
+            text = (
+                "That is not a username: usernames are lower-case letters, digits, "
+                "<code>-</code> and <code>_</code>. Check the slip from your teacher."
+            )
+        else:
+            self.page(note("Type your username", "The box was empty.") + form(), status=400)
+            return
+        self.page(note("Server not found", text) + form(username or ""), status=404)
+
+    def lookup(self) -> Mapping[str, Mapping[str, Any]] | None:
+        try:
+            running = self.portal.lookup()
+        except Exception:
+            log.exception("portal: cannot look up the running servers")
+            return None
+        return running if isinstance(running, Mapping) else {}
+
+    async def send_to(self, username: str | None, typed: str = "") -> None:
+        if not username:
+            self.not_running(None, typed)
+            return
+        running = self.lookup()
+        if running is None:
+            self.page(
+                note(
+                    "The portal cannot look up the servers right now",
+                    "Please try again in a moment, or ask your teacher.",
+                )
+                + form(username),
+                status=503,
+            )
+            return
+        entry = running.get(username)
+        port = _server_port(entry)
+        if port is None or (
+            self.portal.probe_host and not await _answers(self.portal.probe_host, port)
+        ):
+            log.info("portal: no running server for %s", username)
+            self.not_running(username)
+            return
+        path = _server_path(entry.get("url"))  # type: ignore[union-attr]
+        url = f"{self.portal.scheme}://{self.target_host()}:{port}{path}"
+        log.info("portal: %s -> %s", username, url)
+        self.redirect(url, status=302)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 404:
+            text = "There is nothing at this address. Type your username to open your notebooks."
+            self.page(note("Page not found", text) + form(), status=404)
+            return
+        heading = {
+            400: "That request was not understood",
+            405: "That is not something this page does",
+        }.get(status_code, "Something went wrong")
+        self.page(
+            note(html.escape(heading), "Type your username below to open your notebooks.") + form(),
+            status=status_code,
+        )
+
+
+class LandingHandler(Handler):
+    def get(self) -> None:
+        self.page(LEAD + form())
+
+    head = get
+
+
+class GoHandler(Handler):
+    """The form's target: trim and lower-case what was typed, then redirect or say 404."""
+
+    async def get(self) -> None:
+        typed = self.get_argument("username", default="", strip=True)[: MAX_INPUT + 1]
+        await self.send_to(clean_username(typed), typed)
+
+    post = get
+
+
+class UserHandler(Handler):
+    """/user/NAME: the link form. NAME is lower-cased but otherwise taken as it is."""
+
+    async def get(self, name: str) -> None:
+        username = None
+        if name.isascii() and len(name) <= MAX_INPUT and USERNAME.fullmatch(name.lower()):
+            username = name.lower()
+        await self.send_to(username, name or "?")
+
+
+class HealthHandler(Handler):
+    """{"status": "ok", "course": NAME, "running": N}; 503 when the servers cannot be looked up."""
+
+    def get(self) -> None:
+        running = self.lookup()
+        if running is None:
+            self.set_status(503)
+            self.finish({"status": "error", "course": self.portal.settings.name, "running": None})
+            return
+        count = sum(1 for entry in running.values() if _server_port(entry) is not None)
+        self.finish({"status": "ok", "course": self.portal.settings.name, "running": count})
+
+
+class NotFoundHandler(Handler):
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)
+
+
+def _default_lookup(settings: Settings) -> Lookup:
+    def lookup() -> Mapping[str, Mapping[str, Any]]:
+        from . import servers
+
+        return servers.running_servers(settings)  # type: ignore[attr-defined]
+
+    return lookup
+
+
+def make_app(
+    settings: Settings, lookup: Lookup | None = None, *, probe: bool = True
+) -> tornado.web.Application:
+    """The portal's tornado application.
+
+    ``lookup()`` gives ``{username: {"port": int, "url": str}}`` of the running servers
+    (default ``servers.running_servers(settings)``); it is called on every request. With
+    ``probe`` a port must also accept a connection before a student is sent there.
+    Raises ``InvalidInput`` if ``[launch] server_address`` is not a plain host name.
+    """
+    fixed = None
+    if settings.server_address:
+        try:
+            fixed = host_from_setting(settings.server_address)
+        except ValueError as exc:
+            raise InvalidInput(
+                f"{settings.where('launch', 'server_address')}: [launch] server_address: {exc}"
+            ) from None
+    portal = Portal(
+        settings=settings,
+        lookup=lookup or _default_lookup(settings),
+        scheme="https" if settings.certfile and settings.keyfile else "http",
+        fixed_host=fixed,
+        probe_host=_probe_host(settings.ip) if probe else None,
+        title=settings.title or settings.name,
+    )
+    args = {"portal": portal}
+    return tornado.web.Application(
+        [
+            (r"/", LandingHandler, args),
+            (r"/go", GoHandler, args),
+            (r"/user/([^/]*)/?", UserHandler, args),
+            (r"/healthz", HealthHandler, args),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=args,
+        log_function=_log_request,
+        compress_response=False,
+        xsrf_cookies=False,
+        serve_traceback=False,
+    )
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    request = handler.request
+    log.debug(
+        "portal: %d %s %r from %s (%.1f ms)",
+        handler.get_status(),
+        request.method,
+        request.uri,
+        request.remote_ip,
+        1000 * request.request_time(),
+    )
+
+
+# --- serving -----------------------------------------------------------------------------
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context when certfile and keyfile are set (TLS 1.2 or newer)."""
+    if not (settings.certfile and settings.keyfile):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(settings.certfile), str(settings.keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        raise PortalError(
+            f"portal: cannot use certfile {settings.certfile} with keyfile {settings.keyfile}: "
+            f"{exc} ({settings.where('launch', 'certfile')})"
+        ) from None
+    return context
+
+
+def portal_url(settings: Settings, port: int) -> str:
+    """The address to give students: server_address (or this host's name) and the port."""
+    scheme = "https" if settings.certfile and settings.keyfile else "http"
+    host = None
+    if settings.server_address:
+        with contextlib.suppress(ValueError):
+            host = host_from_setting(settings.server_address)
+    if not host and settings.ip not in ("", "0.0.0.0", "::", "*"):
+        host = _socket_host((settings.ip.strip("[]"),))
+    host = host or _host_name(socket.getfqdn().lower()) or "localhost"
+    return f"{scheme}://{host}:{port}/"
+
+
+def serve(
+    course: Any,
+    *,
+    lookup: Lookup | None = None,
+    ready: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the portal until Ctrl-C or SIGTERM (or ``stop`` is set), then return normally.
+
+    Listens on ``[launch] ip`` and ``portal_port`` (0: any free port), HTTPS when certfile
+    and keyfile are set, prints its address, and calls ``ready(url)`` once it listens.
+    Raises ``PortalError`` if it cannot listen; never touches the students' servers.
+    """
+    settings: Settings = course.settings
+    app = make_app(settings, lookup)
+    context = tls_context(settings)
+    address = None if settings.ip in ("", "*") else settings.ip.strip("[]")
+    try:
+        sockets = tornado.netutil.bind_sockets(settings.portal_port, address=address)
+    except OSError as exc:
+        raise PortalError(
+            f"portal: cannot listen on {settings.ip}:{settings.portal_port}: "
+            f"{exc.strerror or exc} (stop what uses the port, or change [launch] portal_port "
+            f"in {settings.where('launch', 'portal_port')}); the students' servers keep running"
+        ) from None
+    url = portal_url(settings, sockets[0].getsockname()[1])
+    click.echo(f"Portal: {url}  (Ctrl-C stops the portal)")
+    log.info("portal: listening on %s:%d as %s", settings.ip, sockets[0].getsockname()[1], url)
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = (
+        {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if main_thread
+        else {}
+    )
+    try:
+        asyncio.run(_run(app, sockets, context, url, ready, stop, catch_signals=main_thread))
+    finally:
+        for sock in sockets:
+            sock.close()
+        for sig, handler in saved.items():
+            with contextlib.suppress(TypeError, ValueError):
+                signal.signal(sig, handler)
+    click.echo("Portal stopped.")
+    log.info("portal: stopped")
+
+
+async def _run(
+    app: tornado.web.Application,
+    sockets: list[socket.socket],
+    context: ssl.SSLContext | None,
+    url: str,
+    ready: Callable[[str], None] | None,
+    stop: threading.Event | None,
+    *,
+    catch_signals: bool,
+) -> None:
+    server = tornado.httpserver.HTTPServer(
+        app,
+        ssl_options=context,
+        xheaders=False,  # X-Forwarded-* are not trusted; set server_address behind a proxy
+        max_body_size=64 * 1024,
+        max_header_size=16 * 1024,
+        idle_connection_timeout=60,
+        body_timeout=30,
+    )
+    server.add_sockets(sockets)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM) if catch_signals else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, done.set)
+    try:
+        if ready:
+            ready(url)
+        while not done.is_set():
+            if stop is not None and stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.2 if stop is not None else None)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        server.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), STOP_TIMEOUT)
