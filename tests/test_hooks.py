@@ -1,0 +1,149 @@
+"""Hooks: an executable, or a module:function written for JupyterHub as hook(spawner)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+from test_launch import answers, status
+
+from classroom import hooks
+
+
+def spawner(name: str = "alice", port: int | None = 8123) -> hooks.HookSpawner:
+    return hooks.HookSpawner(
+        user=hooks.HookUser(name), home=f"/home/{name}", port=port, course="demo"
+    )
+
+
+def script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
+
+
+def test_parse():
+    base = Path("/etc/course")
+    assert hooks.parse("", base) is None
+    assert hooks.parse("myhooks:pre_spawn", base).kind == "function"
+    hook = hooks.parse("bin/prepare", base)
+    assert hook.kind == "executable" and hook.target == "/etc/course/bin/prepare"
+
+
+def test_executable_gets_username_and_environment(tmp_path):
+    out = tmp_path / "seen"
+    exe = script(tmp_path / "hook.sh", f'echo "$1 $NB_USER $NB_HOME $NB_PORT $NB_COURSE" > {out}\n')
+    hooks.run_hook(hooks.parse(str(exe), tmp_path), spawner(), timeout=10, base=tmp_path)
+    assert out.read_text().split() == ["alice", "alice", "/home/alice", "8123", "demo"]
+
+
+def test_failing_and_slow_executables_fail_with_the_reason(tmp_path):
+    bad = script(tmp_path / "bad.sh", 'echo "quota server down for $1" >&2\nexit 3\n')
+    with pytest.raises(hooks.HookFailed, match=r"exit status 3.*quota server down for alice"):
+        hooks.run_hook(hooks.parse(str(bad), tmp_path), spawner(), timeout=10, base=tmp_path)
+    slow = script(tmp_path / "slow.sh", "sleep 5\n")
+    with pytest.raises(hooks.HookFailed, match="timed out after 0.5 s"):
+        hooks.run_hook(hooks.parse(str(slow), tmp_path), spawner(), timeout=0.5, base=tmp_path)
+    with pytest.raises(hooks.HookFailed, match="not an executable"):
+        hooks.run_hook(hooks.parse("missing.sh", tmp_path), spawner(), timeout=1, base=tmp_path)
+
+
+JUPYTERHUB_STYLE = """\
+import asyncio
+import os
+
+SEEN = os.path.join(os.path.dirname(__file__), "seen.txt")
+
+
+def pre_spawn_hook(spawner):
+    # written for JupyterHub: only spawner.user.name is used
+    with open(SEEN, "a") as f:
+        f.write(f"pre {spawner.user.name} {spawner.home} {spawner.port}\\n")
+
+
+async def post_stop_hook(spawner):
+    await asyncio.sleep(0)
+    with open(SEEN, "a") as f:
+        f.write(f"post {spawner.user.name}\\n")
+
+
+def refuse(spawner):
+    raise RuntimeError(f"no quota for {spawner.user.name}")
+
+
+def slow(spawner):
+    import time
+    time.sleep(5)
+"""
+
+
+def test_module_function_hooks_jupyterhub_style(tmp_path):
+    module = f"hookmod_{os.getpid()}"
+    (tmp_path / f"{module}.py").write_text(JUPYTERHUB_STYLE)
+    try:
+        hooks.run_hook(
+            hooks.parse(f"{module}:pre_spawn_hook", tmp_path), spawner(), timeout=5, base=tmp_path
+        )
+        hooks.run_hook(
+            hooks.parse(f"{module}:post_stop_hook", tmp_path), spawner(), timeout=5, base=tmp_path
+        )
+        assert (tmp_path / "seen.txt").read_text() == "pre alice /home/alice 8123\npost alice\n"
+        with pytest.raises(hooks.HookFailed, match="RuntimeError: no quota for alice"):
+            hooks.run_hook(
+                hooks.parse(f"{module}:refuse", tmp_path), spawner(), timeout=5, base=tmp_path
+            )
+        with pytest.raises(hooks.HookFailed, match="timed out"):
+            hooks.run_hook(
+                hooks.parse(f"{module}:slow", tmp_path), spawner(), timeout=0.3, base=tmp_path
+            )
+        with pytest.raises(hooks.HookFailed, match="cannot be loaded"):
+            hooks.run_hook(
+                hooks.parse(f"{module}:nothing", tmp_path), spawner(), timeout=5, base=tmp_path
+            )
+    finally:
+        sys.modules.pop(module, None)
+    assert str(tmp_path) not in sys.path
+
+
+@needs_root
+def test_failing_pre_spawn_skips_that_student_and_post_stop_runs(ready_course):
+    c = ready_course
+    refused, welcome = c.usernames
+    seen = c.base / "pre.txt"
+    script(
+        c.base / "prepare.sh",
+        f"""\
+        echo "$1 $NB_USER $NB_HOME $NB_PORT $NB_COURSE" >> {seen}
+        [ "$1" = "{refused}" ] && {{ echo "no quota for $1" >&2; exit 1; }}
+        exit 0
+        """,
+    )
+    module = f"posthooks_{os.getpid()}"
+    (c.base / f"{module}.py").write_text(JUPYTERHUB_STYLE)
+    c.write_config(
+        launch={"app": "server"},
+        hooks={"pre_spawn": "prepare.sh", "post_stop": f"{module}:post_stop_hook", "timeout": "10"},
+    )
+    try:
+        r = c.run("launch", "--no-portal")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"{refused}: FAILED: pre_spawn hook" in r.stdout and "no quota for" in r.stdout
+        st = status(c)
+        assert st[refused]["server"] == "stopped"
+        assert st[welcome]["server"] == "running" and answers(st[welcome]["port"])
+        lines = dict(line.split(" ", 1) for line in seen.read_text().splitlines())
+        assert lines[welcome].split() == [
+            welcome,
+            str(c.home(welcome)),
+            str(st[welcome]["port"]),
+            c.name,
+        ]
+        down = c.run("shutdown")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert (c.base / "seen.txt").read_text() == f"post {welcome}\n"
+    finally:
+        c.run("shutdown")
