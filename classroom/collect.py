@@ -75,6 +75,11 @@ def _show(rel: str) -> str:
     return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
 
 
+def _csv_path(rel: str) -> str:
+    """The path as the manifest holds it: exact, except undecodable bytes shown as \\xNN."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _iso(mtime_ns: int) -> str:
     return dt.datetime.fromtimestamp(mtime_ns / 1e9).astimezone().isoformat(timespec="seconds")
 
@@ -541,7 +546,7 @@ def _collect(
         [
             username,
             name,
-            _show(e["rel"]),
+            _csv_path(e["rel"]),
             e["size"],
             _iso(e["mtime"]) if e["mtime"] else "",
             e["sha"],

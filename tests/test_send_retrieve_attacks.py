@@ -1,0 +1,300 @@
+"""A student's tricks against send and retrieve (SPEC §5 rules 4, 5, 7).
+
+Symlinks to /etc/shadow, to another home and to /, FIFOs, sockets, a device,
+a 50 GB sparse file, a hard link to a file the student cannot read, a name
+with a newline, folders nested absurdly deep, the folder itself a symlink,
+and a thread that keeps swapping a folder for a symlink to a root-owned
+victim folder while send and retrieve run. None of it may make the tool read,
+write or chown anything outside the student's own files, hang, or fill the disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+MARKER = b"VICTIM-MARKER-7f3a"
+SECRET = b"ROOT-SECRET-91c2"
+
+
+def own(path: Path, pw) -> None:
+    os.lchown(path, pw.pw_uid, pw.pw_gid)
+
+
+def fingerprint(root: Path) -> dict:
+    """Everything about a tree that a write, chown, chmod or touch would change."""
+    out = {}
+    for p in [root, *sorted(root.rglob("*"))]:
+        st = p.lstat()
+        data = p.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        out[str(p)] = (
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            hashlib.sha256(data).hexdigest(),
+        )
+    return out
+
+
+def file_state(path: Path) -> tuple:
+    st = path.stat()
+    return (
+        st.st_mode,
+        st.st_uid,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        hashlib.sha256(path.read_bytes()).hexdigest(),
+    )
+
+
+def all_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def make_victim(course) -> Path:
+    """A root-owned folder any user could read, next to the homes: only no-follow protects it."""
+    victim = course.home_base / f"victim-{os.urandom(3).hex()}"
+    (victim / "data").mkdir(parents=True)
+    os.chmod(victim, 0o755)
+    os.chmod(victim / "data", 0o755)
+    for rel in ("numbers.csv", "lesson.ipynb", "data/numbers.csv"):
+        (victim / rel).write_bytes(MARKER + b" " + rel.encode())
+        os.chmod(victim / rel, 0o644)
+    return victim
+
+
+def manifest_rows(dest: Path) -> list[dict]:
+    with open(dest / "manifest.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def sent_course(ready_course):
+    c = ready_course
+    r = c.run("send", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return c
+
+
+@needs_root
+def test_retrieve_never_reads_what_it_should_not(sent_course):
+    c = sent_course
+    a, b = c.usernames
+    pa = c.pw(a)
+    folder = c.home(a) / "tutorial"
+    (c.home(b) / "private.txt").write_bytes(SECRET)
+    secret = c.home_base / f"secret-{os.urandom(3).hex()}"
+    secret.write_bytes(SECRET)
+    os.chmod(secret, 0o600)
+    shadow = file_state(Path("/etc/shadow"))
+
+    (folder / "shadow").symlink_to("/etc/shadow")
+    (folder / "other-home").symlink_to(c.home(b))
+    (folder / "root").symlink_to("/")
+    os.mkfifo(folder / "fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(folder / "sock"))
+    os.mknod(folder / "zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    with open(folder / "sparse.bin", "wb") as f:
+        f.truncate(50 << 30)
+    os.link(
+        secret, folder / "hardlink-secret"
+    )  # root can; a student could with protected_hardlinks=0
+    (folder / "new\nline.txt").write_bytes(b"name with a newline")
+    deep = folder.joinpath(*["d"] * 80)
+    deep.mkdir(parents=True)
+    (deep / "bottom.txt").write_text("deep")
+    for p in [*folder.rglob("*")]:
+        if p.name != "hardlink-secret":
+            own(p, pa)
+
+    t = time.monotonic()
+    r = c.run("retrieve", "--yes", timeout=120)
+    assert time.monotonic() - t < 60
+    assert r.returncode == 0, r.stdout + r.stderr
+    dest = c.base / "submissions"
+    rows = {x["path"]: x for x in manifest_rows(dest) if x["username"] == a}
+    expect = {
+        "shadow": "a symlink",
+        "other-home": "a symlink",
+        "root": "a symlink",
+        "fifo": "a FIFO",
+        "sock": "a socket",
+        "zero": "a device",
+        "sparse.bin": "larger than max_file_size",
+        "hardlink-secret": "permission denied",
+    }
+    for rel, why in expect.items():
+        assert rows[rel]["status"].startswith("skipped") and why in rows[rel]["status"], (
+            rel,
+            rows[rel],
+        )
+    assert rows["new\nline.txt"]["status"] == "new"
+    assert any("nested deeper" in x["status"] for x in rows.values())
+    snap = dest / a / "latest"
+    assert (snap / "new\nline.txt").read_bytes() == b"name with a newline"
+    got = all_bytes(dest)
+    assert SECRET not in got
+    assert b"root:" not in got  # nothing of /etc/shadow or /etc/passwd
+    for p in snap.rglob("*"):
+        assert stat.S_ISREG(p.lstat().st_mode) or stat.S_ISDIR(p.lstat().st_mode), p
+    assert sum(p.lstat().st_blocks for p in dest.rglob("*")) * 512 < 10 << 20
+    assert file_state(Path("/etc/shadow")) == shadow
+    assert secret.stat().st_uid == 0 and stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+    again = c.run("retrieve", "--yes", timeout=120)
+    assert again.returncode == 0
+    assert "retrieve: 2 unchanged, 0 failed" in again.stdout, again.stdout
+
+
+@needs_root
+def test_send_never_writes_through_links(sent_course):
+    c = sent_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    folder = c.home(a) / "tutorial"
+    victim = make_victim(c)
+    before = fingerprint(victim)
+    shadow = file_state(Path("/etc/shadow"))
+    tutorial = c.base / "tutorial"
+    (tutorial / "pipe.txt").write_text("a pipe in the way")
+    (tutorial / "big.csv").write_text("small")
+    (tutorial / "lesson.ipynb").write_text("lesson v2")
+    (tutorial / "data" / "numbers.csv").write_text("v2")
+
+    (folder / "lesson.ipynb").unlink()
+    (folder / "lesson.ipynb").symlink_to("/etc/shadow")
+    os.rename(folder / "data", folder / "data.mine")
+    (folder / "data").symlink_to(victim)
+    os.mkfifo(folder / "pipe.txt")
+    with open(folder / "big.csv", "wb") as f:
+        f.truncate(50 << 30)
+    for p in folder.rglob("*"):
+        own(p, pa)
+
+    r = c.run("send", "--yes", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(a))
+    assert "conflict" in line, line
+    assert fingerprint(victim) == before
+    assert file_state(Path("/etc/shadow")) == shadow
+    assert (folder / "lesson.ipynb").is_symlink() and (folder / "data").is_symlink()
+    assert stat.S_ISFIFO((folder / "pipe.txt").lstat().st_mode)
+    assert (folder / "lesson.new.ipynb").read_text() == "lesson v2"
+    assert (folder / "pipe.new.txt").read_text() == "a pipe in the way"
+    assert (folder / "big.new.csv").read_text() == "small"
+    assert (folder / "lesson.new.ipynb").stat().st_uid == pa.pw_uid
+
+    r = c.run("send", "--yes", "--force", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert fingerprint(victim) == before
+    assert file_state(Path("/etc/shadow")) == shadow
+    assert (folder / "lesson.ipynb").read_text() == "lesson v2"
+    assert (folder / "data").is_dir() and not (folder / "data").is_symlink()
+    assert (folder / "data" / "numbers.csv").read_text() == "v2"
+    (backup,) = (folder / ".backup").iterdir()
+    assert (backup / "lesson.ipynb").is_symlink() and (backup / "data").is_symlink()
+    assert stat.S_ISFIFO((backup / "pipe.txt").lstat().st_mode)
+    for p in [folder, *folder.rglob("*")]:
+        assert p.lstat().st_uid == pa.pw_uid, p
+
+
+@needs_root
+def test_folder_itself_a_symlink(ready_course):
+    """HOME/FOLDER -> a root-owned folder: that student fails, nothing of it is read or written."""
+    c = ready_course
+    a, b = c.usernames
+    victim = make_victim(c)
+    before = fingerprint(victim)
+    (c.home(a) / "tutorial").symlink_to(victim)
+    own(c.home(a) / "tutorial", c.pw(a))
+    r = c.run("send", "--yes", timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "symlink" in r.stdout and "send: 1 copied, 0 unchanged, 1 failed" in r.stdout
+    assert (c.home(b) / "tutorial" / "lesson.ipynb").exists()
+    r = c.run("retrieve", "--yes", timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "retrieve: 1 collected, 0 unchanged, 1 failed" in r.stdout
+    assert MARKER not in all_bytes(c.base / "submissions")
+    assert fingerprint(victim) == before
+
+
+@needs_root
+def test_race_swapping_folder_for_symlink(sent_course):
+    """A thread swaps folders for symlinks to a root-owned victim while send and retrieve run."""
+    c = sent_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    folder = c.home(a) / "tutorial"
+    victim = make_victim(c)
+    before = fingerprint(victim)
+    for i in range(40):  # enough files that the swaps land mid-walk
+        (folder / "data" / f"f{i}.csv").write_text(f"student file {i}\n")
+        own(folder / "data" / f"f{i}.csv", pa)
+    (c.base / "tutorial" / "data" / "more.csv").write_text("more")
+    stop = threading.Event()
+    swaps = 0
+
+    def swapper() -> None:
+        nonlocal swaps
+        data, real, link = folder / "data", folder / "data.real", folder / "data.link"
+        while not stop.is_set():
+            try:
+                if not link.exists() and not link.is_symlink():
+                    link.symlink_to(victim)
+                    os.lchown(link, pa.pw_uid, pa.pw_gid)
+                os.rename(data, real)
+                os.rename(link, data)  # data -> victim
+                time.sleep(0.0005)
+                os.rename(data, link)
+                os.rename(real, data)  # data is the real folder again
+                time.sleep(0.0005)
+                swaps += 1
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=swapper, daemon=True)
+    thread.start()
+    try:
+        for i in range(4):
+            (c.base / "tutorial" / "lesson.ipynb").write_text(f"lesson v{i + 2}")
+            r = c.run("send", "--yes", timeout=120)
+            assert r.returncode in (0, 1), r.stdout + r.stderr
+            for u in c.usernames:
+                (c.home(u) / "tutorial" / "answer.txt").write_text(f"answer {i}")
+                own(c.home(u) / "tutorial" / "answer.txt", c.pw(u))
+            r = c.run("retrieve", "--yes", timeout=120)
+            assert r.returncode in (0, 1), r.stdout + r.stderr
+    finally:
+        stop.set()
+        thread.join(5)
+    assert swaps > 10
+    assert fingerprint(victim) == before
+    dest = c.base / "submissions"
+    assert MARKER not in all_bytes(dest)
+    for p in dest.rglob("*"):
+        assert not p.is_symlink() or p.name == "latest", p
+    for p in [folder, *folder.rglob("*")]:
+        if p.name != "data.link":
+            assert p.lstat().st_uid == pa.pw_uid, p
+    # Once the swapping stops, everything is sent and collected normally.
+    if (folder / "data").is_symlink():
+        os.rename(folder / "data", folder / "data.link")
+        os.rename(folder / "data.real", folder / "data")
+    r = c.run("send", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (folder / "data" / "more.csv").read_text() == "more"
+    r = c.run("retrieve", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (dest / a / "latest" / "data" / "f39.csv").read_text() == "student file 39\n"
