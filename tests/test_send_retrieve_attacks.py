@@ -97,7 +97,7 @@ def test_retrieve_never_reads_what_it_should_not(sent_course):
     secret = c.home_base / f"secret-{os.urandom(3).hex()}"
     secret.write_bytes(SECRET)
     os.chmod(secret, 0o600)
-    shadow = file_state(Path("/etc/shadow"))
+    secret_before = file_state(secret)
 
     (folder / "shadow").symlink_to("/etc/shadow")
     (folder / "other-home").symlink_to(c.home(b))
@@ -150,8 +150,7 @@ def test_retrieve_never_reads_what_it_should_not(sent_course):
     for p in snap.rglob("*"):
         assert stat.S_ISREG(p.lstat().st_mode) or stat.S_ISDIR(p.lstat().st_mode), p
     assert sum(p.lstat().st_blocks for p in dest.rglob("*")) * 512 < 10 << 20
-    assert file_state(Path("/etc/shadow")) == shadow
-    assert secret.stat().st_uid == 0 and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert file_state(secret) == secret_before
 
     again = c.run("retrieve", "--yes", timeout=120)
     assert again.returncode == 0
@@ -166,7 +165,11 @@ def test_send_never_writes_through_links(sent_course):
     folder = c.home(a) / "tutorial"
     victim = make_victim(c)
     before = fingerprint(victim)
-    shadow = file_state(Path("/etc/shadow"))
+    # A root-only stand-in for /etc/shadow (the real one changes whenever any account does).
+    shadow_path = c.home_base / f"shadow-{os.urandom(3).hex()}"
+    shadow_path.write_bytes(SECRET)
+    os.chmod(shadow_path, 0o600)
+    shadow = file_state(shadow_path)
     tutorial = c.base / "tutorial"
     (tutorial / "pipe.txt").write_text("a pipe in the way")
     (tutorial / "big.csv").write_text("small")
@@ -174,7 +177,7 @@ def test_send_never_writes_through_links(sent_course):
     (tutorial / "data" / "numbers.csv").write_text("v2")
 
     (folder / "lesson.ipynb").unlink()
-    (folder / "lesson.ipynb").symlink_to("/etc/shadow")
+    (folder / "lesson.ipynb").symlink_to(shadow_path)
     os.rename(folder / "data", folder / "data.mine")
     (folder / "data").symlink_to(victim)
     os.mkfifo(folder / "pipe.txt")
@@ -188,7 +191,7 @@ def test_send_never_writes_through_links(sent_course):
     line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(a))
     assert "conflict" in line, line
     assert fingerprint(victim) == before
-    assert file_state(Path("/etc/shadow")) == shadow
+    assert file_state(shadow_path) == shadow
     assert (folder / "lesson.ipynb").is_symlink() and (folder / "data").is_symlink()
     assert stat.S_ISFIFO((folder / "pipe.txt").lstat().st_mode)
     assert (folder / "lesson.new.ipynb").read_text() == "lesson v2"
@@ -199,7 +202,7 @@ def test_send_never_writes_through_links(sent_course):
     r = c.run("send", "--yes", "--force", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert fingerprint(victim) == before
-    assert file_state(Path("/etc/shadow")) == shadow
+    assert file_state(shadow_path) == shadow
     assert (folder / "lesson.ipynb").read_text() == "lesson v2"
     assert (folder / "data").is_dir() and not (folder / "data").is_symlink()
     assert (folder / "data" / "numbers.csv").read_text() == "v2"
