@@ -97,8 +97,6 @@ def test_retrieve_never_reads_what_it_should_not(sent_course):
     secret = c.home_base / f"secret-{os.urandom(3).hex()}"
     secret.write_bytes(SECRET)
     os.chmod(secret, 0o600)
-    secret_before = file_state(secret)
-
     (folder / "shadow").symlink_to("/etc/shadow")
     (folder / "other-home").symlink_to(c.home(b))
     (folder / "root").symlink_to("/")
@@ -118,6 +116,7 @@ def test_retrieve_never_reads_what_it_should_not(sent_course):
     for p in [*folder.rglob("*")]:
         if p.name != "hardlink-secret":
             own(p, pa)
+    secret_before = file_state(secret)  # after the link (which changes its ctime)
 
     t = time.monotonic()
     r = c.run("retrieve", "--yes", timeout=120)
