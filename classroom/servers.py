@@ -258,16 +258,29 @@ def stop_processes(
     for p in extra:
         everything.setdefault(p.pid, p)
     _signal_all(servers, signal.SIGTERM)
-    psutil.wait_procs(servers, timeout=polite)
+    _wait_gone(servers, polite)
     for sig, timeout in ((signal.SIGTERM, term), (signal.SIGKILL, kill)):
         alive = [p for p in everything.values() if _alive(p)]
         if not alive:
             break
         _signal_all(alive, sig)
-        psutil.wait_procs(alive, timeout=timeout)
+        _wait_gone(alive, timeout)
     for p in everything.values():
         _reap(p.pid)
     return [p for p in everything.values() if _alive(p)]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Until each has exited (a zombie counts: its parent, not us, may be the one to reap it)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline:
+        for p in procs:
+            _reap(p.pid)
+        if not any(_alive(p) for p in procs):
+            return
+        time.sleep(delay)
+        delay = min(0.2, delay * 1.5)
 
 
 def _alive(proc: psutil.Process) -> bool:
