@@ -227,6 +227,7 @@ background:var(--note-bg);border-radius:8px;overflow-wrap:anywhere}
 code{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:.95em}
 .foot{color:var(--muted);font-size:.8rem;margin:1.5rem 0 0;padding-top:1rem;
 border-top:1px solid var(--border)}
+@media (max-width:600px){body{align-items:flex-start;padding-top:max(1rem,6vh)}}
 @media (max-width:380px){main{padding:1.5rem 1rem 1rem;border-radius:12px}h1{font-size:1.4rem}}
 """
 CSS_HASH = "sha256-" + base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
