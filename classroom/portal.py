@@ -497,7 +497,7 @@ def _default_lookup(settings: Settings) -> Lookup:
     def lookup() -> Mapping[str, Mapping[str, Any]]:
         from . import servers
 
-        return servers.running_servers(settings)  # type: ignore[attr-defined]
+        return servers.running_servers(settings)
 
     return lookup
 
