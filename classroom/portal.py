@@ -400,8 +400,9 @@ class Handler(tornado.web.RequestHandler):
     def lookup(self) -> Mapping[str, Mapping[str, Any]] | None:
         try:
             running = self.portal.lookup()
-        except Exception:
-            log.exception("portal: cannot look up the running servers")
+        except Exception as exc:  # one line on the terminal; the traceback goes to the log file
+            log.warning("portal: cannot look up the running servers: %s", exc)
+            log.debug("portal: lookup failed", exc_info=True)
             return None
         return running if isinstance(running, Mapping) else {}
 
