@@ -6,7 +6,6 @@ import csv
 import html
 import io
 import os
-import socket
 from pathlib import Path
 
 from .secret import Secret
@@ -62,9 +61,10 @@ def update(
 
 
 def portal_address(settings) -> str:
-    scheme = "https" if settings.certfile else "http"
-    host = settings.server_address or socket.getfqdn() or "localhost"
-    return f"{scheme}://{host}:{settings.portal_port}/"
+    """The portal's address as the portal itself prints it."""
+    from .portal import portal_url
+
+    return portal_url(settings, settings.portal_port)
 
 
 HANDOUT_CSS = """

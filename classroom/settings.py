@@ -331,6 +331,14 @@ def _validate(
         problems.append(
             f"{at('launch', 'certfile')}: [launch] certfile and keyfile go together: set both or neither"
         )
+    server_address = raw("launch", "server_address")
+    if server_address:
+        from .portal import host_from_setting
+
+        try:
+            host_from_setting(server_address)
+        except ValueError as exc:
+            problems.append(f"{at('launch', 'server_address')}: [launch] server_address: {exc}")
     root = conv("launch", "root", choice("folder", "home"), "folder")
     start_timeout = conv("launch", "start_timeout", positive, 60.0)
     start_mode = conv("launch", "start_mode", choice("fork", "exec"), "fork")
@@ -371,7 +379,7 @@ def _validate(
         ip=ip,
         portal_port=portal_port,
         first_port=first_port,
-        server_address=raw("launch", "server_address"),
+        server_address=server_address,
         title=raw("launch", "title") or name,
         certfile=certfile,
         keyfile=keyfile,
