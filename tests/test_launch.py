@@ -132,6 +132,16 @@ def write_as(course, username: str, relpath: str, text: str) -> Path:
     return path
 
 
+def alive_processes_of(uid: int) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["uids", "status"]):
+        if p.info["uids"] and p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
 def server_pids_gone(pids, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -339,8 +349,10 @@ def test_one_students_failure_does_not_stop_the_others(make_course, mode):
         assert st[broken]["server"] == "stopped" and st[slow]["server"] == "stopped"
         # the slow one was stopped, not left behind
         uid = c.pw(slow).pw_uid
-        leftovers = subprocess.run(["pgrep", "-u", str(uid)], capture_output=True, text=True).stdout
-        assert not leftovers.strip()
+        deadline = time.monotonic() + 5
+        while (left := alive_processes_of(uid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, [p.cmdline() for p in left]
     finally:
         c.run("shutdown")
 
