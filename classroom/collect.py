@@ -168,8 +168,15 @@ def _reader(sock: socket.socket, job: dict) -> None:
         except Unsafe as exc:
             send({"t": "error", "why": f"{exc}; not followed"})
             return
-    prev: dict[str, list] = job["prev_keys"]
+    prev: dict[str, str] = job["prev_keys"]
     max_file = job["max_file"]
+    same: list[list] = []  # unchanged files, sent in batches: [rel, key, size, mtime]
+
+    def flush() -> None:
+        if same:
+            send({"t": "same", "items": same})
+            same.clear()
+
     for entry in safefs.walk(
         fd, exclude=job["exclude"], include=job["include"], dev=dev, uid=pw.pw_uid
     ):
@@ -177,28 +184,41 @@ def _reader(sock: socket.socket, job: dict) -> None:
         size = st.st_size if st is not None else 0
         mtime = st.st_mtime_ns if st is not None else 0
         if entry.problem:
+            flush()
             send(
                 {"t": "skip", "rel": entry.rel, "why": entry.problem, "size": size, "mtime": mtime}
             )
             continue
         assert st is not None
-        key = safefs.stat_key(st)
         if size > max_file:
+            flush()
             why = f"larger than max_file_size ({size} > {max_file} bytes)"
             send({"t": "skip", "rel": entry.rel, "why": why, "size": size, "mtime": mtime})
             continue
+        key = safefs.stat_key(st)
         if prev.get(entry.rel) == key:
-            send({"t": "file", "rel": entry.rel, "key": key, "same": True})
+            same.append([entry.rel, key, size, mtime])
+            if len(same) >= 200:
+                flush()
             continue
+        flush()
         try:
             ffd, fst = safefs.open_file(entry.dir_fd, entry.name, expect=st, what="it")
         except Unsafe as exc:
             send({"t": "skip", "rel": entry.rel, "why": str(exc), "size": size, "mtime": mtime})
             continue
         try:
-            send({"t": "file", "rel": entry.rel, "key": safefs.stat_key(fst), "same": False}, ffd)
+            msg = {
+                "t": "file",
+                "rel": entry.rel,
+                "key": safefs.stat_key(fst),
+                "size": fst.st_size,
+                "mtime": fst.st_mtime_ns,
+            }
+            send(msg, ffd)
         finally:
             os.close(ffd)
+    flush()
     send({"t": "end"})
 
 
@@ -328,7 +348,7 @@ def collect_home(job: dict) -> dict:
                 prev_fd = safefs.open_dir(user_fd, job["prev_snapshot"])
     if prev_fd is None:
         prev_files = {}  # nothing to link to: every file is collected afresh
-    job["prev_keys"] = {rel: v[2] for rel, v in prev_files.items()}
+    job["prev_keys"] = {rel: v[2] for rel, v in prev_files.items()}  # rel -> stat key
 
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -363,7 +383,7 @@ def _collect(
     snap: Snapshot | None = None
     pending_links: list[str] = []
     entries: list[dict] = []  # manifest rows, in order
-    cache: list[list] = []  # [rel, sha, size, key] of every collected file
+    cache: dict[str, list] = {}  # rel -> [sha, size, key] of every collected file
     seen: set[str] = set()
     counts = {"new": 0, "changed": 0, "unchanged": 0, "skipped": 0}
     skipped: list[str] = []
@@ -383,7 +403,11 @@ def _collect(
     def link_or_skip(rel: str) -> None:
         assert snap is not None and prev_fd is not None
         if not snap.link(rel, prev_fd):
-            skip_row(rel, "the previous copy is missing from the destination; retrieve again")
+            cache.pop(rel, None)
+            for e in entries:
+                if e["rel"] == rel:
+                    e.update(sha="", status="skipped: the previous copy is missing; retrieve again")
+            skipped.append(f"{_show(rel)}: the previous copy is missing from the destination")
 
     def skip_row(rel: str, why: str, size: int = 0, mtime: int = 0) -> None:
         counts["skipped"] += 1
@@ -391,18 +415,13 @@ def _collect(
         entries.append(
             {"rel": rel, "size": size, "mtime": mtime, "sha": "", "status": f"skipped: {why}"}
         )
-        for i, row in enumerate(cache):
-            if row[0] == rel:
-                del cache[i]
-                break
 
-    def add(rel: str, status: str, sha: str, size: int, key: list[int]) -> None:
+    def add(rel: str, status: str, sha: str, size: int, key: str, mtime: int) -> None:
         nonlocal total, changed
         counts[status] += 1
         total += size
         if status != "unchanged":
             changed = True
-        mtime = key[3]
         is_late = deadline is not None and mtime / 1e9 > deadline
         if is_late:
             late.append(_show(rel))
@@ -416,11 +435,18 @@ def _collect(
                 "late": is_late,
             }
         )
-        cache.append([rel, sha, size, key])
+        cache[rel] = [sha, size, key]
+
+    def unchanged(rel: str, sha: str, size: int, key: str, mtime: int) -> None:
+        add(rel, "unchanged", sha, size, key, mtime)
+        if snap is not None:
+            link_or_skip(rel)
+        else:
+            pending_links.append(rel)
 
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 1)
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
         except TimeoutError:
             raise RuntimeError("the student's folder could not be read in time (stopped)") from None
         if not data:
@@ -436,83 +462,68 @@ def _collect(
                 return {"state": "nothing", "why": msg["why"]}
             if t == "error":
                 raise RuntimeError(msg["why"])
+            if t == "same":
+                for rel, key, size, mtime in msg["items"]:
+                    seen.add(rel)
+                    prev = prev_files.get(rel)
+                    if prev is None or prev[2] != key:
+                        skip_row(rel, "reported unchanged, but is not", size, mtime)
+                    elif total + size > max_total:
+                        why = f"over max_total_size ({max_total} bytes) for this retrieval"
+                        skip_row(rel, why, size, mtime)
+                    else:
+                        unchanged(rel, prev[0], size, key, mtime)
+                continue
             rel = msg["rel"]
             seen.add(rel)
+            size, mtime = msg["size"], msg["mtime"]
             if t == "skip":
-                skip_row(rel, msg["why"], msg["size"], msg["mtime"])
-                continue
-            key = msg["key"]
-            size = key[2]
-            prev = prev_files.get(rel)
-            if total + size > max_total:
-                skip_row(
-                    rel, f"over max_total_size ({max_total} bytes) for this retrieval", size, key[3]
-                )
-                continue
-            if msg["same"] and prev is not None:
-                add(rel, "unchanged", prev[0], prev[1], key)
-                if snap is not None:
-                    link_or_skip(rel)
-                else:
-                    pending_links.append(rel)
+                skip_row(rel, msg["why"], size, mtime)
                 continue
             if fd is None:
-                skip_row(rel, "could not be opened", size, key[3])
+                skip_row(rel, "could not be opened", size, mtime)
                 continue
+            # Trust the descriptor, not the message: check it again here.
             fst = os.fstat(fd)
+            size, mtime, key = fst.st_size, fst.st_mtime_ns, safefs.stat_key(fst)
             if not stat.S_ISREG(fst.st_mode):
-                skip_row(rel, safefs.kind(fst), fst.st_size, fst.st_mtime_ns)
+                skip_row(rel, safefs.kind(fst), size, mtime)
                 continue
-            if fst.st_size > max_file:
+            if size > max_file:
+                skip_row(rel, f"larger than max_file_size ({size} > {max_file} bytes)", size, mtime)
+                continue
+            if total + size > max_total:
                 skip_row(
-                    rel,
-                    f"larger than max_file_size ({fst.st_size} > {max_file} bytes)",
-                    fst.st_size,
-                    fst.st_mtime_ns,
+                    rel, f"over max_total_size ({max_total} bytes) for this retrieval", size, mtime
                 )
                 continue
-            key = safefs.stat_key(fst)
+            grew = f"grew past max_file_size ({max_file} bytes) while read"
+            prev = prev_files.get(rel)
             if prev is not None:
                 sha = safefs.file_sha256(fd, max_file)
                 if sha is None:
-                    skip_row(
-                        rel,
-                        f"grew past max_file_size ({max_file} bytes) while read",
-                        key[2],
-                        key[3],
-                    )
+                    skip_row(rel, grew, size, mtime)
                     continue
-                if sha == prev[0]:
-                    add(rel, "unchanged", sha, prev[1], key)
-                    if snap is not None:
-                        link_or_skip(rel)
-                    else:
-                        pending_links.append(rel)
+                if sha == prev[0]:  # touched, not changed
+                    unchanged(rel, sha, prev[1], key, mtime)
                     continue
             status = "changed" if prev is not None else "new"
             s = ensure()
-            if s is None:  # dry run
+            if s is None:  # dry run: nothing is written
                 sha = safefs.file_sha256(fd, max_file)
                 if sha is None:
-                    skip_row(
-                        rel,
-                        f"grew past max_file_size ({max_file} bytes) while read",
-                        key[2],
-                        key[3],
-                    )
-                    continue
-                add(rel, status, sha, key[2], key)
+                    skip_row(rel, grew, size, mtime)
+                else:
+                    add(rel, status, sha, size, key, mtime)
                 continue
             try:
-                sha, copied = s.copy(rel, fd, fst.st_mode, fst.st_mtime_ns, max_file)
+                sha, copied = s.copy(rel, fd, fst.st_mode, mtime, max_file)
             except safefs.TooLarge:
-                skip_row(
-                    rel, f"grew past max_file_size ({max_file} bytes) while read", key[2], key[3]
-                )
+                skip_row(rel, grew, size, mtime)
                 continue
-            if copied != key[2]:
-                key = safefs.stat_key(os.fstat(fd))
-            add(rel, status, sha, copied, key)
+            if copied != size:  # written to while being copied: remember what was copied
+                key = f"{key}:changed-while-copied"
+            add(rel, status, sha, copied, key, mtime)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -533,8 +544,13 @@ def _collect(
     if not cache and not prev_files:
         why = "no files in the folder" + (f" ({len(skipped)} skipped)" if skipped else "")
         return {**result, "state": "nothing", "why": why}
-    if not changed:
-        result.update(state="unchanged", cache=cache)
+    if not changed:  # only the files whose stat changed need their cache entry refreshed
+        fresh = [
+            [rel, *v]
+            for rel, v in cache.items()
+            if prev_files.get(rel, [None, None, None])[2] != v[2]
+        ]
+        result.update(state="unchanged", cache=fresh)
         return result
     if dry:
         result.update(state="collected", snapshot=job["stamp"], rows=[], cache=[])
@@ -555,7 +571,9 @@ def _collect(
         ]
         for e in entries
     ]
-    result.update(state="collected", snapshot=name, rows=rows, cache=cache)
+    result.update(
+        state="collected", snapshot=name, rows=rows, cache=[[rel, *v] for rel, v in cache.items()]
+    )
     return result
 
 
@@ -611,36 +629,22 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
             where = f"{pw.pw_dir}/{folder} into {dest}/{st.username}/{stamp}"
             report.done(st.username, "collected", f"{where}; not inspected")
             continue
-        prev_files: dict[str, list] = {}
-        prev_snapshot = None
-        for row in safefs.rows(
-            course.state,
-            "SELECT path, snapshot, sha256, size, stat_key FROM retrieved WHERE username = ? AND destination = ?",
-            (st.username, str(dest)),
-        ):
-            prev_snapshot = row["snapshot"]
-            prev_files[os.fsdecode(bytes(row["path"]))] = [
-                row["sha256"],
-                row["size"],
-                json.loads(row["stat_key"]),
-            ]
-        job = {
-            "username": st.username,
-            "pw": pw,
-            "folder": folder,
-            "dest": str(dest),
-            "owner": (owner.pw_uid, owner.pw_gid),
-            "prev_snapshot": prev_snapshot,
-            "prev_files": prev_files,
-            "include": s.retrieve_include,
-            "exclude": s.retrieve_exclude,
-            "max_file": s.max_file_size,
-            "max_total": s.max_total_size,
-            "stamp": stamp,
-            "deadline": deadline.timestamp() if deadline else None,
-            "dry_run": course.dry_run,
-        }
-        tasks.append((st.username, collect_home, (job,)))
+        tasks.append(
+            (
+                st.username,
+                collect_home,
+                _job_builder(
+                    course,
+                    st.username,
+                    pw,
+                    settings=s,
+                    dest=dest,
+                    owner=owner,
+                    stamp=stamp,
+                    deadline=deadline,
+                ),
+            )
+        )
 
     results: dict[str, dict] = {}
     bar = None
@@ -673,6 +677,43 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
     return report.finish()
 
 
+def _job_builder(
+    course: Course, username: str, pw, *, settings, dest: Path, owner, stamp: str, deadline
+):
+    """The worker's input, built just before its fork (the last snapshot's files, from the state)."""
+
+    def build() -> tuple[dict]:
+        prev_files: dict[str, list] = {}
+        prev_snapshot = None
+        for row in safefs.rows(
+            course.state,
+            "SELECT path, snapshot, sha256, size, stat_key FROM retrieved "
+            "WHERE username = ? AND destination = ?",
+            (username, str(dest)),
+        ):
+            prev_snapshot = row[1]
+            prev_files[os.fsdecode(bytes(row[0]))] = [row[2], row[3], row[4]]
+        job = {
+            "username": username,
+            "pw": pw,
+            "folder": settings.material_folder,
+            "dest": str(dest),
+            "owner": (owner.pw_uid, owner.pw_gid),
+            "prev_snapshot": prev_snapshot,
+            "prev_files": prev_files,
+            "include": settings.retrieve_include,
+            "exclude": settings.retrieve_exclude,
+            "max_file": settings.max_file_size,
+            "max_total": settings.max_total_size,
+            "stamp": stamp,
+            "deadline": deadline.timestamp() if deadline else None,
+            "dry_run": course.dry_run,
+        }
+        return (job,)
+
+    return build
+
+
 def _record(
     course: Course, username: str, dest: str, folder: str, result: dict, owner, at: str
 ) -> None:
@@ -682,7 +723,7 @@ def _record(
     if result["state"] not in ("collected", "unchanged"):
         return
     cache = [
-        (username, dest, os.fsencode(rel), result.get("snapshot") or "", sha, size, json.dumps(key))
+        (username, dest, os.fsencode(rel), result.get("snapshot") or "", sha, size, key)
         for rel, sha, size, key in result["cache"]
     ]
     with course.state.transaction():

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS sent (
     path BLOB NOT NULL,          -- relative to HOME/FOLDER, bytes as on disk
     sha256 TEXT NOT NULL,        -- what the course wrote there last
     size INTEGER NOT NULL,
-    stat_key TEXT,               -- [dev, ino, size, mtime_ns, ctime_ns] of the file as written
+    stat_key TEXT,               -- dev:ino:size:mtime_ns:ctime_ns of the file as written
     sent_at TEXT NOT NULL,
     PRIMARY KEY (username, folder, path)
 );
@@ -101,8 +101,6 @@ def _show(rel: str) -> str:
 
 def scan_source(course: Course, root: Path) -> Source:
     """Open every file of the source (no links followed) and know its sha256 (cached by stat)."""
-    import json
-
     s = course.settings
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -133,7 +131,7 @@ def scan_source(course: Course, root: Path) -> Source:
             except Unsafe as exc:
                 skipped.append(f"{_show(entry.rel)}: {exc}")
                 continue
-            key = json.dumps(safefs.stat_key(fst))
+            key = safefs.stat_key(fst)
             absolute = os.fsencode(root / entry.rel)
             hit = cache.get(absolute)
             if hit and hit[0] == key:
@@ -509,29 +507,9 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
                     st.username, "sent", f"{n} file(s) into {pw.pw_dir}/{folder}; not inspected"
                 )
                 continue
-            sent = {}
-            for row in safefs.rows(
-                course.state,
-                "SELECT path, sha256, size, stat_key FROM sent WHERE username = ? AND folder = ?",
-                (st.username, folder),
-            ):
-                key = row["stat_key"]
-                sent[os.fsdecode(bytes(row["path"]))] = (
-                    row["sha256"],
-                    row["size"],
-                    _loads(key) if key else None,
-                )
-            job = {
-                "pw": pw,
-                "folder": folder,
-                "dirs": src.dirs,
-                "files": src.files,
-                "sent": sent,
-                "force": force,
-                "dry_run": course.dry_run,
-                "stamp": stamp,
-            }
-            tasks.append((st.username, send_to_home, (job,)))
+            tasks.append(
+                (st.username, send_to_home, _job_builder(course, pw, folder, src, force, stamp))
+            )
         results: dict[str, dict] = {}
         bar = _bar(len(tasks), "send")
         keep = [f.fd for f in src.files]
@@ -564,16 +542,35 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
     return report.finish()
 
 
-def _loads(text: str):
-    import json
+def _job_builder(course: Course, pw, folder: str, src: Source, force: bool, stamp: str):
+    """The worker's input, built just before its fork (what was sent to this student, from the state)."""
 
-    return json.loads(text)
+    def build() -> tuple[dict]:
+        sent = {
+            os.fsdecode(bytes(row[0])): (row[1], row[2], row[3])
+            for row in safefs.rows(
+                course.state,
+                "SELECT path, sha256, size, stat_key FROM sent WHERE username = ? AND folder = ?",
+                (pw.pw_name, folder),
+            )
+        }
+        job = {
+            "pw": pw,
+            "folder": folder,
+            "dirs": src.dirs,
+            "files": src.files,
+            "sent": sent,
+            "force": force,
+            "dry_run": course.dry_run,
+            "stamp": stamp,
+        }
+        return (job,)
+
+    return build
 
 
 def _record(course: Course, username: str, folder: str, result: dict) -> None:
     """What was written to this student, in the state, before it counts as done."""
-    import json
-
     from .state import now
 
     at = now()
@@ -582,7 +579,7 @@ def _record(course: Course, username: str, folder: str, result: dict) -> None:
             "INSERT OR REPLACE INTO sent (username, folder, path, sha256, size, stat_key, sent_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (username, folder, _enc(rel), sha, size, json.dumps(key), at)
+                (username, folder, _enc(rel), sha, size, key, at)
                 for rel, sha, size, key in result["records"]
             ],
         )

@@ -23,6 +23,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -62,13 +63,13 @@ def kind(st: os.stat_result) -> str:
     return "not a regular file"
 
 
-def stat_key(st: os.stat_result) -> list[int]:
-    """What identifies one version of a file without reading it.
+def stat_key(st: os.stat_result) -> str:
+    """What identifies one version of a file without reading it: dev:ino:size:mtime:ctime.
 
     ctime cannot be set by users and changes with every write, so an equal key
     means equal content (used to skip re-hashing unchanged files).
     """
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _explain(exc: OSError, what: str) -> Unsafe:
@@ -149,17 +150,42 @@ def ensure_dir(
     return fd, created
 
 
+class Patterns:
+    """Shell patterns: one with a '/' matches the path (or a folder above it), others any part."""
+
+    def __init__(self, patterns: Sequence[str]):
+        parts, paths = [], []
+        for pattern in patterns:
+            p = pattern.strip("/")
+            if not p:
+                continue
+            if "/" in p:
+                paths.append(fnmatch.translate(p))
+                paths.append(fnmatch.translate(p + "/*"))
+            else:
+                parts.append(fnmatch.translate(p))
+        self.everything = list(patterns) == ["*"]
+        self.part = re.compile("|".join(parts)).match if parts else None
+        self.path = re.compile("|".join(paths)).match if paths else None
+
+    def __bool__(self) -> bool:
+        return bool(self.part or self.path)
+
+    def name(self, name: str) -> bool:
+        """Does a pattern without '/' match this one name?"""
+        return self.everything or bool(self.part and self.part(name))
+
+    def __call__(self, rel: str) -> bool:
+        if self.everything:
+            return True
+        if self.path and self.path(rel):
+            return True
+        return bool(self.part) and any(self.part(part) for part in rel.split("/"))
+
+
 def matches(rel: str, patterns: Sequence[str]) -> bool:
     """True if a pattern matches the path (patterns with '/') or any part of it."""
-    parts = rel.split("/")
-    for pattern in patterns:
-        if "/" in pattern.strip("/"):
-            p = pattern.strip("/")
-            if fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(rel, p + "/*"):
-                return True
-        elif any(fnmatch.fnmatchcase(part, pattern.strip("/")) for part in parts):
-            return True
-    return False
+    return Patterns(patterns)(rel)
 
 
 @dataclass
@@ -190,6 +216,13 @@ def walk(
     Excluded paths are left out silently; ``include`` applies to files.
     """
     count = 0
+    excluded = Patterns(exclude)
+    included = Patterns(include)
+
+    def skip(rel: str, name: str) -> bool:
+        return bool(excluded) and (
+            excluded.name(name) or bool(excluded.path and excluded.path(rel))
+        )
 
     def visit(dir_fd: int, prefix: str, depth: int) -> Iterator[Entry]:
         nonlocal count
@@ -203,7 +236,7 @@ def walk(
             return
         for name in names:
             rel = prefix + name
-            if exclude and matches(rel, exclude):
+            if skip(rel, name):
                 continue
             count += 1
             if count > max_entries:
@@ -223,7 +256,7 @@ def walk(
                 yield Entry(rel, name, dir_fd, None, f"cannot be read: {exc.strerror}")
                 continue
             if stat.S_ISREG(st.st_mode):
-                if include == ("*",) or matches(rel, include):
+                if included(rel):
                     yield Entry(rel, name, dir_fd, st)
             elif stat.S_ISDIR(st.st_mode):
                 if depth >= max_depth:
@@ -378,6 +411,7 @@ def fork_map(
 ) -> Iterator[tuple[str, dict]]:
     """Run each ``(key, func, args)`` as ``func(*args)`` in its own forked child.
 
+    ``args`` may be a function returning them, called just before the fork.
     At most ``workers`` children at once. Yields ``(key, payload)`` as each one
     ends: ``{"ok": result}`` (the JSON-able return value) or ``{"error": message}``.
     A child that neither finishes nor calls ``beat()`` for ``idle_timeout``
@@ -391,6 +425,8 @@ def fork_map(
         while pending or running:
             while pending and len(running) < max(1, workers):
                 key, func, args = pending.pop()
+                if callable(args):  # built now, so the parent holds one job's data at a time
+                    args = args()
                 rfd, wfd = os.pipe()
                 pid = os.fork()
                 if pid == 0:  # child
@@ -411,6 +447,7 @@ def fork_map(
                     finally:
                         os._exit(code)
                 os.close(wfd)
+                del args
                 running[rfd] = [pid, key, [], time.monotonic()]
                 poller.register(rfd, select.POLLIN | select.POLLHUP | select.POLLERR)
             for fd, _event in poller.poll(1000):
@@ -474,4 +511,4 @@ def rows(state, sql: str, params: tuple = ()) -> list:
 
 def workers_for(n_tasks: int) -> int:
     """How many workers to run at once: enough to keep the disks and CPUs busy."""
-    return max(1, min(n_tasks, 2 * (os.cpu_count() or 2), 16))
+    return max(1, min(n_tasks, max(8, 2 * (os.cpu_count() or 2)), 16))
