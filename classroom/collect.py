@@ -105,7 +105,23 @@ def owner_account(course: Course) -> pwd.struct_passwd:
 
 
 def check_destination(dest: Path, owner: pwd.struct_passwd, *, create: bool) -> None:
-    """DESTINATION exists (or is made), is a folder, and no one but its owner and root can write it."""
+    """DESTINATION is (or is made) a folder that no one but its owner and root can change.
+
+    The folders above it are checked first: one that someone else can change
+    could be swapped for a link that sends the submissions elsewhere.
+    """
+    for parent in Path(os.path.realpath(dest)).parents:
+        try:
+            pst = os.stat(parent)
+        except FileNotFoundError:
+            continue  # made below, by root
+        sticky = pst.st_mode & stat.S_ISVTX
+        if pst.st_uid not in (0, owner.pw_uid) or (pst.st_mode & 0o022 and not sticky):
+            raise InvalidInput(
+                f"[retrieve] destination {dest}: the folder {parent} above it can be changed by "
+                "other users, who could redirect the submissions; choose a folder under one only "
+                "root or the owner can change"
+            )
     if create and not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:

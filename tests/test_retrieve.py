@@ -211,3 +211,9 @@ def test_retrieve_owner(ready_course, tmp_path):
     bad = c.run("retrieve", "--yes")
     assert bad.returncode == 2 and "written by other users" in bad.stderr
     assert list((tmp_path / "open").iterdir()) == []
+    # So is one inside a folder a student can change (it could be swapped for a link).
+    inside = c.home(c.usernames[0]) / "grading"
+    c.write_config(retrieve={"destination": str(inside)})
+    bad = c.run("retrieve", "--yes")
+    assert bad.returncode == 2 and "above it" in bad.stderr
+    assert not inside.exists()
