@@ -171,7 +171,9 @@ def main() -> None:
         f"[course]\nname = bench-{secrets.token_hex(3)}\nroster = students.csv\n"
         f"state_dir = {work / 'state'}\n[accounts]\nhome_base = {home_base}\n"
         f"[launch]\napp = {args.app}\nroot = home\nip = 127.0.0.1\n"
-        f"portal_port = {free_port()}\nfirst_port = {free_port()}\nstart_timeout = 600\n"
+        # below the ephemeral range, so the probes' own client ports never take a student's port
+        f"portal_port = {free_port()}\nfirst_port = {20000 + secrets.randbelow(5000)}\n"
+        "start_timeout = 600\n"
         "[remove]\narchive = no\n"
     )
     results: dict[tuple[int, str], tuple[float, float, float]] = {}
