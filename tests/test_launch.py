@@ -137,7 +137,11 @@ def alive_processes_of(uid: int) -> list:
 
     found = []
     for p in psutil.process_iter(["uids", "status"]):
-        if p.info["uids"] and p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE:
+        if (
+            p.info["uids"]
+            and p.info["uids"].real == uid
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ):
             found.append(p)
     return found
 
