@@ -104,10 +104,9 @@ def run_hook(hook: Hook | None, spawner: HookSpawner, *, timeout: float, base: P
 def _run_executable(hook: Hook, spawner: HookSpawner, timeout: float) -> None:
     if not os.access(hook.target, os.X_OK) or not os.path.isfile(hook.target):
         raise HookFailed(f"hook {hook.target} is not an executable file (check [hooks])")
-    # system.run gives a clean environment; `env` adds the NB_* variables (none is a secret).
-    assignments = [f"{k}={v}" for k, v in hook_env(spawner).items()]
+    # system.run gives a clean environment plus the NB_* variables (none is a secret).
     try:
-        run(["env", *assignments, hook.target, spawner.user.name], timeout=timeout)
+        run([hook.target, spawner.user.name], timeout=timeout, env=hook_env(spawner))
     except CommandFailed as exc:
         last = exc.output.splitlines()[-1] if exc.output else ""
         why = (

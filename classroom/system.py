@@ -44,16 +44,21 @@ def run(
     stdin: Secret | str | None = None,
     check: bool = True,
     timeout: float | None = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (a list, no shell) and return it completed; log the command and its output.
 
+    The command gets a clean environment (PATH, LANG) plus ``env`` (never a secret).
     A ``Secret`` given as ``stdin`` is fed to the command and never logged.
     Raises ``CommandFailed`` (with the output) when ``check`` and the status is not 0.
     """
     argv = [str(a) for a in argv]
     log.debug("run: %s%s", shlex.join(argv), " (secret on stdin)" if stdin is not None else "")
     data = stdin.reveal() if isinstance(stdin, Secret) else stdin
-    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    extra = env or {}
+    if extra:
+        log.debug("  with %s", " ".join(f"{k}={shlex.quote(v)}" for k, v in extra.items()))
+    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **extra}
     try:
         proc = subprocess.run(
             argv,
@@ -77,8 +82,13 @@ def run(
     return proc
 
 
-def run_account_tool(argv: Sequence[str], *, stdin: Secret | str | None = None, check: bool = True,
-                     attempts: int = 40) -> subprocess.CompletedProcess[str]:
+def run_account_tool(
+    argv: Sequence[str],
+    *,
+    stdin: Secret | str | None = None,
+    check: bool = True,
+    attempts: int = 40,
+) -> subprocess.CompletedProcess[str]:
     """``run`` for useradd, usermod, chpasswd, userdel, groupadd, groupdel.
 
     These fail at once when another program holds the lock on /etc/passwd or
@@ -90,10 +100,10 @@ def run_account_tool(argv: Sequence[str], *, stdin: Secret | str | None = None, 
     for attempt in range(attempts):
         proc = run(argv, stdin=stdin, check=False)
         text = (proc.stdout or "") + (proc.stderr or "")
-        if proc.returncode != 0 and ("cannot lock" in text or "try again later" in text):
-            if attempt < attempts - 1:
-                time.sleep(0.05 + random.random() * 0.25)
-                continue
+        locked = "cannot lock" in text or "try again later" in text
+        if proc.returncode != 0 and locked and attempt < attempts - 1:
+            time.sleep(0.05 + random.random() * 0.25)
+            continue
         if check and proc.returncode != 0:
             raise CommandFailed(list(argv), proc.returncode, text)
         return proc
