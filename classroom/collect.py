@@ -736,7 +736,7 @@ def _record(
     """The manifest rows (one append), then the state, for one student's new snapshot."""
     if result["state"] == "collected":
         _append_manifest(Path(dest), result["rows"], owner)
-    if result["state"] not in ("collected", "unchanged"):
+    if result["state"] == "nothing" or (result["state"] == "unchanged" and not result["cache"]):
         return
     cache = [
         (username, dest, os.fsencode(rel), result.get("snapshot") or "", sha, size, key)

@@ -573,6 +573,8 @@ def _record(course: Course, username: str, folder: str, result: dict) -> None:
     """What was written to this student, in the state, before it counts as done."""
     from .state import now
 
+    if not result["records"] and not _outcome(result["actions"]):
+        return
     at = now()
     with course.state.transaction():
         course.state.conn.executemany(
