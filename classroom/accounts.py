@@ -69,6 +69,10 @@ def inspect(course: Course, student: Student) -> Account:
             f"rename the student in the roster",
             pw,
         )
+    # Without root the state cannot be read: a member of the course group in the
+    # UID range is taken for the course's (for a dry run or status only).
+    if row is None and course.state.unreadable and _in_course_group(course, pw):
+        return Account(student, OK, pw=pw, why="not verified: the course state is root-only")
     if row is None:
         return Account(
             student,
@@ -77,59 +81,106 @@ def inspect(course: Course, student: Student) -> Account:
             "it is never touched: rename the student in the roster or remove that account yourself",
             pw,
         )
-    if row["uid"] is None and row["status"] == "creating":
-        if Path(pw.pw_dir) == Path(row["home"]):
-            return Account(student, OK, pw=pw, adopt=True)
-        return Account(student, FOREIGN, f"account {student.username} exists with another home", pw)
     if row["uid"] != pw.pw_uid:
         return Account(
             student,
             FOREIGN,
-            f"account {student.username} now has uid {pw.pw_uid}, not the course's {row['uid']}; "
-            "it was recreated outside the course and is never touched",
+            f"account {student.username} has uid {pw.pw_uid}, not the uid {row['uid']} the course "
+            "gave it; it was made outside the course and is never touched",
             pw,
         )
+    if row["status"] == "creating":
+        if Path(pw.pw_dir) == Path(row["home"]):
+            return Account(student, OK, pw=pw, adopt=True)
+        return Account(student, FOREIGN, f"account {student.username} exists with another home", pw)
     return Account(student, OK, pw=pw)
+
+
+def _in_course_group(course: Course, pw: pwd.struct_passwd) -> bool:
+    try:
+        group = grp.getgrnam(course.settings.group)
+    except KeyError:
+        return False
+    return pw.pw_name in group.gr_mem or pw.pw_gid == group.gr_gid
+
+
+def free_id(used: set[int], low: int, high: int) -> int:
+    """The next id after the highest used one in ``low..high`` (as useradd picks), else the lowest free."""
+    in_range = [i for i in used if low <= i <= high]
+    candidate = max(in_range, default=low - 1) + 1
+    if candidate <= high and candidate not in used:
+        return candidate
+    for i in range(low, high + 1):
+        if i not in used:
+            return i
+    raise StepFailed(f"no free id left in {low}..{high} (see /etc/login.defs)")
 
 
 # --- setup ------------------------------------------------------------------------------------
 
 
 def check_group(course: Course) -> grp.struct_group | None:
-    """The course group if it exists; refuse a system group the course did not create."""
+    """The course group if it exists; refuse a group that is not safe to make students join.
+
+    A group the course did not create is refused when it is a system group, any
+    account's primary group, or has members who are not in the roster: joining
+    it would give the students that group's files.
+    """
     settings = course.settings
     try:
         group = grp.getgrnam(settings.group)
     except KeyError:
         return None
-    defs = login_defs()
-    gid_min = int(defs.get("GID_MIN", "1000") or 1000)
-    created = course.state.meta("group_gid")
-    if group.gr_gid < gid_min and created != str(group.gr_gid):
+    if course.state.meta("group_gid") == str(group.gr_gid):
+        return group
+    creating = course.state.meta("group_creating")
+    if creating == f"{settings.group}:{group.gr_gid}":
+        return group  # made by a run that was cut off; adopted by ensure_group
+    where = settings.where("course", "group")
+    gid_min = int(login_defs().get("GID_MIN", "1000") or 1000)
+    if group.gr_gid < gid_min:
         raise InvalidInput(
-            f"{settings.where('course', 'group')}: group '{settings.group}' is a system group "
-            f"(gid {group.gr_gid}); choose another [course] group"
+            f"{where}: group '{settings.group}' is a system group (gid {group.gr_gid}); "
+            "choose another [course] group"
+        )
+    primary = [p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid]
+    outsiders = sorted(set(group.gr_mem) - set(course.roster.names()))
+    if primary or outsiders:
+        who = ", ".join((primary + outsiders)[:5])
+        raise InvalidInput(
+            f"{where}: group '{settings.group}' exists, the course did not create it, and it "
+            f"already belongs to others ({who}); choose another [course] group"
         )
     return group
 
 
 def ensure_group(course: Course) -> bool:
-    """Create the course group if it is missing; True if it was created."""
-    if check_group(course) is not None:
+    """Create the course group if it is missing (gid recorded first); True if it was created."""
+    s = course.settings
+    group = check_group(course)
+    if group is not None:
+        if course.state.meta("group_creating") == f"{s.group}:{group.gr_gid}":
+            with course.state.transaction():
+                course.state.set_meta("group_gid", str(group.gr_gid))
+                course.state.set_meta("group_creating", None)
+                course.state.record("setup", None, "group adopted", {"gid": group.gr_gid})
         return False
-    if course.dry_run:
-        click.echo(f"  would run: groupadd {course.settings.group}")
-        return True
+    defs = login_defs()
+    gid_min = int(defs.get("GID_MIN", "1000") or 1000)
+    gid_max = int(defs.get("GID_MAX", "60000") or 60000)
+    gid = free_id({g.gr_gid for g in grp.getgrall()}, gid_min, gid_max)
     with course.state.transaction():
-        course.state.set_meta("group_creating", course.settings.group)
-    run_account_tool(["groupadd", "--", course.settings.group])
-    gid = grp.getgrnam(course.settings.group).gr_gid
+        course.state.set_meta("group_creating", f"{s.group}:{gid}")
+    try:
+        run_account_tool(["groupadd", "--gid", str(gid), "--", s.group])
+    except StepFailed:
+        with course.state.transaction():
+            course.state.set_meta("group_creating", None)
+        raise
     with course.state.transaction():
         course.state.set_meta("group_gid", str(gid))
         course.state.set_meta("group_creating", None)
-        course.state.record(
-            "setup", None, "group created", {"group": course.settings.group, "gid": gid}
-        )
+        course.state.record("setup", None, "group created", {"group": s.group, "gid": gid})
     return True
 
 
@@ -156,20 +207,43 @@ def useradd_argv(course: Course, student: Student) -> list[str]:
 
 
 def create_account(course: Course, student: Student) -> pwd.struct_passwd:
-    """useradd, with the intent recorded first so a cut-off run can adopt the account."""
-    home = course.settings.home_base / student.username
-    with course.state.transaction():
-        course.state.execute(
-            "INSERT OR REPLACE INTO accounts (username, uid, home, status, password_set, created_at) "
-            "VALUES (?, NULL, ?, 'creating', 0, ?)",
-            (student.username, str(home), now()),
+    """useradd with a uid chosen and recorded first, so a cut-off run adopts exactly that account."""
+    s = course.settings
+    home = s.home_base / student.username
+    if os.path.lexists(home):
+        raise StepFailed(
+            f"{home} already exists and would become {student.username}'s home; "
+            "move it away (or change [accounts] home_base) and run setup again"
         )
-    run_account_tool(useradd_argv(course, student))
+    defs = login_defs()
+    for _attempt in range(5):
+        uid = free_id({p.pw_uid for p in pwd.getpwall()}, defs.uid_min, defs.uid_max)
+        with course.state.transaction():
+            course.state.execute(
+                "INSERT OR REPLACE INTO accounts "
+                "(username, uid, home, status, password_set, created_at) "
+                "VALUES (?, ?, ?, 'creating', 0, ?)",
+                (student.username, uid, str(home), now()),
+            )
+        argv = useradd_argv(course, student)
+        argv[1:1] = ["--uid", str(uid)]
+        try:
+            run_account_tool(argv)
+            break
+        except StepFailed as exc:
+            with course.state.transaction():
+                course.state.execute("DELETE FROM accounts WHERE username = ?", (student.username,))
+            if "not unique" in str(exc):  # another program took that uid meanwhile
+                continue
+            raise
+    else:
+        raise StepFailed("useradd kept finding its uid taken; try again")
     pw = pwd.getpwnam(student.username)
+    if pw.pw_uid != uid:
+        raise StepFailed(f"useradd gave uid {pw.pw_uid}, not {uid}")
     with course.state.transaction():
         course.state.execute(
-            "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?",
-            (pw.pw_uid, student.username),
+            "UPDATE accounts SET status = 'created' WHERE username = ?", (student.username,)
         )
         course.state.record("setup", student.username, "account created", {"uid": pw.pw_uid})
     return pw
@@ -186,8 +260,7 @@ def align_account(course: Course, account: Account) -> list[str]:
         if not course.dry_run:
             with course.state.transaction():
                 course.state.execute(
-                    "UPDATE accounts SET uid = ?, status = 'created' WHERE username = ?",
-                    (pw.pw_uid, pw.pw_name),
+                    "UPDATE accounts SET status = 'created' WHERE username = ?", (pw.pw_name,)
                 )
                 course.state.record("setup", pw.pw_name, "account adopted", {"uid": pw.pw_uid})
     try:
@@ -200,26 +273,28 @@ def align_account(course: Course, account: Account) -> list[str]:
             run_account_tool(["usermod", "--append", "--groups", s.group, "--", pw.pw_name])
     home = Path(pw.pw_dir)
     try:
-        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        st = os.lstat(home)
     except FileNotFoundError:
         changes.append("home created")
         if not course.dry_run:
             make_home(course, pw)
         return changes
-    except OSError as exc:
-        raise StepFailed(f"home {home} cannot be opened safely: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != pw.pw_uid:
-            raise StepFailed(
-                f"home {home} is owned by uid {st.st_uid}, not {pw.pw_name}; fix it by hand"
-            )
-        if stat.S_IMODE(st.st_mode) != s.home_mode:
-            changes.append(f"home mode {stat.S_IMODE(st.st_mode):04o} -> {s.home_mode:04o}")
-            if not course.dry_run:
+    if not stat.S_ISDIR(st.st_mode):
+        raise StepFailed(f"home {home} is not a folder; fix it by hand")
+    if st.st_uid != pw.pw_uid:
+        raise StepFailed(
+            f"home {home} is owned by uid {st.st_uid}, not {pw.pw_name}; fix it by hand"
+        )
+    if stat.S_IMODE(st.st_mode) != s.home_mode:
+        changes.append(f"home mode {stat.S_IMODE(st.st_mode):04o} -> {s.home_mode:04o}")
+        if not course.dry_run:
+            fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_ino != st.st_ino:
+                    raise StepFailed(f"home {home} changed while it was being checked")
                 os.fchmod(fd, s.home_mode)
-    finally:
-        os.close(fd)
+            finally:
+                os.close(fd)
     return changes
 
 
@@ -229,6 +304,19 @@ def make_home(course: Course, pw: pwd.struct_passwd) -> None:
     os.mkdir(home, course.settings.home_mode)
     os.chown(home, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
     os.chmod(home, course.settings.home_mode, follow_symlinks=False)
+
+
+def check_home_base(course: Course) -> None:
+    """home_base must be root's and not writable by others (else they could plant homes)."""
+    base = course.settings.home_base
+    base.mkdir(parents=True, exist_ok=True, mode=0o755)
+    st = os.stat(base)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise InvalidInput(
+            f"{course.settings.where('accounts', 'home_base')}: {base} must belong to root and "
+            f"not be writable by group or others (it is uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); other users could plant a home there"
+        )
 
 
 def teacher_profile(course: Course) -> dict[str, str]:
@@ -280,11 +368,13 @@ def _write_student_files(home: str, hashed: str | None, profile: dict[str, str])
         config_path = Path(home) / ".jupyter" / "jupyter_server_config.json"
         config: dict = {}
         try:
-            fd = os.open(config_path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, encoding="utf-8") as inp:
-                loaded = json.load(inp)
-            if isinstance(loaded, dict):
-                config = loaded
+            # Non-blocking and no symlink: a FIFO or a link planted there is not followed.
+            fd = os.open(config_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as inp:
+                if stat.S_ISREG(os.fstat(inp.fileno()).st_mode):
+                    loaded = json.loads(inp.read(1 << 20) or b"{}")
+                    if isinstance(loaded, dict):
+                        config = loaded
         except (OSError, ValueError):
             config = {}
         section = config.get("IdentityProvider")
@@ -312,11 +402,20 @@ def setup(
     s = course.settings
     report = course.report("setup")
     students = course.students(only)
+    if handout and not Path(handout).parent.is_dir():
+        raise InvalidInput(f"--handout {handout}: the folder {Path(handout).parent} does not exist")
     profile = teacher_profile(course)
     check_group(course)
     accounts = [inspect(course, st) for st in students]
 
     if course.dry_run:
+        if course.state.unreadable:
+            report.note(
+                "note: not root, so the course state cannot be read; accounts in the "
+                "course group are taken for the course's"
+            )
+        if handout:
+            report.note(f"would write the handout to {handout}")
         if check_group(course) is None:
             click.echo(f"  would run: groupadd -- {s.group}")
         for acc in accounts:
@@ -335,11 +434,12 @@ def setup(
                     report.unchanged(acc.username)
         return report.finish()
 
-    s.home_base.mkdir(parents=True, exist_ok=True, mode=0o755)
+    check_home_base(course)
     if ensure_group(course):
         report.note(f"group {s.group} created")
 
     need_password: list[tuple[Account, pwd.struct_passwd]] = []
+    changed: dict[str, list[str]] = {}
     for acc in progress(accounts, "accounts"):
         try:
             if acc.kind == FOREIGN:
@@ -347,7 +447,7 @@ def setup(
                 continue
             if acc.kind == MISSING:
                 pw = create_account(course, acc.student)
-                report.outcomes[acc.username] = "created"
+                changed[acc.username] = ["created"]
                 need_password.append((acc, pw))
                 continue
             changes = align_account(course, acc)
@@ -357,8 +457,7 @@ def setup(
                 changes.append("new password")
                 need_password.append((acc, pw))
             if changes:
-                report.outcomes[acc.username] = "updated"
-                report.done(acc.username, "updated", "; ".join(changes))
+                changed[acc.username] = changes
                 with course.state.transaction():
                     course.state.record("setup", acc.username, "updated", {"changes": changes})
             else:
@@ -367,16 +466,22 @@ def setup(
             report.failed(acc.username, str(exc))
 
     set_passwords(course, report, need_password, profile)
-    for acc, _ in need_password:
-        if report.outcomes.get(acc.username) == "created":
-            report.done(acc.username, "created")
+    for username, changes in changed.items():
+        if username in report.failures:
+            continue
+        if changes == ["created"]:
+            report.done(username, "created")
+        else:
+            report.done(username, "updated", "; ".join(changes))
 
     rows = credentials.read(s.state_dir / "credentials.csv")
     rows = {u: r for u, r in rows.items() if u in set(course.roster.names())}
     credentials.write_private(s.state_dir / "handout.html", credentials.handout_html(s, rows))
     if handout:
-        credentials.write_private(Path(handout), credentials.handout_html(s, rows))
-        report.note(f"handout written to {handout}")
+        caller = sudo_caller()
+        owner = (caller.pw_uid, caller.pw_gid) if caller and caller.pw_uid != 0 else None
+        credentials.write_private(Path(handout), credentials.handout_html(s, rows), owner=owner)
+        report.note(f"handout written to {handout} (0600, readable by you only)")
     if need_password:
         report.note(
             f"passwords: {s.state_dir / 'credentials.csv'}; handout: {s.state_dir / 'handout.html'}"
@@ -406,6 +511,13 @@ def set_passwords(
     if not pending:
         return
     s = course.settings
+    # Until both chpasswd and the Jupyter config are done, the account has no known password:
+    # a failure or a crash from here on makes the next run give it a new one.
+    with course.state.transaction():
+        for acc, _ in pending:
+            course.state.execute(
+                "UPDATE accounts SET password_set = 0 WHERE username = ?", (acc.username,)
+            )
     new: dict[str, tuple[Secret, Secret]] = {}
     for acc, _ in pending:
         unix = passwords.generate(s.password_length)
@@ -438,7 +550,14 @@ def set_passwords(
         def write(item: tuple[Account, pwd.struct_passwd]) -> str | None:
             acc, pw = item
             try:
-                as_user(pw, _write_student_files, pw.pw_dir, hashes[acc.username].reveal(), profile)
+                as_user(
+                    pw,
+                    _write_student_files,
+                    pw.pw_dir,
+                    hashes[acc.username].reveal(),
+                    profile,
+                    timeout=60,
+                )
             except StepFailed as exc:
                 return str(exc)
             return None
@@ -496,7 +615,12 @@ def archive_home(course: Course, pw: pwd.struct_passwd) -> Path:
     """tar.gz of the home into archive_dir (0600 root); the name says who and when."""
     folder = course.settings.archive_dir
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
+    st = os.stat(folder)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise StepFailed(
+            f"archive_dir {folder} must belong to root and not be writable by others "
+            f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = folder / f"{pw.pw_name}-{stamp}.tar.gz"
     tmp = folder / f".{pw.pw_name}-{stamp}.tar.gz.part"
@@ -507,6 +631,7 @@ def archive_home(course: Course, pw: pwd.struct_passwd) -> Path:
                 "tar",
                 "--create",
                 "--gzip",
+                "--sparse",
                 "--one-file-system",
                 "--file",
                 str(tmp),
@@ -553,7 +678,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
             ]
             report.done(a.username, "removed", "; ".join(steps))
         for a in gone:
-            report.unchanged(a.username, "no account")
+            report.unchanged(a.username)
         return report.finish()
 
     from . import servers as servers_mod
@@ -593,9 +718,11 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
         if course.state.account(a.username) is not None:
             with course.state.transaction():
                 course.state.execute("DELETE FROM accounts WHERE username = ?", (a.username,))
-        report.unchanged(a.username, "no account")
-    if not report.failures:
-        credentials.update(s.state_dir / "credentials.csv", {}, drop={a.username for a in present})
+        report.unchanged(a.username)
+    removed = {u for u, outcome in report.outcomes.items() if outcome == "removed"}
+    credentials.update(
+        s.state_dir / "credentials.csv", {}, drop=removed | {a.username for a in gone}
+    )
     remove_group_if_empty(course, report)
     return report.finish()
 
@@ -603,15 +730,25 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
 def delete_account(course: Course, a: Account, archived: Path | None) -> None:
     """userdel (home included), then forget the account; the archive is recorded first."""
     s = course.settings
-    pw = a.pw
-    assert pw is not None
     with course.state.transaction():
         course.state.record("remove", a.username, "archived", {"archive": str(archived or "")})
-    result = run_account_tool(["userdel", "--remove", "--", a.username], check=False)
+    # Look again just before deleting: the account must still be the one the course made.
+    now_acc = inspect(course, a.student)
+    if now_acc.kind == MISSING:
+        raise StepFailed("the account vanished while it was being removed; nothing deleted")
+    if now_acc.kind != OK or now_acc.pw is None or a.pw is None or now_acc.pw.pw_uid != a.pw.pw_uid:
+        raise StepFailed(
+            f"the account changed while it was being removed; not deleted: {now_acc.why}"
+        )
+    pw = now_acc.pw
+    row = course.state.account(a.username)
+    home = Path(pw.pw_dir)
+    own_home = row is not None and Path(row["home"]) == home and home.parent == s.home_base
+    argv = ["userdel", "--remove", "--", a.username] if own_home else ["userdel", "--", a.username]
+    result = run_account_tool(argv, check=False)
     if result.returncode not in (0, 12):
         raise StepFailed(f"userdel failed with status {result.returncode}: {result.stderr.strip()}")
-    home = Path(pw.pw_dir)
-    if home.is_dir() and not home.is_symlink() and home.parent == s.home_base:
+    if own_home and home.is_dir() and not home.is_symlink():
         run(["rm", "-rf", "--one-file-system", "--", str(home)])
     with course.state.transaction():
         course.state.execute("DELETE FROM accounts WHERE username = ?", (a.username,))

@@ -17,7 +17,7 @@ from . import settings as settings_mod
 from .errors import EXIT_OK, EXIT_PARTIAL, Refused
 from .roster import Roster, Student
 from .settings import Settings
-from .state import Lock, State
+from .state import Lock, State, ensure_private_dir
 from .system import is_root
 
 log = logging.getLogger("classroom")
@@ -143,13 +143,16 @@ def open_course(
             raise Refused(
                 f"{command} changes accounts and files: run it as root (sudo notebooks.py {command} ...)"
             )
-        state = State.open(settings.state_dir)
-        attach_log_file(settings)
+        # The lock comes first: a second command must be told who holds the course,
+        # not stumble on the database the first one is writing.
+        ensure_private_dir(settings.state_dir)
         lock = Lock(settings.state_dir, command)
+        lock.acquire()
         try:
-            lock.acquire()
+            state = State.open(settings.state_dir)
+            attach_log_file(settings)
         except BaseException:
-            state.close()
+            lock.release()
             raise
         log.info(
             "%s started by %s (pid %d)", command, os.environ.get("SUDO_USER", "root"), os.getpid()

@@ -6,6 +6,7 @@ import csv
 import html
 import io
 import os
+import tempfile
 from pathlib import Path
 
 from .secret import Secret
@@ -13,20 +14,28 @@ from .secret import Secret
 HEADER = ["username", "name", "email", "password", "notebook_password"]
 
 
-def write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to a temporary name beside ``path`` (0600), then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+def write_private(
+    path: Path, text: str, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> None:
+    """Write ``text`` to a fresh temporary file beside ``path`` (0600), then rename it into place.
+
+    The temporary name is random and created exclusively, so nobody can have
+    prepared it; ``owner`` (uid, gid) is set before the file gets its name.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
         os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
 
 
 def read(path: Path) -> dict[str, dict[str, str]]:

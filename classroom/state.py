@@ -81,6 +81,12 @@ def ensure_private_dir(path: Path) -> None:
     try:
         st = os.fstat(fd)
         if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o700:
+            if os.listdir(fd):
+                raise InvalidInput(
+                    f"state_dir {path} already exists with owner uid {st.st_uid} and mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}, and is not empty; a course's state folder is "
+                    "root's alone (0700): point [course] state_dir at a new folder"
+                )
             os.fchown(fd, 0, 0)
             os.fchmod(fd, 0o700)
         probe = path / f".probe-{os.getpid()}"
@@ -97,10 +103,13 @@ def ensure_private_dir(path: Path) -> None:
 class State:
     """The course's SQLite state. ``State.open`` for real runs, ``State.peek`` for read-only ones."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path | None, readonly: bool):
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path | None, readonly: bool, unreadable: bool = False
+    ):
         self.conn = conn
         self.path = path
         self.readonly = readonly
+        self.unreadable = unreadable  # a state exists but this user cannot read it (not root)
         conn.row_factory = sqlite3.Row
 
     @classmethod
@@ -130,9 +139,10 @@ class State:
                 return cls(conn, db, readonly=True)
         except (OSError, sqlite3.Error):
             pass
+        unreadable = state_dir.exists() and not os.access(state_dir, os.R_OK | os.X_OK)
         conn = sqlite3.connect(":memory:", isolation_level=None)
         conn.executescript(SCHEMA)
-        return cls(conn, None, readonly=True)
+        return cls(conn, None, readonly=True, unreadable=unreadable)
 
     def ensure(self, schema: str) -> None:
         """Create a module's own tables (``CREATE TABLE IF NOT EXISTS ...``)."""

@@ -199,16 +199,23 @@ def as_user(
 ) -> Any:
     """Run ``func(*args)`` in a child that has become ``user``; return its JSON-able result.
 
-    The child has the student's uid, gid and groups, a clean environment and
-    umask 077, and cwd ``/``. An exception in the child is raised here as
-    ``StepFailed`` with its message.
+    The child has the student's uid, gid and groups, a clean environment,
+    umask 077, cwd ``/`` and no inherited descriptor but its result pipe. An
+    exception in the child is raised here as ``StepFailed`` with its message; a
+    child still running after ``timeout`` seconds (a student's FIFO, say) is
+    killed and reported.
     """
+    import select
+    import time
+
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         status = 0
         try:
             os.close(rfd)
+            os.closerange(3, wfd)
+            os.closerange(wfd + 1, 65536)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             drop_privileges(user)
             os.environ.clear()
@@ -230,10 +237,28 @@ def as_user(
             os._exit(status)
     os.close(wfd)
     chunks = []
-    with os.fdopen(rfd, "rb") as inp:
-        while chunk := inp.read(1 << 16):
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    with os.fdopen(rfd, "rb", buffering=0) as inp:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([inp], [], [], left)
+            if not ready:
+                continue
+            chunk = inp.read(1 << 16)
+            if not chunk:
+                break
             chunks.append(chunk)
+    if timed_out:
+        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
+    if timed_out:
+        raise StepFailed(
+            f"as {user.pw_name}: gave up after {timeout:.0f} s (a FIFO or a hung file?)"
+        )
     try:
         payload = json.loads(b"".join(chunks) or b"{}")
     except ValueError:

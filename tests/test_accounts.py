@@ -14,7 +14,7 @@ import tarfile
 import time
 
 import pytest
-from conftest import needs_root, random_name, remove_account, run_cli
+from conftest import needs_root, random_name, remove_account
 
 pytestmark = needs_root
 
@@ -80,31 +80,43 @@ def test_setup_dry_run_then_real_then_unchanged(course):
     assert course.credentials() == creds
 
 
-def test_passwords_never_in_argv(course):
-    """Watch every process while setup runs: no password ever shows in a command line."""
-    import threading
+def test_passwords_never_in_argv_or_environment(course, monkeypatch):
+    """Every process setup starts goes through subprocess: record each argv and environment."""
+    import subprocess as sp
 
-    import psutil
+    from click.testing import CliRunner
 
-    seen: set[str] = set()
-    stop = threading.Event()
+    from classroom import cli
 
-    def watch():
-        while not stop.is_set():
-            for p in psutil.process_iter(["cmdline"]):
-                seen.add(" ".join(p.info["cmdline"] or []))
+    calls = []
+    real_popen_init = sp.Popen.__init__
 
-    t = threading.Thread(target=watch)
-    t.start()
-    try:
-        r = course.run("setup")
-    finally:
-        stop.set()
-        t.join()
-    assert r.returncode == 0
-    assert any("useradd" in c for c in seen)  # the watcher did see setup's commands
-    for row in course.credentials().values():
-        assert not any(row["password"] in c for c in seen)
+    def spy(self, args, *a, **kw):
+        calls.append(
+            (list(args) if not isinstance(args, str) else [args], dict(kw.get("env") or {}))
+        )
+        return real_popen_init(self, args, *a, **kw)
+
+    monkeypatch.setattr(sp.Popen, "__init__", spy)
+    result = CliRunner().invoke(cli.cli, ["setup", str(course.config)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    commands = [argv[0] for argv, _ in calls]
+    assert "useradd" in commands and "chpasswd" in commands
+    secrets_ = [
+        v
+        for row in course.credentials().values()
+        for v in (row["password"], row["notebook_password"])
+    ]
+    hashes = [
+        (course.home(u) / ".jupyter" / "jupyter_server_config.json").read_text()
+        for u in course.usernames
+    ]
+    for argv, env in calls:
+        text = " ".join(argv) + " " + " ".join(f"{k}={v}" for k, v in env.items())
+        for secret in secrets_:
+            assert secret not in text
+        assert "argon2" not in text and "$6$" not in text
+    assert all("argon2" in h for h in hashes)
 
 
 def test_reset_passwords_and_separate_notebook_password(course):
@@ -215,8 +227,14 @@ def test_archive_failure_keeps_the_account(ready_course):
     u = course.usernames[0]
     course.write_config(remove={"archive_dir": "/proc/classroom-cannot-write"})
     r = course.run("remove", "--yes")
-    assert r.returncode in (1, 2)
+    assert r.returncode == 1
+    assert "archive failed, account kept" in r.stdout
     assert pwd.getpwnam(u) and course.home(u).is_dir()
+    # with a usable archive folder the same command finishes the job
+    course.write_config(remove={"archive_dir": str(course.base / "archives")})
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list((course.base / "archives").glob(f"{u}-*.tar.gz"))) == 1
 
 
 def test_status_json_and_table(ready_course):
@@ -234,37 +252,6 @@ def test_status_json_and_table(ready_course):
         assert set(row) >= {"username", "account", "server", "port", "pid", "url"}
     table = course.run("status")
     assert table.returncode == 0 and "foreign" in table.stdout and "missing" in table.stdout
-
-
-def test_setup_needs_root_but_dry_run_does_not(course):
-    nobody = pwd.getpwnam("nobody")
-    os.chmod(course.base, 0o755)
-    os.chmod(course.base.parent, 0o755)
-    env = {"HOME": "/tmp"}
-
-    def as_nobody(*args):
-        return subprocess.run(
-            [os.sys.executable, str(course.config.parent.parent.parent / "x")]
-            if False
-            else [__import__("sys").executable, "notebooks.py", *args],
-            cwd=str(__import__("conftest").ROOT),
-            capture_output=True,
-            text=True,
-            user=nobody.pw_uid,
-            group=nobody.pw_gid,
-            extra_groups=[],
-            env=env,
-            check=False,
-        )
-
-    for p in course.config.parents:
-        if str(p).startswith("/tmp/pytest-of-root"):
-            os.chmod(p, 0o755)
-    r = as_nobody("setup", str(course.config))
-    assert r.returncode == 3 and "sudo" in r.stderr
-    r = as_nobody("setup", str(course.config), "--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert "would be created" in r.stdout
 
 
 def test_bad_roster_changes_nothing(course):
@@ -375,16 +362,6 @@ def test_setup_killed_halfway_then_rerun(make_course):
         assert stat.S_IMODE(os.stat(pw.pw_dir).st_mode) == 0o700
     again = course.run("setup")
     assert "nothing to do" in again.stdout
-
-
-def test_check_reports_problems_without_root(course):
-    r = run_cli("check", str(course.config), "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    data = json.loads(r.stdout)
-    assert data["ok"] is True and data["students"] == 2
-    course.write_config(material={"source": "missing-folder"})
-    r = run_cli("check", str(course.config))
-    assert r.returncode == 2 and "missing-folder" in r.stdout
 
 
 def test_credentials_csv_header(ready_course):

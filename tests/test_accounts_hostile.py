@@ -1,0 +1,228 @@
+"""setup and remove against a host that is not as expected: leftovers, squatters, hostile homes."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, needs_root, random_name
+from test_accounts import shadow_hash
+
+pytestmark = needs_root
+
+
+def test_failed_useradd_leaves_no_claim_on_a_later_account(course):
+    """A useradd that failed must not let setup adopt an account someone makes later."""
+    u = course.usernames[0]
+    subprocess.run(["groupadd", u], check=True)  # --user-group will fail for u
+    try:
+        r = course.run("setup")
+        assert r.returncode == 1 and u in r.stdout
+    finally:
+        subprocess.run(["groupdel", u], check=True)
+    subprocess.run(["useradd", "-m", "-d", str(course.home(u)), u], check=True)
+    before = shadow_hash(u)
+    r = course.run("setup")
+    assert r.returncode == 1
+    assert "did not create" in r.stdout
+    assert shadow_hash(u) == before
+    assert u not in grp.getgrnam(course.name).gr_mem
+    assert course.run("remove", "--yes").returncode == 3
+    assert pwd.getpwnam(u)
+
+
+def test_existing_folder_is_never_made_a_home(course):
+    u = course.usernames[0]
+    squat = course.home(u)
+    squat.mkdir()
+    (squat / ".bashrc").write_text("echo planted\n")
+    os.chown(squat, 65534, 65534)
+    r = course.run("setup")
+    assert r.returncode == 1
+    assert "already exists" in r.stdout and u in r.stdout
+    with pytest.raises(KeyError):
+        pwd.getpwnam(u)
+    assert os.stat(squat).st_uid == 65534 and (squat / ".bashrc").exists()
+    assert course.usernames[1] in course.credentials()
+
+
+def test_group_belonging_to_others_is_refused(course):
+    other = random_name()
+    course.extra_users.append(other)
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", other], check=True)
+    course.write_config(course={"group": other})  # other's personal group
+    r = course.run("setup")
+    assert r.returncode == 2 and "choose another [course] group" in r.stderr
+    with pytest.raises(KeyError):
+        pwd.getpwnam(course.usernames[0])
+
+
+def test_group_made_by_a_cut_off_run_is_adopted_and_removed(course):
+    course.state_dir.mkdir(mode=0o700)
+    gid = 59000
+    while True:
+        try:
+            grp.getgrgid(gid)
+            gid -= 1
+        except KeyError:
+            break
+    # What a setup killed right after groupadd leaves behind:
+    r = course.run("setup", "--dry-run")
+    assert r.returncode == 0
+    subprocess.run(["groupadd", "--gid", str(gid), course.name], check=True)
+    from classroom.state import State
+
+    state = State.open(course.state_dir)
+    with state.transaction():
+        state.set_meta("group_creating", f"{course.name}:{gid}")
+    state.close()
+    r = course.run("setup")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(KeyError):
+        grp.getgrnam(course.name)
+
+
+def test_failed_password_write_gives_a_new_password_next_time(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    cfg = course.home(u) / ".jupyter" / "jupyter_server_config.json"
+    cfg.unlink()
+    cfg.mkdir()  # the student's "file" is a folder: the Jupyter password cannot be written
+    r = course.run("setup", "--reset-passwords", "--only", u)
+    assert r.returncode == 1 and "FAILED" in r.stdout
+    cfg.rmdir()
+    r = course.run("setup")
+    assert r.returncode == 0
+    assert f"{u}: updated (new password)" in r.stdout
+    import crypt_r_check
+
+    assert crypt_r_check.verify(course.credentials()[u]["password"], shadow_hash(u))
+    assert "nothing to do" in course.run("setup").stdout
+
+
+def test_fifo_in_place_of_the_jupyter_config_does_not_hang(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    cfg = course.home(u) / ".jupyter" / "jupyter_server_config.json"
+    cfg.unlink()
+    os.mkfifo(cfg)
+    os.chown(cfg, pwd.getpwnam(u).pw_uid, pwd.getpwnam(u).pw_gid)
+    t = time.monotonic()
+    r = course.run("setup", "--reset-passwords", "--only", u, timeout=50)
+    assert time.monotonic() - t < 40
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert stat.S_ISREG(os.lstat(cfg).st_mode)
+
+
+def test_symlinked_jupyter_config_is_not_followed(ready_course, tmp_path):
+    course = ready_course
+    u = course.usernames[0]
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"root": "file"}')
+    cfg = course.home(u) / ".jupyter" / "jupyter_server_config.json"
+    cfg.unlink()
+    cfg.symlink_to(victim)
+    r = course.run("setup", "--reset-passwords", "--only", u)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert victim.read_text() == '{"root": "file"}'
+    assert not cfg.is_symlink()
+
+
+def test_existing_state_dir_of_someone_else_is_refused(course, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    os.chown(theirs, 65534, 65534)
+    course.write_config(course={"state_dir": str(theirs)})
+    r = course.run("setup")
+    assert r.returncode == 2 and "state_dir" in r.stderr
+    assert os.stat(theirs).st_uid == 65534
+
+
+def test_home_base_writable_by_others_is_refused(course):
+    os.chmod(course.home_base, 0o777)
+    r = course.run("setup")
+    assert r.returncode == 2 and "home_base" in r.stderr
+    with pytest.raises(KeyError):
+        pwd.getpwnam(course.usernames[0])
+
+
+def test_handout_copy_belongs_to_the_teacher(course, tmp_path):
+    teacher = random_name()
+    course.extra_users.append(teacher)
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", teacher], check=True)
+    out = tmp_path / "slips.html"
+    r = course.run("setup", "--handout", str(out), env={"SUDO_USER": teacher})
+    assert r.returncode == 0, r.stderr
+    st = os.stat(out)
+    assert st.st_uid == pwd.getpwnam(teacher).pw_uid and stat.S_IMODE(st.st_mode) == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".slips")]
+    r = course.run("setup", "--handout", str(tmp_path / "nope" / "x.html"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def _as_nobody(*args):
+    nobody = pwd.getpwnam("nobody")
+    return subprocess.run(
+        [sys.executable, "notebooks.py", *args],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        check=False,
+        user=nobody.pw_uid,
+        group=nobody.pw_gid,
+        extra_groups=[],
+        env={"HOME": "/tmp"},
+    )
+
+
+def _open_for_nobody(course):
+    for p in [course.base, *course.base.parents]:
+        if str(p).startswith("/tmp/pytest-of-root"):
+            os.chmod(p, 0o755)
+    os.chmod(course.base, 0o755)
+
+
+def test_without_root_dry_run_and_status_see_course_accounts(ready_course):
+    course = ready_course
+    _open_for_nobody(course)
+    r = _as_nobody("setup", str(course.config), "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAILED" not in r.stdout
+    r = _as_nobody("remove", str(course.config), "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "would be removed" in r.stdout
+    r = _as_nobody("status", str(course.config), "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert {row["account"] for row in json.loads(r.stdout)} == {"ok"}
+    r = _as_nobody("setup", str(course.config))
+    assert r.returncode == 3 and "sudo" in r.stderr
+
+
+def test_check_as_an_ordinary_user(course):
+    _open_for_nobody(course)
+    r = _as_nobody("check", str(course.config), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_removed_outside_the_course_drops_its_credentials(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    subprocess.run(["userdel", "-r", u], check=True, capture_output=True)
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (course.state_dir / "credentials.csv").read_text()
+    assert u not in text and course.usernames[1] not in text
+    db = sqlite3.connect(course.state_dir / "state.db")
+    assert db.execute("SELECT count(*) FROM accounts").fetchone()[0] == 0
