@@ -339,6 +339,11 @@ def _user_dir(dest_fd: int, username: str, owner: tuple[int, int], create: bool)
 def collect_home(job: dict) -> dict:
     """Root worker for one student: fork the reader, build a snapshot if anything changed."""
     dry = job["dry_run"]
+    prev_files: dict[str, list] = {}  # rel -> [sha256, size, stat key] of the last snapshot
+    job["prev_snapshot"] = None
+    for path, snapshot, sha, size, key in job["prev_rows"]:
+        job["prev_snapshot"] = snapshot
+        prev_files[os.fsdecode(bytes(path))] = [sha, size, key]
     dest_fd = (
         os.open(job["dest"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if os.path.isdir(job["dest"])
@@ -349,7 +354,6 @@ def collect_home(job: dict) -> dict:
         if dest_fd is not None
         else None
     )
-    prev_files: dict[str, list] = job["prev_files"]
     prev_fd = None
     if user_fd is not None:
         if not dry:  # leftovers of a run that was cut off
@@ -635,6 +639,11 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
     inspect_homes = is_root()
     if course.dry_run and not inspect_homes:
         click.echo("  (not root: the homes cannot be looked into; showing what would be collected)")
+    prev = safefs.rows_by_user(
+        course.state,
+        "SELECT username, path, snapshot, sha256, size, stat_key FROM retrieved WHERE destination = ?",
+        (str(dest),),
+    )
     tasks = []
     for st in students:
         pw, why = account_for(course, st)
@@ -645,22 +654,18 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
             where = f"{pw.pw_dir}/{folder} into {dest}/{st.username}/{stamp}"
             report.done(st.username, "collected", f"{where}; not inspected")
             continue
-        tasks.append(
-            (
-                st.username,
-                collect_home,
-                _job_builder(
-                    course,
-                    st.username,
-                    pw,
-                    settings=s,
-                    dest=dest,
-                    owner=owner,
-                    stamp=stamp,
-                    deadline=deadline,
-                ),
-            )
+        job = _job(
+            course,
+            st.username,
+            pw,
+            settings=s,
+            dest=dest,
+            owner=owner,
+            stamp=stamp,
+            deadline=deadline,
+            prev_rows=prev.pop(st.username, []),
         )
+        tasks.append((st.username, collect_home, (job,)))
 
     results: dict[str, dict] = {}
     bar = None
@@ -693,41 +698,34 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
     return report.finish()
 
 
-def _job_builder(
-    course: Course, username: str, pw, *, settings, dest: Path, owner, stamp: str, deadline
-):
-    """The worker's input, built just before its fork (the last snapshot's files, from the state)."""
-
-    def build() -> tuple[dict]:
-        prev_files: dict[str, list] = {}
-        prev_snapshot = None
-        for row in safefs.rows(
-            course.state,
-            "SELECT path, snapshot, sha256, size, stat_key FROM retrieved "
-            "WHERE username = ? AND destination = ?",
-            (username, str(dest)),
-        ):
-            prev_snapshot = row[1]
-            prev_files[os.fsdecode(bytes(row[0]))] = [row[2], row[3], row[4]]
-        job = {
-            "username": username,
-            "pw": pw,
-            "folder": settings.material_folder,
-            "dest": str(dest),
-            "owner": (owner.pw_uid, owner.pw_gid),
-            "prev_snapshot": prev_snapshot,
-            "prev_files": prev_files,
-            "include": settings.retrieve_include,
-            "exclude": settings.retrieve_exclude,
-            "max_file": settings.max_file_size,
-            "max_total": settings.max_total_size,
-            "stamp": stamp,
-            "deadline": deadline.timestamp() if deadline else None,
-            "dry_run": course.dry_run,
-        }
-        return (job,)
-
-    return build
+def _job(
+    course: Course,
+    username: str,
+    pw,
+    *,
+    settings,
+    dest: Path,
+    owner,
+    stamp: str,
+    deadline,
+    prev_rows,
+) -> dict:
+    """The worker's input (``prev_rows``: the last snapshot's files, raw from the state)."""
+    return {
+        "username": username,
+        "pw": pw,
+        "prev_rows": prev_rows,
+        "folder": settings.material_folder,
+        "dest": str(dest),
+        "owner": (owner.pw_uid, owner.pw_gid),
+        "include": settings.retrieve_include,
+        "exclude": settings.retrieve_exclude,
+        "max_file": settings.max_file_size,
+        "max_total": settings.max_total_size,
+        "stamp": stamp,
+        "deadline": deadline.timestamp() if deadline else None,
+        "dry_run": course.dry_run,
+    }
 
 
 def _record(

@@ -182,7 +182,7 @@ class HomeSender:
         self.uid = self.pw.pw_uid
         self.dry = job["dry_run"]
         self.force = job["force"]
-        self.sent: dict[str, tuple[str, int, list[int] | None]] = job["sent"]
+        self.sent: dict[str, tuple[str, int, str | None]] = {}
         self.records: list[list] = []  # [rel, sha, size, stat_key]
         self.actions: dict[str, list[str]] = {}
         self.skipped: list[str] = []
@@ -194,6 +194,8 @@ class HomeSender:
         self.actions.setdefault(action, []).append(text)
 
     def run(self) -> dict:
+        for path, sha, size, key in self.job["sent_rows"]:
+            self.sent[os.fsdecode(bytes(path))] = (sha, size, key)
         safefs.become(self.pw)
         folder = self.job["folder"]
         try:
@@ -495,6 +497,11 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
         for line in src.skipped:
             report.note(f"  source: skipped {line}")
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+        sent = safefs.rows_by_user(
+            course.state,
+            "SELECT username, path, sha256, size, stat_key FROM sent WHERE folder = ?",
+            (folder,),
+        )
         tasks = []
         for st in students:
             pw, why = account_for(course, st)
@@ -507,9 +514,8 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
                     st.username, "sent", f"{n} file(s) into {pw.pw_dir}/{folder}; not inspected"
                 )
                 continue
-            tasks.append(
-                (st.username, send_to_home, _job_builder(course, pw, folder, src, force, stamp))
-            )
+            job = _job(course, pw, folder, src, force, stamp, sent.pop(st.username, []))
+            tasks.append((st.username, send_to_home, (job,)))
         results: dict[str, dict] = {}
         bar = _bar(len(tasks), "send")
         keep = [f.fd for f in src.files]
@@ -542,31 +548,18 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
     return report.finish()
 
 
-def _job_builder(course: Course, pw, folder: str, src: Source, force: bool, stamp: str):
-    """The worker's input, built just before its fork (what was sent to this student, from the state)."""
-
-    def build() -> tuple[dict]:
-        sent = {
-            os.fsdecode(bytes(row[0])): (row[1], row[2], row[3])
-            for row in safefs.rows(
-                course.state,
-                "SELECT path, sha256, size, stat_key FROM sent WHERE username = ? AND folder = ?",
-                (pw.pw_name, folder),
-            )
-        }
-        job = {
-            "pw": pw,
-            "folder": folder,
-            "dirs": src.dirs,
-            "files": src.files,
-            "sent": sent,
-            "force": force,
-            "dry_run": course.dry_run,
-            "stamp": stamp,
-        }
-        return (job,)
-
-    return build
+def _job(course: Course, pw, folder: str, src: Source, force: bool, stamp: str, sent_rows: list):
+    """The worker's input (``sent_rows``: what was sent to this student, raw from the state)."""
+    return {
+        "pw": pw,
+        "folder": folder,
+        "dirs": src.dirs,
+        "files": src.files,
+        "sent_rows": sent_rows,
+        "force": force,
+        "dry_run": course.dry_run,
+        "stamp": stamp,
+    }
 
 
 def _record(course: Course, username: str, folder: str, result: dict) -> None:

@@ -420,6 +420,7 @@ def fork_map(
     pending = list(tasks)
     pending.reverse()
     running: dict[int, list] = {}  # read fd -> [pid, key, chunks, last_activity]
+    exited: list[int] = []
     poller = select.poll()
     try:
         while pending or running:
@@ -460,13 +461,15 @@ def fork_map(
                 poller.unregister(fd)
                 os.close(fd)
                 del running[fd]
-                _, status = os.waitpid(job[0], 0)
                 raw = b"".join(job[2]).lstrip(b".")
                 try:
                     payload = json.loads(raw) if raw else {}
                 except ValueError:
                     payload = {}
-                if "ok" not in payload and "error" not in payload:
+                if "ok" in payload or "error" in payload:
+                    exited.append(job[0])  # reaped later: no need to wait for its exit now
+                else:
+                    _, status = os.waitpid(job[0], 0)
                     payload = {"error": f"the worker process died (status {status})"}
                 yield job[1], payload
             now = time.monotonic()
@@ -479,6 +482,7 @@ def fork_map(
                     os.close(fd)
                     del running[fd]
                     yield job[1], {"error": f"no progress for {idle_timeout:.0f} s: stopped"}
+            exited[:] = [pid for pid in exited if os.waitpid(pid, os.WNOHANG)[0] == 0]
     finally:
         for fd, job in running.items():
             with contextlib.suppress(ProcessLookupError):
@@ -487,6 +491,9 @@ def fork_map(
                 os.waitpid(job[0], 0)
             with contextlib.suppress(OSError):
                 os.close(fd)
+        for pid in exited:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def become(pw) -> None:
@@ -507,6 +514,18 @@ def rows(state, sql: str, params: tuple = ()) -> list:
         if state.readonly:
             return []
         raise
+
+
+def rows_by_user(state, sql: str, params: tuple = ()) -> dict[str, list]:
+    """One query for every student (first column: username), grouped; a worker gets its own list.
+
+    One query is much cheaper than one per student; the rows stay raw tuples
+    until the worker (in parallel) turns them into what it needs.
+    """
+    grouped: dict[str, list] = {}
+    for row in rows(state, sql, params):
+        grouped.setdefault(row[0], []).append(tuple(row)[1:])
+    return grouped
 
 
 def workers_for(n_tasks: int) -> int:

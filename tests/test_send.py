@@ -235,6 +235,10 @@ def test_send_dry_run_without_root(ready_course):
         os.chmod(public, 0o755)
         for p in (c.config, c.roster):
             shutil.copy(p, public / p.name)
+        # The course's own state folder sits under pytest's root-only tmp; a teacher's is
+        # /var/lib/classroom/NAME (a folder above it that nobody can enter is another matter).
+        cfg = public / c.config.name
+        cfg.write_text(cfg.read_text().replace(str(c.state_dir), str(public / "state")))
         shutil.copytree(c.base / "tutorial", public / "tutorial")
         for p in [public, *public.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
