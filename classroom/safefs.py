@@ -530,4 +530,7 @@ def rows_by_user(state, sql: str, params: tuple = ()) -> dict[str, list]:
 
 def workers_for(n_tasks: int) -> int:
     """How many workers to run at once: enough to keep the disks and CPUs busy."""
+    wanted = os.environ.get("CLASSROOM_WORKERS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return min(n_tasks, int(wanted))
     return max(1, min(n_tasks, max(8, 2 * (os.cpu_count() or 2)), 16))
