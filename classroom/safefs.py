@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import gc
 import hashlib
 import json
 import os
@@ -419,6 +420,10 @@ def fork_map(
     """
     pending = list(tasks)
     pending.reverse()
+    # The children only read the parent's objects: keep the collector from walking (and so
+    # copying) the whole inherited heap in each of them.
+    gc.collect()
+    gc.freeze()
     running: dict[int, list] = {}  # read fd -> [pid, key, chunks, last_activity]
     exited: list[int] = []
     poller = select.poll()
@@ -433,6 +438,7 @@ def fork_map(
                 if pid == 0:  # child
                     code = 0
                     try:
+                        gc.disable()
                         signal.signal(signal.SIGINT, signal.SIG_DFL)
                         signal.signal(signal.SIGTERM, signal.SIG_DFL)
                         close_fds_except({wfd, *keep_fds})
@@ -494,6 +500,7 @@ def fork_map(
         for pid in exited:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        gc.unfreeze()
 
 
 def become(pw) -> None:
