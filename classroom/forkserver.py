@@ -108,6 +108,10 @@ PRELOAD = (
     "h11",
 )
 FIRST_FD = 3
+# The fork server's environment carries this padding so that each child can write its own
+# (clean) environment over the block the kernel shows as /proc/PID/environ.
+ENV_PAD = "CLASSROOM_ENV_PAD"
+ENV_PAD_SIZE = 4096
 
 
 # --- the server (runs as root, single-threaded) ----------------------------------------------
@@ -223,6 +227,7 @@ def become_server(app: str, pw: pwd.struct_passwd, args: list[str], log_path: st
             raise PermissionError("the student's ids did not stick")
         os.environ.clear()
         os.environ.update(student_env(pw))
+        show_environ(student_env(pw))
         os.chdir(pw.pw_dir)
         os.umask(0o077)
         random.seed()  # nothing seeded in the fork server is shared between students
@@ -266,6 +271,28 @@ def student_env(pw: pwd.struct_passwd) -> dict[str, str]:
         "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
     }
+
+
+def show_environ(env: dict[str, str]) -> None:
+    """Write ``env`` over the start-up block the kernel shows as ``/proc/self/environ``.
+
+    A forked child keeps the fork server's start-up block there (its live environment is
+    elsewhere), so ``ps e`` and ``/proc/PID/environ`` would show the fork server's, not the
+    student's. The block is overwritten in place (no privilege needed), padded with NULs.
+    Only after ``os.environ.clear()``: nothing points into the old strings any more.
+    Cosmetic: any problem leaves the block as it was.
+    """
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end: (50), (51) in proc(5)
+        block = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+        size = end - start
+        if start <= 0 or len(block) >= size or size > 1 << 20:
+            return
+        ctypes.memmove(start, block + b"\0" * (size - len(block)), size)
 
 
 def add_user_site() -> None:
@@ -317,7 +344,12 @@ class ForkServer:
             stderr = os.open(
                 log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600
             )
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent"}
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": "/nonexistent",
+            ENV_PAD: "-" * ENV_PAD_SIZE,  # room for each child's environment (show_environ)
+        }
         try:
             # An argument list, no shell; launch's own log has the command.
             proc = subprocess.Popen(

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from conftest import needs_root
@@ -259,10 +260,9 @@ def test_launch_runs_each_student_as_the_student(ready_course, mode):
             assert set(ps["Gid"].split()) == {str(pw.pw_gid)}
             assert {int(g) for g in ps["Groups"].split()} == set(os.getgrouplist(u, pw.pw_gid))
             assert os.getsid(pid) == pid  # its own session
-            if mode == "exec":
-                assert set(proc_env(pid)) == CLEAN_ENV and proc_env(pid)["HOME"] == pw.pw_dir
-            else:  # /proc shows the fork server's start-up block; the live one is checked below
-                assert set(proc_env(pid)) <= CLEAN_ENV
+            # in fork mode too: /proc/PID/environ (ps e) shows the student's clean environment
+            assert set(proc_env(pid)) == CLEAN_ENV and proc_env(pid)["HOME"] == pw.pw_dir
+            assert psutil.Process(pid).environ()["USER"] == u
             assert os.readlink(f"/proc/{pid}/cwd") == pw.pw_dir
             fds = proc_fds(pid)
             assert fds[0] == "/dev/null"
