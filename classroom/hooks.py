@@ -101,19 +101,30 @@ def run_hook(hook: Hook | None, spawner: HookSpawner, *, timeout: float, base: P
         _call_function(hook, spawner, timeout, base)
 
 
+TIMEOUT_TOOL = "/usr/bin/timeout"  # coreutils: signals the hook's whole process group
+TIMED_OUT = 124  # timeout(1)'s status when the time ran out
+KILL_AFTER = 5  # seconds between timeout(1)'s SIGTERM and its SIGKILL
+
+
 def _run_executable(hook: Hook, spawner: HookSpawner, timeout: float) -> None:
     if not os.access(hook.target, os.X_OK) or not os.path.isfile(hook.target):
         raise HookFailed(f"hook {hook.target} is not an executable file (check [hooks])")
+    argv = [hook.target, spawner.user.name]
+    if os.access(TIMEOUT_TOOL, os.X_OK):
+        # timeout(1) stops what the hook started too (its process group), so a slow hook
+        # leaves no root process behind; system.run's own timeout is only the backstop.
+        argv = [TIMEOUT_TOOL, f"--kill-after={KILL_AFTER}", f"{timeout:g}", *argv]
+        limit = timeout + KILL_AFTER + 5
+    else:
+        limit = timeout
     # system.run gives a clean environment plus the NB_* variables (none is a secret).
     try:
-        run([hook.target, spawner.user.name], timeout=timeout, env=hook_env(spawner))
+        run(argv, timeout=limit, env=hook_env(spawner))
     except CommandFailed as exc:
-        last = exc.output.splitlines()[-1] if exc.output else ""
-        why = (
-            f"timed out after {timeout:g} s"
-            if exc.returncode == -1
-            else f"exit status {exc.returncode}"
-        )
+        timed_out = exc.returncode == -1 or (len(argv) > 2 and exc.returncode == TIMED_OUT)
+        lines = [] if exc.returncode == -1 else exc.output.splitlines()
+        last = lines[-1] if lines else ""
+        why = f"timed out after {timeout:g} s" if timed_out else f"exit status {exc.returncode}"
         raise HookFailed(
             f"hook {hook.target} failed ({why}){': ' + last if last else ''}"
         ) from None

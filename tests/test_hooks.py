@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import needs_root
 from test_launch import answers, status
@@ -50,6 +52,27 @@ def test_failing_and_slow_executables_fail_with_the_reason(tmp_path):
         hooks.run_hook(hooks.parse(str(slow), tmp_path), spawner(), timeout=0.5, base=tmp_path)
     with pytest.raises(hooks.HookFailed, match="not an executable"):
         hooks.run_hook(hooks.parse("missing.sh", tmp_path), spawner(), timeout=1, base=tmp_path)
+
+
+def test_a_hook_that_times_out_leaves_nothing_running(tmp_path):
+    marker = f"{time.time() % 1000 + 100:.3f}"  # a sleep only this test starts
+    slow = script(tmp_path / "slow.sh", f"sleep {marker} &\nsleep {marker}\n")
+    with pytest.raises(hooks.HookFailed) as info:
+        hooks.run_hook(hooks.parse(str(slow), tmp_path), spawner(), timeout=0.5, base=tmp_path)
+    assert str(info.value) == f"hook {slow} failed (timed out after 0.5 s)"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if marker in " ".join(p.info["cmdline"] or [])
+        ]
+        if not left:
+            break
+        time.sleep(0.1)
+    for p in left:
+        p.kill()
+    assert not left, "the hook's children outlived its timeout"
 
 
 JUPYTERHUB_STYLE = """\
