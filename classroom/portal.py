@@ -586,8 +586,18 @@ def portal_url(settings: Settings, port: int) -> str:
             host = host_from_setting(settings.server_address)
     if not host and settings.ip not in ("", "0.0.0.0", "::", "*"):
         host = _socket_host((settings.ip.strip("[]"),))
-    host = host or _host_name(socket.getfqdn().lower()) or "localhost"
+    host = host or this_host()
     return f"{scheme}://{host}:{port}/"
+
+
+def this_host() -> str:
+    """This host's name as students' browsers would use it (as in the servers' addresses):
+    the fully qualified name, else the host name when that is only 'localhost'."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        host = _host_name((name or "").lower())
+        if host and not host.startswith("localhost"):
+            return host
+    return "localhost"
 
 
 def serve(

@@ -865,6 +865,18 @@ def test_serve_prints_server_address(make_portal):
     assert p.urls[0] == f"http://class.example.org:{p.port}/"
 
 
+def test_printed_address_is_the_host_name_students_use(monkeypatch):
+    from classroom import servers
+
+    monkeypatch.setattr(portal.socket, "getfqdn", lambda *a: "localhost")
+    monkeypatch.setattr(portal.socket, "gethostname", lambda: "classhost")
+    s = make_settings(ip="0.0.0.0")
+    assert portal.portal_url(s, 8000) == "http://classhost:8000/"
+    assert servers.server_url(s, 8001) == "http://classhost:8001/"  # the same host as the servers
+    monkeypatch.setattr(portal.socket, "getfqdn", lambda *a: "class.example.org")
+    assert portal.portal_url(s, 8000) == "http://class.example.org:8000/"
+
+
 def test_page_source_parses_as_html(web):
     from html.parser import HTMLParser
 
