@@ -526,12 +526,12 @@ def _assign_ports(course: Course, starts: list[Start]) -> None:
     previous = {r["username"]: r["port"] for r in course.state.execute("SELECT * FROM ports")}
     reserved = set(previous.values()) | {s.portal_port}
     reserved |= {r["port"] for r in course.state.execute("SELECT port FROM servers")}
-    ordered = sorted(starts, key=lambda x: x.username)
-    for st in ordered:  # first: previous ports, so nobody takes another student's
+    # In roster order (``starts`` is), so the roster's first student gets first_port.
+    for st in starts:  # first: previous ports, so nobody takes another student's
         wanted = previous.get(st.username)
-        if wanted and port_free(s.ip, wanted):
+        if wanted and wanted != s.portal_port and port_free(s.ip, wanted):
             st.port = wanted
-    for st in ordered:
+    for st in starts:
         if not st.port:
             st.port = choose_port(None, reserved, s.first_port, lambda p: port_free(s.ip, p))
             reserved.add(st.port)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import socket
 import sqlite3
@@ -210,6 +211,23 @@ def test_server_args_carry_no_secret_and_map_settings(tmp_path):
     home = servers.server_args(settings(tmp_path, root="home"), "/home/alice", 1)
     assert "--ServerApp.root_dir=/home/alice" in home
     assert not any("cull" in a for a in home)
+
+
+def test_ports_go_in_roster_order_and_previous_ports_are_kept(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from classroom.state import State
+
+    s = settings(tmp_path, first_port="8001", portal_port="8000")
+    state = State.peek(tmp_path / "no-state")
+    # zed had 8005 last time; amy had 8000, which is the portal's port now
+    state.execute("INSERT INTO ports (username, port) VALUES ('zed', 8005), ('amy', 8000)")
+    monkeypatch.setattr(servers, "port_free", lambda ip, port: port != 8002)  # someone holds 8002
+    pw = pwd.getpwnam("root")
+    starts = [servers.Start(name, pw) for name in ("zed", "bob", "amy", "cat")]
+    servers._assign_ports(SimpleNamespace(settings=s, state=state), starts)
+    assert [st.port for st in starts] == [8005, 8001, 8003, 8004]
+    assert all(st.url.endswith(f":{st.port}/") for st in starts)
 
 
 def test_dry_run_changes_nothing_without_root(tmp_path):
