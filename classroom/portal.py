@@ -606,11 +606,13 @@ def serve(
     lookup: Lookup | None = None,
     ready: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> None:
     """Run the portal until Ctrl-C or SIGTERM (or ``stop`` is set), then return normally.
 
     Listens on ``[launch] ip`` and ``portal_port`` (0: any free port), HTTPS when certfile
     and keyfile are set, prints its address, and calls ``ready(url)`` once it listens.
+    ``tick()`` is called about once a second while it runs (launch reaps its children there).
     Raises ``PortalError`` if it cannot listen; never touches the students' servers.
     """
     settings: Settings = course.settings
@@ -635,7 +637,7 @@ def serve(
         else {}
     )
     try:
-        asyncio.run(_run(app, sockets, context, url, ready, stop, catch_signals=main_thread))
+        asyncio.run(_run(app, sockets, context, url, ready, stop, tick, catch_signals=main_thread))
     finally:
         for sock in sockets:
             sock.close()
@@ -653,6 +655,7 @@ async def _run(
     url: str,
     ready: Callable[[str], None] | None,
     stop: threading.Event | None,
+    tick: Callable[[], None] | None,
     *,
     catch_signals: bool,
 ) -> None:
@@ -677,8 +680,14 @@ async def _run(
         while not done.is_set():
             if stop is not None and stop.is_set():
                 break
+            if tick is not None:
+                try:
+                    tick()
+                except Exception as exc:  # never the portal's end
+                    log.debug("portal: tick failed: %s", exc)
+            wait = 0.2 if stop is not None else (1.0 if tick is not None else None)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.2 if stop is not None else None)
+                await asyncio.wait_for(done.wait(), wait)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

@@ -296,7 +296,8 @@ def other_jupyter(uid: int, exclude: set[int]) -> list[psutil.Process]:
     for p in psutil.process_iter(["uids", "cmdline", "name"]):
         if p.pid in exclude or not p.info["uids"] or p.info["uids"].real != uid:
             continue
-        text = " ".join(p.info["cmdline"] or [p.info["name"] or ""]).lower()
+        # The name too: a forked server's command line is the fork server's, its name the app's.
+        text = " ".join([*(p.info["cmdline"] or []), p.info["name"] or ""]).lower()
         if any(word in text for word in JUPYTER_WORDS):
             found.append(p)
     return found
@@ -449,6 +450,14 @@ def _spawn_exec(course: Course, start: Start, log_fd: int) -> int:
 _children: dict[int, subprocess.Popen] = {}  # exec-mode servers we started (reaped when they die)
 
 
+def reap_children() -> None:
+    """Collect the exec-mode servers of ours that have exited (no zombie while the portal runs)."""
+    for pid, proc in list(_children.items()):
+        with contextlib.suppress(OSError):
+            if proc.poll() is not None:
+                del _children[pid]
+
+
 def _listens(proc: psutil.Process, port: int) -> bool:
     with contextlib.suppress(psutil.Error):
         for conn in proc.net_connections(kind="inet"):
@@ -584,6 +593,11 @@ def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
         starts = []
 
     if course.dry_run:
+        if course.state.unreadable:
+            report.note(
+                "note: the course state is root-only, so servers already running cannot be "
+                "seen and ports are guessed; run the dry run with sudo for the exact plan"
+            )
         for st in starts:
             steps = [f"port {st.port}", f"{st.mode} mode"]
             if pre_spawn:
@@ -603,7 +617,7 @@ def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
                 course.lock.acquire()
             except Refused as exc:
                 click.echo(f"The servers were left running: {exc.message}", err=True)
-                return code
+                return max(code, exc.exit_code)
         click.echo("Stopping the servers (--stop-on-exit)...")
         code = max(code, shutdown(course, only=only))
     return code
@@ -785,7 +799,7 @@ def _run_portal(course: Course) -> int:
     if course.lock is not None:
         course.lock.release()
     try:
-        portal_mod.serve(course)
+        portal_mod.serve(course, tick=reap_children)
     except ClassroomError as exc:
         exc.show()
         return exc.exit_code

@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import socket
 import sqlite3
 import stat
@@ -425,6 +426,54 @@ def test_portal_runs_without_the_lock_and_stop_on_exit_stops_the_servers(ready_c
         assert proc.returncode == 0, out
         assert "Stopping the servers" in out
         assert all(row["server"] == "stopped" for row in status(c).values())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        c.run("shutdown")
+
+
+@needs_root
+def test_portal_reaps_a_dead_server_and_ctrl_c_leaves_the_others_running(ready_course):
+    c = ready_course
+    a, b = c.usernames
+    c.write_config(launch={"app": "server", "start_mode": "exec"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "notebooks.py"),
+            "launch",
+            str(c.config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        portal = f"http://127.0.0.1:{c.sections['launch']['portal_port']}/healthz"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(portal, timeout=2).json()["running"] == 2:
+                    break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.3)
+        else:
+            pytest.fail("the portal did not come up with 2 servers")
+        st = status(c)
+        os.kill(st[a]["pid"], 9)  # an exec-mode server is launch's child: launch must reap it
+        assert server_pids_gone([st[a]["pid"]])
+        deadline = time.monotonic() + 5  # no request to the portal meanwhile
+        while Path(f"/proc/{st[a]['pid']}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{st[a]['pid']}").exists(), "a zombie of launch"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "Portal stopped." in out
+        st2 = status(c)
+        assert st2[a]["server"] == "died"
+        assert st2[b]["server"] == "running" and answers(st2[b]["port"])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -48,6 +48,25 @@ def test_escalates_to_sigkill_for_a_process_ignoring_sigterm():
             proc.kill()
 
 
+RENAMED = (
+    "import ctypes, time; ctypes.CDLL(None).prctl(15, b'jupy' + b'ter-lab', 0, 0, 0); "
+    "print('ok', flush=True); time.sleep(60)"
+)
+
+
+def test_all_jupyter_knows_a_forked_server_by_its_name():
+    """A forked server's command line is the fork server's; its process name is the app's."""
+    proc = subprocess.Popen([sys.executable, "-c", RENAMED], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ok"
+        found = {p.pid for p in servers.other_jupyter(os.getuid(), set())}
+        assert proc.pid in found
+        assert proc.pid not in {p.pid for p in servers.other_jupyter(os.getuid(), {proc.pid})}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @needs_root
 def test_shutdown_stops_the_kernels_too(ready_course):
     c = ready_course
