@@ -8,10 +8,15 @@ snapshot (username, snapshot, path, size, mtime, sha256, status, late).
 Per student, a root worker owns the snapshot side; it forks a reader that
 becomes the student, walks the folder through directory descriptors that
 never follow a link, opens each regular file (``O_NOFOLLOW``, fstat-checked)
-and hands the open descriptor over a socket. So root never resolves a path
+and hands the open descriptor over a socket. So root never opens a file
 inside a home, and nothing the student could not read themselves can reach
 the teacher. Root re-checks each descriptor (a regular file, under the size
 limits) and copies at most ``max_file_size`` bytes from it.
+
+Repeat runs take a fast path first (``_unchanged_by_stat``): root looks at
+metadata only (folders opened with O_NOFOLLOW and owned by the student, files
+lstat'ed, never opened); if every file still has the dev:ino:size:mtime:ctime
+it had when collected, nothing changed and no worker is started.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ The source is opened by root here; the files stay open while a forked worker
 per student, running as that student, writes into the home through directory
 descriptors that never follow a link (see ``safefs``). The files are the
 student's by construction, and nothing the student puts in their folder can
-make the tool write outside it.
+make the tool write outside it. A repeat run first checks, as root and by
+metadata only (``unchanged_by_stat``), whether every file is exactly as the
+course wrote it; such a student needs no worker at all.
 """
 
 from __future__ import annotations
