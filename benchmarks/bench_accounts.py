@@ -35,7 +35,9 @@ def timed(argv, **kw) -> float:
 def baseline_setup(names: list[str], home_base: Path) -> float:
     script = 'for u in "$@"; do useradd -m -b "$HB" "$u"; done'
     t = time.perf_counter()
-    subprocess.run(["sh", "-c", script, "sh", *names], check=True, env={**os.environ, "HB": str(home_base)})
+    subprocess.run(
+        ["sh", "-c", script, "sh", *names], check=True, env={**os.environ, "HB": str(home_base)}
+    )
     batch = "".join(f"{u}:{secrets.token_urlsafe(9)}\n" for u in names)
     subprocess.run(["chpasswd"], input=batch, text=True, check=True)
     return time.perf_counter() - t
@@ -53,7 +55,9 @@ def baseline_remove(names: list[str], home_base: Path, archive: Path) -> float:
 
 
 def course_files(base: Path, names: list[str], home_base: Path) -> Path:
-    (base / "students.csv").write_text("username,name,surname\n" + "".join(f"{u},N,S\n" for u in names))
+    (base / "students.csv").write_text(
+        "username,name,surname\n" + "".join(f"{u},N,S\n" for u in names)
+    )
     cfg = base / "notebooks.cfg"
     cfg.write_text(
         f"[course]\nname = bench-{secrets.token_hex(3)}\nroster = students.csv\n"
@@ -69,7 +73,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: it creates and deletes real accounts")
-    results: dict[str, list[float]] = {k: [] for k in ("base_setup", "ours_setup", "base_remove", "ours_remove")}
+    results: dict[str, list[float]] = {
+        k: [] for k in ("base_setup", "ours_setup", "base_remove", "ours_remove")
+    }
     for _ in range(args.rounds):
         work = Path(tempfile.mkdtemp(prefix="bench-accounts-", dir="/tmp"))
         os.chmod(work, 0o755)
@@ -87,7 +93,16 @@ def main() -> None:
                 )
                 results["base_remove"].append(baseline_remove(base_names, hb1, ar))
                 results["ours_remove"].append(
-                    timed([sys.executable, str(ROOT / "notebooks.py"), "-q", "remove", str(cfg), "--yes"])
+                    timed(
+                        [
+                            sys.executable,
+                            str(ROOT / "notebooks.py"),
+                            "-q",
+                            "remove",
+                            str(cfg),
+                            "--yes",
+                        ]
+                    )
                 )
             finally:
                 for u in base_names + our_names:
@@ -97,10 +112,14 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     n = args.students
     print(f"students: {n}, rounds: {args.rounds} (medians)")
-    print(f"setup:  baseline {med['base_setup']:.2f} s, classroom {med['ours_setup']:.2f} s, "
-          f"ratio {med['ours_setup'] / med['base_setup']:.2f} (target <= 1.2)")
-    print(f"remove: baseline {med['base_remove']:.2f} s, classroom {med['ours_remove']:.2f} s, "
-          f"ratio {med['ours_remove'] / med['base_remove']:.2f} (target <= 1.5)")
+    print(
+        f"setup:  baseline {med['base_setup']:.2f} s, classroom {med['ours_setup']:.2f} s, "
+        f"ratio {med['ours_setup'] / med['base_setup']:.2f} (target <= 1.2)"
+    )
+    print(
+        f"remove: baseline {med['base_remove']:.2f} s, classroom {med['ours_remove']:.2f} s, "
+        f"ratio {med['ours_remove'] / med['base_remove']:.2f} (target <= 1.5)"
+    )
 
 
 if __name__ == "__main__":

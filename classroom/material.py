@@ -43,7 +43,7 @@ from . import safefs
 from .course import Course
 from .errors import InvalidInput
 from .safefs import Unsafe
-from .settings import _safe_folder
+from .settings import safe_folder
 from .system import is_root
 
 SCHEMA_SQL = """
@@ -514,7 +514,7 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
     """Send the material to each selected student (see the module docstring); return the exit status."""
     s = course.settings
     folder = (folder or s.material_folder).strip("/")
-    if not _safe_folder(folder):
+    if not safe_folder(folder):
         raise InvalidInput(
             f"--folder {folder!r}: must be a relative path inside the home, without '..'"
         )

@@ -304,7 +304,7 @@ def _validate(
     source = path_or_none(raw("material", "source"))
     folder = raw("material", "folder")
     check(
-        _safe_folder(folder),
+        safe_folder(folder),
         "material",
         "folder",
         f"{folder!r} must be a relative path inside the home, without '..'",
@@ -396,7 +396,7 @@ def _validate(
     )
 
 
-def _safe_folder(folder: str) -> bool:
+def safe_folder(folder: str) -> bool:
     if not folder or folder.startswith("/") or "\0" in folder:
         return False
     parts = [p for p in folder.split("/") if p]

@@ -139,7 +139,10 @@ class State:
                 return cls(conn, db, readonly=True)
         except (OSError, sqlite3.Error):
             pass
-        unreadable = state_dir.exists() and not os.access(state_dir, os.R_OK | os.X_OK)
+        try:
+            unreadable = state_dir.exists() and not os.access(state_dir, os.R_OK | os.X_OK)
+        except OSError:  # a folder above it cannot be entered: a state may well be there
+            unreadable = True
         conn = sqlite3.connect(":memory:", isolation_level=None)
         conn.executescript(SCHEMA)
         return cls(conn, None, readonly=True, unreadable=unreadable)

@@ -226,3 +226,23 @@ def test_removed_outside_the_course_drops_its_credentials(ready_course):
     assert u not in text and course.usernames[1] not in text
     db = sqlite3.connect(course.state_dir / "state.db")
     assert db.execute("SELECT count(*) FROM accounts").fetchone()[0] == 0
+
+
+def test_dry_run_without_root_when_the_state_folder_cannot_be_reached(ready_course):
+    """The state folder sits below a folder nobody else can enter (root's 0700 pytest folder)."""
+    import shutil
+    import tempfile
+
+    course = ready_course
+    public = tempfile.mkdtemp(prefix="classroom-public-", dir="/tmp")
+    try:
+        os.chmod(public, 0o755)
+        for name in ("notebooks.cfg", "students.csv"):
+            shutil.copy(course.base / name, public)
+            os.chmod(os.path.join(public, name), 0o644)
+        shutil.copytree(course.base / "tutorial", os.path.join(public, "tutorial"))
+        r = _as_nobody("setup", os.path.join(public, "notebooks.cfg"), "--dry-run")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Error" not in r.stderr
+    finally:
+        shutil.rmtree(public)

@@ -110,11 +110,16 @@ def test_sizes():
 
 @pytest.mark.parametrize("value", ["http://class.example.org", "x:8000", "a/b", "bad host"])
 def test_server_address_must_be_a_bare_host(tmp_path, value):
-    p = write(tmp_path, f"[course]\nname = c1\nroster = r.csv\n[launch]\nserver_address = {value}\n")
+    p = write(
+        tmp_path, f"[course]\nname = c1\nroster = r.csv\n[launch]\nserver_address = {value}\n"
+    )
     with pytest.raises(InvalidInput, match="server_address"):
         settings.load(p)
 
 
 def test_server_address_host_is_accepted(tmp_path):
-    p = write(tmp_path, "[course]\nname = c1\nroster = r.csv\n[launch]\nserver_address = class.example.org\n")
+    p = write(
+        tmp_path,
+        "[course]\nname = c1\nroster = r.csv\n[launch]\nserver_address = class.example.org\n",
+    )
     assert settings.load(p).server_address == "class.example.org"
