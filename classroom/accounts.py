@@ -317,6 +317,15 @@ def check_home_base(course: Course) -> None:
             f"not be writable by group or others (it is uid {st.st_uid}, mode "
             f"{stat.S_IMODE(st.st_mode):04o}); other users could plant a home there"
         )
+    from .checks import world_readable_chain
+
+    blocked = world_readable_chain(base)
+    if blocked is not None:
+        click.echo(
+            f"warning: {blocked} does not let other users through (no o+x): students will not "
+            f"reach their homes under {base}, and their Jupyter servers cannot start",
+            err=True,
+        )
 
 
 def teacher_profile(course: Course) -> dict[str, str]:

@@ -107,6 +107,23 @@ def check(config_path: Path, as_json: bool = False) -> int:
             )
         if not port_free(s.ip, s.portal_port):
             warnings.append(f"{s.where('launch', 'portal_port')}: port {s.portal_port} is in use")
+        if s.home_base.is_dir() and world_readable_chain(s.home_base) is not None:
+            problems.append(
+                f"{s.where('accounts', 'home_base')}: {world_readable_chain(s.home_base)} does not "
+                "let other users through (o+x): students could not reach their homes"
+            )
+        if roster is not None:
+            wanted = len(roster)
+            busy = [
+                p
+                for p in range(s.first_port, min(s.first_port + wanted, 65536))
+                if p != s.portal_port and not port_free(s.ip, p)
+            ]
+            if busy:
+                warnings.append(
+                    f"{s.where('launch', 'first_port')}: ports in use in the students' range "
+                    f"({', '.join(map(str, busy[:10]))}); launch will skip them"
+                )
         for key, hook in (("pre_spawn", s.pre_spawn), ("post_stop", s.post_stop)):
             if hook and ":" not in hook and not os.access(hook, os.X_OK):
                 problems.append(

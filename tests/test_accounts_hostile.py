@@ -246,3 +246,22 @@ def test_dry_run_without_root_when_the_state_folder_cannot_be_reached(ready_cour
         assert "Error" not in r.stderr
     finally:
         shutil.rmtree(public)
+
+
+def test_check_flags_unreachable_home_base_and_busy_ports(course, tmp_path):
+    import json
+    import socket
+
+    hidden = tmp_path / "hidden"
+    (hidden / "homes").mkdir(parents=True)
+    os.chmod(hidden, 0o700)
+    course.write_config(accounts={"home_base": str(hidden / "homes")})
+    port = int(course.sections["launch"]["first_port"])
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", port))
+        held.listen()
+        r = course.run("check", "--json")
+    data = json.loads(r.stdout)
+    assert r.returncode == 2 and not data["ok"]
+    assert any("let other users through" in p for p in data["problems"])
+    assert any(str(port) in w and "skip" in w for w in data["warnings"])
