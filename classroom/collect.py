@@ -48,9 +48,9 @@ CREATE TABLE IF NOT EXISTS retrieved (
     destination TEXT NOT NULL,
     path BLOB NOT NULL,          -- relative to HOME/FOLDER, bytes as on disk
     snapshot TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
+    sha256 TEXT NOT NULL,        -- or 'skipped: REASON' for a file the snapshot lacks
     size INTEGER NOT NULL,
-    stat_key TEXT NOT NULL,      -- the student's file when it was collected
+    stat_key TEXT NOT NULL,      -- the student's file when it was collected (or skipped)
     PRIMARY KEY (username, destination, path)
 );
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -199,25 +199,27 @@ def _reader(sock: socket.socket, job: dict) -> None:
             send({"t": "same", "items": same})
             same.clear()
 
+    def skip(entry: safefs.Entry, why: str) -> None:
+        flush()
+        st = entry.st
+        size, mtime = (st.st_size, st.st_mtime_ns) if st is not None else (0, 0)
+        key = safefs.stat_key(st) if st is not None else ""
+        send({"t": "skip", "rel": entry.rel, "why": why, "size": size, "mtime": mtime, "key": key})
+
     for entry in safefs.walk(
         fd, exclude=job["exclude"], include=job["include"], dev=dev, uid=pw.pw_uid
     ):
         st = entry.st
-        size = st.st_size if st is not None else 0
-        mtime = st.st_mtime_ns if st is not None else 0
         if entry.problem:
-            flush()
-            send(
-                {"t": "skip", "rel": entry.rel, "why": entry.problem, "size": size, "mtime": mtime}
-            )
+            skip(entry, entry.problem)
             continue
         assert st is not None
+        size = st.st_size
         if size > max_file:
-            flush()
-            why = f"larger than max_file_size ({size} > {max_file} bytes)"
-            send({"t": "skip", "rel": entry.rel, "why": why, "size": size, "mtime": mtime})
+            skip(entry, f"larger than max_file_size ({size} > {max_file} bytes)")
             continue
         key = safefs.stat_key(st)
+        mtime = st.st_mtime_ns
         if prev.get(entry.rel) == key:
             same.append([entry.rel, key, size, mtime])
             if len(same) >= 200:
@@ -227,7 +229,7 @@ def _reader(sock: socket.socket, job: dict) -> None:
         try:
             ffd, fst = safefs.open_file(entry.dir_fd, entry.name, expect=st, what="it")
         except Unsafe as exc:
-            send({"t": "skip", "rel": entry.rel, "why": str(exc), "size": size, "mtime": mtime})
+            skip(entry, str(exc))
             continue
         try:
             msg = {
@@ -342,13 +344,15 @@ def _user_dir(dest_fd: int, username: str, owner: tuple[int, int], create: bool)
     return fd
 
 
-def _unchanged_by_stat(job: dict, prev_files: dict) -> dict | None:
+def _unchanged_by_stat(job: dict, prev_files: dict, prev_skipped: dict) -> dict | None:
     """The repeat-run fast path: the result if nothing changed since the last snapshot, else None.
 
     Only metadata is looked at (directories opened with O_NOFOLLOW, owned by the
     student, on the home's filesystem; files lstat'ed, never opened), so root may
     do it; no file's content is read. The same files with the same
     dev:ino:size:mtime:ctime as when they were collected means the same content.
+    What was skipped last time must be exactly what is skipped now (the same
+    paths; a regular file among them with the same stat as then).
     Anything else (or any doubt) returns None: the student's reader does the full run.
     """
     pw = job["pw"]
@@ -367,9 +371,16 @@ def _unchanged_by_stat(job: dict, prev_files: dict) -> dict | None:
             fd, exclude=job["exclude"], include=job["include"], dev=dev, uid=pw.pw_uid
         ):
             st = entry.st
+            was = prev_skipped.get(entry.rel)
             if entry.problem or st is None or st.st_size > max_file:
-                why = entry.problem or "larger than max_file_size"
-                skipped.append(f"{_show(entry.rel)}: {why}")
+                if was is None:
+                    return None  # newly skipped: recorded by a new snapshot
+                skipped.append(f"{_show(entry.rel)}: {was[0]}")
+                continue
+            if was is not None:  # skipped last time (unreadable, say): the same file?
+                if was[1] != safefs.stat_key(st):
+                    return None
+                skipped.append(f"{_show(entry.rel)}: {was[0]}")
                 continue
             prev = prev_files.get(entry.rel)
             if prev is None or prev[2] != safefs.stat_key(st):
@@ -378,7 +389,7 @@ def _unchanged_by_stat(job: dict, prev_files: dict) -> dict | None:
             total += st.st_size
             if deadline is not None and st.st_mtime_ns / 1e9 > deadline:
                 late.append(_show(entry.rel))
-        if seen != len(prev_files):
+        if seen != len(prev_files) or len(skipped) != len(prev_skipped):
             return None
     except (Unsafe, OSError):
         return None
@@ -398,6 +409,23 @@ def _unchanged_by_stat(job: dict, prev_files: dict) -> dict | None:
     }
 
 
+SKIPPED = "skipped: "
+
+
+def _split_rows(rows) -> tuple[dict[str, list], dict[str, list]]:
+    """The last snapshot's rows: (rel -> [sha256, size, stat key] of its files,
+    rel -> [reason, stat key] of what was skipped then)."""
+    files: dict[str, list] = {}
+    skipped: dict[str, list] = {}
+    for path, _snap, sha, size, key in rows:
+        rel = os.fsdecode(bytes(path))
+        if sha.startswith(SKIPPED):
+            skipped[rel] = [sha[len(SKIPPED) :], key]
+        else:
+            files[rel] = [sha, size, key]
+    return files, skipped
+
+
 def _quick_check(job: dict) -> dict | None:
     """In the parent, before any fork: the fast path's result for a student who changed nothing."""
     rows = job["prev_rows"]
@@ -409,20 +437,16 @@ def _quick_check(job: dict) -> dict | None:
             return None
     except OSError:
         return None
-    prev_files = {
-        os.fsdecode(bytes(path)): [sha, size, key] for path, _snap, sha, size, key in rows
-    }
-    return _unchanged_by_stat(job, prev_files)
+    prev_files, prev_skipped = _split_rows(rows)
+    return _unchanged_by_stat(job, prev_files, prev_skipped)
 
 
 def collect_home(job: dict) -> dict:
     """Root worker for one student: fork the reader, build a snapshot if anything changed."""
     dry = job["dry_run"]
-    prev_files: dict[str, list] = {}  # rel -> [sha256, size, stat key] of the last snapshot
-    job["prev_snapshot"] = None
-    for path, snapshot, sha, size, key in job["prev_rows"]:
-        job["prev_snapshot"] = snapshot
-        prev_files[os.fsdecode(bytes(path))] = [sha, size, key]
+    # rel -> [sha256, size, stat key] of the last snapshot's files; rel -> key of its skipped ones
+    prev_files, prev_skipped = _split_rows(job["prev_rows"])
+    job["prev_snapshot"] = job["prev_rows"][0][1] if job["prev_rows"] else None
     dest_fd = (
         os.open(job["dest"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if os.path.isdir(job["dest"])
@@ -446,10 +470,10 @@ def collect_home(job: dict) -> dict:
             with contextlib.suppress(Unsafe):
                 prev_fd = safefs.open_dir(user_fd, job["prev_snapshot"])
     if prev_fd is None:
-        prev_files = {}  # nothing to link to: every file is collected afresh
+        prev_files, prev_skipped = {}, {}  # nothing to link to: every file is collected afresh
     job["prev_keys"] = {rel: v[2] for rel, v in prev_files.items()}  # rel -> stat key
     if prev_files:
-        quick = _unchanged_by_stat(job, prev_files)
+        quick = _unchanged_by_stat(job, prev_files, prev_skipped)
         if quick is not None:
             return quick
 
@@ -469,7 +493,7 @@ def collect_home(job: dict) -> dict:
     child_sock.close()
     parent_sock.settimeout(job.get("read_timeout", READ_TIMEOUT))
     try:
-        return _collect(parent_sock, job, user_fd, prev_fd, prev_files)
+        return _collect(parent_sock, job, user_fd, prev_fd, prev_files, prev_skipped)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -478,7 +502,12 @@ def collect_home(job: dict) -> dict:
 
 
 def _collect(
-    sock: socket.socket, job: dict, user_fd: int | None, prev_fd: int | None, prev_files: dict
+    sock: socket.socket,
+    job: dict,
+    user_fd: int | None,
+    prev_fd: int | None,
+    prev_files: dict,
+    prev_skipped: dict,
 ) -> dict:
     dry = job["dry_run"]
     username = job["username"]
@@ -488,6 +517,7 @@ def _collect(
     pending_links: list[str] = []
     entries: list[dict] = []  # manifest rows, in order
     cache: dict[str, list] = {}  # rel -> [sha, size, key] of every collected file
+    skip_cache: dict[str, list] = {}  # rel -> ["skipped: why", size, key] of every skipped one
     seen: set[str] = set()
     counts = {"new": 0, "changed": 0, "unchanged": 0, "skipped": 0}
     skipped: list[str] = []
@@ -513,8 +543,9 @@ def _collect(
                     e.update(sha="", status="skipped: the previous copy is missing; retrieve again")
             skipped.append(f"{_show(rel)}: the previous copy is missing from the destination")
 
-    def skip_row(rel: str, why: str, size: int = 0, mtime: int = 0) -> None:
+    def skip_row(rel: str, why: str, size: int = 0, mtime: int = 0, key: str = "") -> None:
         counts["skipped"] += 1
+        skip_cache[rel] = [SKIPPED + why, size, key]
         skipped.append(f"{_show(rel)}: {why}")
         entries.append(
             {"rel": rel, "size": size, "mtime": mtime, "sha": "", "status": f"skipped: {why}"}
@@ -582,7 +613,7 @@ def _collect(
             seen.add(rel)
             size, mtime = msg["size"], msg["mtime"]
             if t == "skip":
-                skip_row(rel, msg["why"], size, mtime)
+                skip_row(rel, msg["why"], size, mtime, msg.get("key", ""))
                 continue
             if fd is None:
                 skip_row(rel, "could not be opened", size, mtime)
@@ -591,15 +622,15 @@ def _collect(
             fst = os.fstat(fd)
             size, mtime, key = fst.st_size, fst.st_mtime_ns, safefs.stat_key(fst)
             if not stat.S_ISREG(fst.st_mode):
-                skip_row(rel, safefs.kind(fst), size, mtime)
+                skip_row(rel, safefs.kind(fst), size, mtime, key)
                 continue
             if size > max_file:
-                skip_row(rel, f"larger than max_file_size ({size} > {max_file} bytes)", size, mtime)
+                why = f"larger than max_file_size ({size} > {max_file} bytes)"
+                skip_row(rel, why, size, mtime, key)
                 continue
             if total + size > max_total:
-                skip_row(
-                    rel, f"over max_total_size ({max_total} bytes) for this retrieval", size, mtime
-                )
+                why = f"over max_total_size ({max_total} bytes) for this retrieval"
+                skip_row(rel, why, size, mtime, key)
                 continue
             grew = f"grew past max_file_size ({max_file} bytes) while read"
             prev = prev_files.get(rel)
@@ -635,7 +666,9 @@ def _collect(
                 os.close(extra)
 
     deleted = sorted(set(prev_files) - seen)
-    if deleted:
+    if deleted or set(skip_cache) != set(prev_skipped):
+        # What cannot be collected is part of the record too: a file that became (or stopped
+        # being) unreadable, too large, a link... makes a new snapshot and manifest rows.
         changed = True
     result = {
         "counts": counts,
@@ -653,7 +686,7 @@ def _collect(
             [rel, *v]
             for rel, v in cache.items()
             if prev_files.get(rel, [None, None, None])[2] != v[2]
-        ]
+        ] + [[rel, *v] for rel, v in skip_cache.items() if prev_skipped[rel][1] != v[2]]
         result.update(state="unchanged", cache=fresh)
         return result
     if dry:
@@ -676,7 +709,10 @@ def _collect(
         for e in entries
     ]
     result.update(
-        state="collected", snapshot=name, rows=rows, cache=[[rel, *v] for rel, v in cache.items()]
+        state="collected",
+        snapshot=name,
+        rows=rows,
+        cache=[[rel, *v] for rel, v in (*cache.items(), *skip_cache.items())],
     )
     return result
 
@@ -779,7 +815,9 @@ def retrieve(course: Course, *, only=(), deadline=None) -> int:
             continue
         result = payload["ok"]
         if result["state"] == "nothing":
-            report.unchanged(st.username, f"nothing to collect: {result['why']}")
+            skipped = _detail({"skipped": result.get("skipped")})
+            tail = f"; {skipped}" if skipped else ""
+            report.unchanged(st.username, f"nothing to collect: {result['why']}{tail}")
         elif result["state"] == "unchanged":
             report.unchanged(st.username, _detail(result))
         else:

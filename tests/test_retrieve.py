@@ -217,3 +217,54 @@ def test_retrieve_owner(ready_course, tmp_path):
     bad = c.run("retrieve", "--yes")
     assert bad.returncode == 2 and "above it" in bad.stderr
     assert not inside.exists()
+
+
+@needs_root
+def test_retrieve_new_skipped_file_is_recorded(ready_course):
+    """A file that appears after a snapshot and cannot be collected (made 0000 by the student,
+    or over max_file_size) still reaches the manifest as skipped with its reason, once."""
+    c = ready_course
+    a, b = c.usernames
+    assert c.run("send", "--yes").returncode == 0
+    dest = c.base / "submissions"
+    assert c.run("retrieve", "--yes").returncode == 0
+    (first,) = snapshots(dest, a)
+    pa = c.pw(a)
+    locked = c.home(a) / "tutorial" / "locked.py"
+    locked.write_text("secret answers\n")
+    os.chown(locked, pa.pw_uid, pa.pw_gid)
+    os.chmod(locked, 0)
+    huge = c.home(a) / "tutorial" / "huge.bin"
+    with open(huge, "wb") as f:
+        f.truncate(50 << 30)
+    os.chown(huge, pa.pw_uid, pa.pw_gid)
+
+    r = c.run("retrieve", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(a))
+    assert "locked.py" in line and "permission denied" in line and "huge.bin" in line
+    assert "retrieve: 1 collected, 1 unchanged, 0 failed" in r.stdout, r.stdout
+    _, second = snapshots(dest, a)
+    assert os.readlink(dest / a / "latest") == second
+    assert not (dest / a / second / "locked.py").exists()
+    assert (dest / a / second / "lesson.ipynb").stat().st_ino == (
+        (dest / a / first / "lesson.ipynb").stat().st_ino
+    )
+    rows = {r["path"]: r for r in manifest(dest) if r["snapshot"] == second}
+    assert rows["locked.py"]["status"].startswith("skipped: ")
+    assert "permission denied" in rows["locked.py"]["status"]
+    assert rows["huge.bin"]["status"].startswith("skipped: ")
+    assert "max_file_size" in rows["huge.bin"]["status"]
+    assert rows["lesson.ipynb"]["status"] == "unchanged"
+
+    n = len(manifest(dest))
+    again = c.run("retrieve", "--yes")
+    assert again.returncode == 0
+    assert "retrieve: 2 unchanged, 0 failed" in again.stdout, again.stdout
+    assert len(snapshots(dest, a)) == 2 and len(manifest(dest)) == n
+
+    # The student makes it readable again: collected as new.
+    os.chmod(locked, 0o644)
+    r = c.run("retrieve", "--yes", "--only", a)
+    assert "1 collected" in r.stdout, r.stdout
+    assert (dest / a / "latest" / "locked.py").read_text() == "secret answers\n"
