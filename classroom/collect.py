@@ -194,10 +194,13 @@ def _reader(sock: socket.socket, job: dict) -> None:
     max_file = job["max_file"]
     same: list[list] = []  # unchanged files, sent in batches: [rel, key, size, mtime]
 
+    dirs: list[str] = []
+
     def flush() -> None:
-        if same:
-            send({"t": "same", "items": same})
+        if same or dirs:
+            send({"t": "same", "items": same, "dirs": dirs})
             same.clear()
+            dirs.clear()
 
     def skip(entry: safefs.Entry, why: str) -> None:
         flush()
@@ -207,13 +210,16 @@ def _reader(sock: socket.socket, job: dict) -> None:
         send({"t": "skip", "rel": entry.rel, "why": why, "size": size, "mtime": mtime, "key": key})
 
     for entry in safefs.walk(
-        fd, exclude=job["exclude"], include=job["include"], dev=dev, uid=pw.pw_uid
+        fd, exclude=job["exclude"], include=job["include"], dev=dev, uid=pw.pw_uid, dirs=True
     ):
         st = entry.st
         if entry.problem:
             skip(entry, entry.problem)
             continue
         assert st is not None
+        if stat.S_ISDIR(st.st_mode):  # kept in the snapshot too, even when empty
+            dirs.append(entry.rel)
+            continue
         size = st.st_size
         if size > max_file:
             skip(entry, f"larger than max_file_size ({size} > {max_file} bytes)")
@@ -222,7 +228,7 @@ def _reader(sock: socket.socket, job: dict) -> None:
         mtime = st.st_mtime_ns
         if prev.get(entry.rel) == key:
             same.append([entry.rel, key, size, mtime])
-            if len(same) >= 200:
+            if len(same) + len(dirs) >= 200:
                 flush()
             continue
         flush()
@@ -519,6 +525,7 @@ def _collect(
     cache: dict[str, list] = {}  # rel -> [sha, size, key] of every collected file
     skip_cache: dict[str, list] = {}  # rel -> ["skipped: why", size, key] of every skipped one
     seen: set[str] = set()
+    folders: list[str] = []  # every folder, so that empty ones are in the snapshot too
     counts = {"new": 0, "changed": 0, "unchanged": 0, "skipped": 0}
     skipped: list[str] = []
     late: list[str] = []
@@ -598,6 +605,7 @@ def _collect(
             if t == "error":
                 raise RuntimeError(msg["why"])
             if t == "same":
+                folders.extend(msg.get("dirs", ()))
                 for rel, key, size, mtime in msg["items"]:
                     seen.add(rel)
                     prev = prev_files.get(rel)
@@ -694,6 +702,8 @@ def _collect(
         return result
     s = ensure()
     assert s is not None
+    for rel in folders:
+        s.parent(f"{rel}/-")
     name = s.finish()
     rows = [
         [

@@ -268,3 +268,27 @@ def test_retrieve_new_skipped_file_is_recorded(ready_course):
     r = c.run("retrieve", "--yes", "--only", a)
     assert "1 collected" in r.stdout, r.stdout
     assert (dest / a / "latest" / "locked.py").read_text() == "secret answers\n"
+
+
+@needs_root
+def test_retrieve_keeps_empty_folders(ready_course):
+    """The snapshot is the student's folder: empty folders (sent or made) are in it too."""
+    c = ready_course
+    a = c.usernames[0]
+    (c.base / "tutorial" / "results").mkdir()
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    pa = c.pw(a)
+    for sub in ("notes", "notes/week 1", "plots"):
+        p = c.home(a) / "tutorial" / sub
+        p.mkdir()
+        os.chown(p, pa.pw_uid, pa.pw_gid)
+    r = c.run("retrieve", "--yes", "--only", a)
+    assert r.returncode == 0, r.stdout + r.stderr
+    latest = c.base / "submissions" / a / "latest"
+    for sub in ("results", "notes", "notes/week 1", "plots", "data"):
+        assert (latest / sub).is_dir(), sub
+    home = c.home(a) / "tutorial"
+    snap = latest.resolve()
+    assert {str(p.relative_to(home)) for p in home.rglob("*")} == {
+        str(p.relative_to(snap)) for p in snap.rglob("*")
+    }
