@@ -469,14 +469,17 @@ def _outcome(actions: dict[str, list[str]]) -> str | None:
     return None
 
 
-def _detail(actions: dict[str, list[str]], skipped: list[str], limit: int = 5) -> str:
+def _detail(
+    actions: dict[str, list[str]], skipped: list[str], limit: int = 5, names: bool = False
+) -> str:
+    """What was done to one student; ``names``: list the files of every action (a dry run)."""
     parts = []
     for what in ("copied", "restored", "updated", "overwritten", "conflict", "kept"):
         items = actions.get(what) or []
         if not items:
             continue
         label = {"conflict": "conflict", "kept": "conflict kept"}.get(what, what)
-        if what in ("conflict", "kept", "overwritten") or len(items) <= 2:
+        if names or what in ("conflict", "kept", "overwritten") or len(items) <= 2:
             shown = ", ".join(items[:limit]) + (
                 f", ... {len(items) - limit} more" if len(items) > limit else ""
             )
@@ -586,7 +589,10 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
                 continue
             result = payload["ok"]
             outcome = _outcome(result["actions"])
-            detail = _detail(result["actions"], result["skipped"])
+            if course.dry_run:  # a dry run says exactly what would be done
+                detail = _detail(result["actions"], result["skipped"], limit=20, names=True)
+            else:
+                detail = _detail(result["actions"], result["skipped"])
             if outcome:
                 report.done(st.username, outcome, detail)
             else:

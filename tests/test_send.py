@@ -84,6 +84,9 @@ def test_send_dry_run_then_copy_then_unchanged(ready_course):
     dry = c.run("send", "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "would be copied" in dry.stdout
+    for line in (ln for ln in dry.stdout.splitlines() if ": would be copied" in ln):
+        for name in ("lesson.ipynb", "data/numbers.csv", "run.sh"):  # exactly what, file by file
+            assert name in line, line
     for u in c.usernames:
         assert not (c.home(u) / "tutorial").exists()
 
