@@ -107,7 +107,9 @@ PRELOAD = (
     "httpcore",
     "h11",
 )
-FIRST_FD = 3
+BECAME_FD = 3  # the child's end of the pipe that says "I am the student now" (then closed)
+FIRST_FD = 4  # every descriptor from here up is closed in the child
+BECAME = b"ok"
 # The fork server's environment carries this padding so that each child can write its own
 # (clean) environment over the block the kernel shows as /proc/PID/environ.
 ENV_PAD = "CLASSROOM_ENV_PAD"
@@ -178,37 +180,60 @@ def spawn(app: str, request: dict) -> int:
     sys.stderr.flush()
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # intermediate: fork the server, tell its pid, vanish
+    if pid == 0:  # intermediate: fork the server, tell its pid once it is the student, vanish
         code = 1
         try:
             os.close(rfd)
+            became_r, became_w = os.pipe()
             server = os.fork()
             if server == 0:
                 os.close(wfd)
-                become_server(app, pw, args, log_path)  # never returns
-            os.write(wfd, str(server).encode())
+                os.close(became_r)
+                become_server(app, pw, args, log_path, became_w)  # never returns
+            os.close(became_w)
+            if read_all(became_r) == BECAME:
+                os.write(wfd, str(server).encode())
+            else:
+                os.write(wfd, b"!")
             code = 0
         finally:
             os._exit(code)
     os.close(wfd)
-    data = b""
-    while chunk := os.read(rfd, 64):
-        data += chunk
-    os.close(rfd)
+    data = read_all(rfd)
     os.waitpid(pid, 0)
     if not data:
         raise RuntimeError("fork failed")
+    if data == b"!":
+        raise RuntimeError(f"the server stopped before it became {username} (see its log)")
     return int(data)
 
 
-def become_server(app: str, pw: pwd.struct_passwd, args: list[str], log_path: str) -> None:
-    """In the child: drop everything of root's, become the student, run the server. Never returns."""
+def read_all(fd: int) -> bytes:
+    """Everything until EOF; the descriptor is closed."""
+    data = b""
+    try:
+        while chunk := os.read(fd, 64):
+            data += chunk
+    finally:
+        os.close(fd)
+    return data
+
+
+def become_server(
+    app: str, pw: pwd.struct_passwd, args: list[str], log_path: str, became: int
+) -> None:
+    """In the child: drop everything of root's, become the student, run the server. Never returns.
+
+    Once it is the student it writes ``BECAME`` to ``became`` (and closes it), so the pid
+    launch records is never that of a process still running as root.
+    """
     try:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
+        os.dup2(became, BECAME_FD)
         os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
         os.setsid()
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGQUIT):
@@ -225,6 +250,8 @@ def become_server(app: str, pw: pwd.struct_passwd, args: list[str], log_path: st
             raise PermissionError("setuid(0) succeeded after dropping privileges")
         if {*os.getresuid(), *os.getresgid()} - {pw.pw_uid, pw.pw_gid}:
             raise PermissionError("the student's ids did not stick")
+        os.write(BECAME_FD, BECAME)
+        os.close(BECAME_FD)
         os.environ.clear()
         os.environ.update(student_env(pw))
         show_environ(student_env(pw))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import free_port, needs_root
 from test_launch import CLEAN_ENV, answers, proc_fds, proc_status, server_rows, status
 
@@ -90,6 +91,8 @@ def test_fork_server_holds_nothing_and_its_children_are_the_students(ready_cours
         port = free_port()
         args = servers.server_args(settings, pw.pw_dir, port)
         server_pid = fork.spawn(a, pw.pw_uid, args, str(log))
+        # the pid is only handed out once it is the student's (launch records uid with it)
+        assert set(proc_status(server_pid)["Uid"].split()) == {str(pw.pw_uid)}
         assert wait_answers(port, server_pid), log.read_text()
         server = psutil.Process(server_pid)
         assert server.ppid() != fork.pid  # forked twice: not the fork server's child
@@ -124,6 +127,10 @@ def test_fork_server_holds_nothing_and_its_children_are_the_students(ready_cours
             "read": "denied",
             "ptrace": "denied",
         }
+
+        # A child that cannot become the student is that request's error; the server goes on.
+        with pytest.raises(ValueError, match=f"stopped before it became {b}"):
+            fork.spawn(b, c.pw(b).pw_uid, args, str(tmp_path / "no-such-dir" / "b.log"))
 
         # Killing the fork server does not kill the servers it started.
         os.kill(fork.pid, signal.SIGKILL)
