@@ -46,6 +46,8 @@ POLITE_TIMEOUT = 10.0  # SIGTERM to the server: jupyter_server's own clean stop 
 TERM_TIMEOUT = 5.0  # SIGTERM to whatever of its processes is left (kernels, terminals)
 KILL_TIMEOUT = 5.0  # SIGKILL to the rest
 READY_POLL = 0.2  # seconds between readiness probes
+PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on another
+STOPPED_EARLY = "the server stopped before it answered"
 START_TIME_SLACK = 0.05  # process start times are in clock ticks
 
 APP_MODULES = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}
@@ -478,7 +480,7 @@ def wait_ready(settings: Settings, start: Start, timeout: float) -> str | None:
     while True:
         proc = find_process(start.pid, start.start_time, start.pw.pw_uid)
         if proc is None:
-            return "the server stopped before it answered"
+            return STOPPED_EARLY
         try:
             if context is not None:
                 conn = http.client.HTTPSConnection(host, start.port, timeout=2, context=context)
@@ -674,24 +676,7 @@ def _start_all(course: Course, report: Report, starts: list[Start], pre_spawn) -
         except StepFailed as exc:
             report.failed(st.username, f"preparing the home failed: {exc}")
 
-    # pre_spawn hooks, in parallel; a failing hook stops only that student.
-    if pre_spawn and ready:
-        with ThreadPoolExecutor(max_workers=min(16, len(ready))) as pool:
-            outcomes = list(
-                pool.map(
-                    lambda st: _try(
-                        lambda: _run_hook(course, pre_spawn, st.username, st.pw.pw_dir, st.port)
-                    ),
-                    ready,
-                )
-            )
-        kept = []
-        for st, error in zip(ready, outcomes, strict=True):
-            if error:
-                report.failed(st.username, f"pre_spawn {error}; not started")
-            else:
-                kept.append(st)
-        ready = kept
+    ready = _pre_spawn(course, report, pre_spawn, ready)
 
     # Start them all (recorded before they count), then wait for them together.
     if fork is not None:
@@ -703,6 +688,47 @@ def _start_all(course: Course, report: Report, starts: list[Start], pre_spawn) -
             )
             fork.close(timeout=1)
             fork = None
+    try:
+        spawned, fork = _spawn_all(course, report, ready, fork)
+        for attempt in range(PORT_RETRIES + 1):
+            retry = _wait_all(course, report, spawned, retry_ports=attempt < PORT_RETRIES)
+            if not retry:
+                break
+            retry = _pre_spawn(course, report, pre_spawn, _new_ports(course, report, retry))
+            spawned, fork = _spawn_all(course, report, retry, fork)
+    finally:
+        if fork is not None:
+            fork.close()
+    return report.finish()
+
+
+def _pre_spawn(course: Course, report: Report, pre_spawn, ready: list[Start]) -> list[Start]:
+    """Run the pre_spawn hooks in parallel; those whose hook failed are not started."""
+    if not pre_spawn or not ready:
+        return ready
+    with ThreadPoolExecutor(max_workers=min(16, len(ready))) as pool:
+        outcomes = list(
+            pool.map(
+                lambda st: _try(
+                    lambda: _run_hook(course, pre_spawn, st.username, st.pw.pw_dir, st.port)
+                ),
+                ready,
+            )
+        )
+    kept = []
+    for st, error in zip(ready, outcomes, strict=True):
+        if error:
+            report.failed(st.username, f"pre_spawn {error}; not started")
+        else:
+            kept.append(st)
+    return kept
+
+
+def _spawn_all(course: Course, report: Report, ready: list[Start], fork):
+    """Start each server (fork server, else exec) and record it; (the started, the fork server)."""
+    from .forkserver import ForkServerError
+
+    s = course.settings
     spawned: list[Start] = []
     for st in ready:
         fd = open_log(s, st.username, f"launch: port {st.port}")
@@ -735,9 +761,14 @@ def _start_all(course: Course, report: Report, starts: list[Start], pre_spawn) -
                 (st.username, st.port, st.pid, st.start_time, st.pw.pw_uid, st.mode, st.url, now()),
             )
         spawned.append(st)
-    if fork is not None:
-        fork.close()
+    return spawned, fork
 
+
+def _wait_all(course: Course, report: Report, spawned: list[Start], *, retry_ports: bool):
+    """Wait for the servers together; report each. Returns those to try again on another
+    port (with ``retry_ports``): their server stopped because someone else took the port
+    meanwhile (another course launching at the same time, say)."""
+    s = course.settings
     with ThreadPoolExecutor(max_workers=max(1, min(64, len(spawned)))) as pool:
         waits = list(pool.map(lambda st: wait_ready(s, st, s.start_timeout), spawned))
     failed = []
@@ -753,17 +784,48 @@ def _start_all(course: Course, report: Report, starts: list[Start], pre_spawn) -
             report.done(st.username, "started", st.url)
         else:
             failed.append((st, problem))
-    if failed:
-        procs = [p for st, _ in failed if (p := find_process(st.pid, st.start_time, st.pw.pw_uid))]
-        stop_processes(procs, polite=2, term=2, kill=2)
-        for st, problem in failed:
-            _forget(
-                course, st.username, "launch", "start failed", {"port": st.port, "why": problem}
+    if not failed:
+        return []
+    procs = [p for st, _ in failed if (p := find_process(st.pid, st.start_time, st.pw.pw_uid))]
+    stop_processes(procs, polite=2, term=2, kill=2)
+    retry = []
+    for st, problem in failed:
+        _forget(course, st.username, "launch", "start failed", {"port": st.port, "why": problem})
+        if retry_ports and problem == STOPPED_EARLY and not port_free(s.ip, st.port):
+            retry.append(st)
+            continue
+        tail = log_tail(s, st.username)
+        detail = f"; its log says: {tail}" if tail else ""
+        report.failed(st.username, f"{problem}{detail} (full log: {log_path(s, st.username)})")
+    return retry
+
+
+def _new_ports(course: Course, report: Report, retry: list[Start]) -> list[Start]:
+    """Other free ports for servers whose port was taken while they started."""
+    s = course.settings
+    reserved = {r["port"] for r in course.state.execute("SELECT port FROM ports")}
+    reserved |= {r["port"] for r in course.state.execute("SELECT port FROM servers")}
+    reserved |= {s.portal_port} | {st.port for st in retry}
+    again = []
+    for st in retry:
+        old = st.port
+        try:
+            st.port = choose_port(None, reserved, s.first_port, lambda p: port_free(s.ip, p))
+        except StepFailed as exc:
+            report.failed(st.username, f"port {old} was taken while it started, and {exc}")
+            continue
+        reserved.add(st.port)
+        st.args = server_args(s, st.pw.pw_dir, st.port)
+        st.url = server_url(s, st.port)
+        st.pid = st.start_time = None
+        with course.state.transaction():
+            course.state.execute(
+                "INSERT OR REPLACE INTO ports (username, port) VALUES (?, ?)",
+                (st.username, st.port),
             )
-            tail = log_tail(s, st.username)
-            detail = f"; its log says: {tail}" if tail else ""
-            report.failed(st.username, f"{problem}{detail} (full log: {log_path(s, st.username)})")
-    return report.finish()
+        report.note(f"  {st.username}: port {old} was taken while it started; trying {st.port}")
+        again.append(st)
+    return again
 
 
 def _try(func: Callable[[], object]) -> str | None:

@@ -479,3 +479,55 @@ def test_portal_reaps_a_dead_server_and_ctrl_c_leaves_the_others_running(ready_c
             proc.kill()
             proc.wait()
         c.run("shutdown")
+
+
+TAKE_PORT_HOOK = """\
+#!{python}
+# pre_spawn: the first time, someone else takes the student's port just before the server starts
+import os, socket, sys, time
+marker = os.path.join({folder!r}, "took-" + sys.argv[1])
+if sys.argv[1] == {target!r} and not os.path.exists(marker):
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", int(os.environ["NB_PORT"])))
+        s.listen()
+        os.write(w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    os.read(r, 1)
+    with open(marker, "w") as f:
+        f.write(os.environ["NB_PORT"])
+"""
+
+
+@needs_root
+def test_a_port_taken_while_the_server_starts_is_replaced(ready_course, tmp_path):
+    """Two courses launching at once may pick the same free port: the loser moves on."""
+    import psutil
+
+    c = ready_course
+    a, b = c.usernames
+    hook = tmp_path / "take-port"
+    hook.write_text(TAKE_PORT_HOOK.format(python=sys.executable, folder=str(tmp_path), target=a))
+    hook.chmod(0o755)
+    c.write_config(launch={"app": "server"}, hooks={"pre_spawn": str(hook)})
+    try:
+        r = c.run("launch", "--no-portal")
+        assert r.returncode == 0, r.stdout + r.stderr
+        taken = int((tmp_path / f"took-{a}").read_text())
+        assert f"{a}: port {taken} was taken while it started; trying" in r.stdout
+        st = status(c)
+        assert st[a]["server"] == "running" and st[a]["port"] != taken
+        assert st[a]["port"] != st[b]["port"] and answers(st[a]["port"])
+        assert st[a]["url"].endswith(f":{st[a]['port']}/")
+    finally:
+        for p in psutil.process_iter(["cmdline"]):
+            if str(hook) in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        c.run("shutdown")
