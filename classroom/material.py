@@ -191,6 +191,8 @@ class HomeSender:
         self.dev: int | None = None
         self.backup_fd: int | None = None
         self.backup_dirs: dict[str, int] = {}
+        self.backup_name: str | None = None
+        self.root_fd: int | None = None
 
     def act(self, action: str, text: str) -> None:
         self.actions.setdefault(action, []).append(text)
@@ -399,12 +401,29 @@ class HomeSender:
             os.close(fd)
         self.records.append([rel, f.sha256, f.size, safefs.stat_key(st)])
 
+    def backup_stamp(self) -> str:
+        """This run's folder in .backup: TIMESTAMP, or TIMESTAMP.N when an earlier run made that.
+
+        Two ``--force`` runs in the same second must not put the second backup over the first.
+        """
+        if self.backup_name is None:
+            name, n = self.job["stamp"], 1
+            while self.root_fd is not None:
+                try:
+                    os.stat(f".backup/{name}", dir_fd=self.root_fd, follow_symlinks=False)
+                except OSError:
+                    break
+                n += 1
+                name = f"{self.job['stamp']}.{n}"
+            self.backup_name = name
+        return self.backup_name
+
     def backup_where(self, rel: str) -> str:
-        return f".backup/{self.job['stamp']}/{_show(rel)}"
+        return f".backup/{self.backup_stamp()}/{_show(rel)}"
 
     def backup(self, dir_fd: int, rel: str, name: str) -> None:
         """Move the student's ``rel`` to FOLDER/.backup/STAMP/rel (a rename: nothing is read or copied)."""
-        parts = [".backup", self.job["stamp"], *rel.split("/")[:-1]]
+        parts = [".backup", self.backup_stamp(), *rel.split("/")[:-1]]
         fd = self.root_fd
         key = ""
         for part in parts:

@@ -265,3 +265,41 @@ def test_send_dry_run_without_root(ready_course):
     assert "Traceback" not in proc.stderr
     for u in c.usernames:
         assert not (c.home(u) / "tutorial").exists()
+
+
+@needs_root
+def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeypatch):
+    """Two --force runs with the same TIMESTAMP: the second backup goes beside the first."""
+    import datetime as dt
+    import types
+
+    from classroom import course as course_mod
+    from classroom import material
+
+    c = ready_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    fixed = dt.datetime(2030, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(
+        material, "dt", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: fixed))
+    )
+
+    def send_force():
+        crs = course_mod.open_course(
+            c.config, "send", changes=True, yes=True, only=(a,), quiet=True
+        )
+        try:
+            return material.send(crs, only=(a,), force=True)
+        finally:
+            crs.close()
+
+    assert send_force() == 0
+    lesson = c.home(a) / "tutorial" / "lesson.ipynb"
+    for version in ("first answers", "second answers"):
+        lesson.write_text(version)
+        os.chown(lesson, pa.pw_uid, pa.pw_gid)
+        assert send_force() == 0
+    backup = c.home(a) / "tutorial" / ".backup"
+    kept = sorted((p / "lesson.ipynb").read_text() for p in backup.iterdir())
+    assert kept == ["first answers", "second answers"]
+    assert sorted(p.name for p in backup.iterdir()) == ["2030-01-02_030405", "2030-01-02_030405.2"]
