@@ -26,7 +26,7 @@ import psutil
 
 from . import credentials, passwords
 from .course import Course, progress
-from .errors import InvalidInput, Refused, StepFailed
+from .errors import CommandFailedForAll, InvalidInput, Refused, StepFailed
 from .roster import Student
 from .secret import Secret
 from .state import now
@@ -168,15 +168,21 @@ def ensure_group(course: Course) -> bool:
     defs = login_defs()
     gid_min = int(defs.get("GID_MIN", "1000") or 1000)
     gid_max = int(defs.get("GID_MAX", "60000") or 60000)
-    gid = free_id({g.gr_gid for g in grp.getgrall()}, gid_min, gid_max)
-    with course.state.transaction():
-        course.state.set_meta("group_creating", f"{s.group}:{gid}")
-    try:
-        run_account_tool(["groupadd", "--gid", str(gid), "--", s.group])
-    except StepFailed:
+    for _attempt in range(5):
+        gid = free_id({g.gr_gid for g in grp.getgrall()}, gid_min, gid_max)
         with course.state.transaction():
-            course.state.set_meta("group_creating", None)
-        raise
+            course.state.set_meta("group_creating", f"{s.group}:{gid}")
+        try:
+            run_account_tool(["groupadd", "--gid", str(gid), "--", s.group])
+            break
+        except StepFailed as exc:
+            with course.state.transaction():
+                course.state.set_meta("group_creating", None)
+            if "already exists" in str(exc) and f"'{gid}'" in str(exc):
+                continue  # another program took that gid meanwhile
+            raise
+    else:
+        raise StepFailed("groupadd kept finding its gid taken; try again")
     with course.state.transaction():
         course.state.set_meta("group_gid", str(gid))
         course.state.set_meta("group_creating", None)
@@ -444,8 +450,13 @@ def setup(
         return report.finish()
 
     check_home_base(course)
-    if ensure_group(course):
-        report.note(f"group {s.group} created")
+    try:
+        if ensure_group(course):
+            report.note(f"group {s.group} created")
+    except StepFailed as exc:
+        raise CommandFailedForAll(
+            f"creating the course group {s.group} failed, nothing else done: {exc}"
+        ) from None
 
     need_password: list[tuple[Account, pwd.struct_passwd]] = []
     changed: dict[str, list[str]] = {}

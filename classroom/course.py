@@ -40,7 +40,10 @@ class Report:
         self.outcomes[username] = outcome
         if not self.quiet:
             tail = f" ({detail})" if detail else ""
-            click.echo(f"  {username}: {'would be ' if self.dry_run else ''}{outcome}{tail}")
+            would = ""
+            if self.dry_run:
+                would = "would be " if outcome.endswith(("ed", "ing")) else "would "
+            click.echo(f"  {username}: {would}{outcome}{tail}")
 
     def unchanged(self, username: str, detail: str = "") -> None:
         self.outcomes[username] = "unchanged"

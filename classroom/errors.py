@@ -42,3 +42,9 @@ class NotImplementedYet(ClassroomError):
 
 class StepFailed(Exception):
     """One student's step failed; the message says why and what to do."""
+
+
+class CommandFailedForAll(ClassroomError):
+    """A step every student depends on failed (the course group, say): exit 1, each fails."""
+
+    exit_code = EXIT_PARTIAL
