@@ -265,3 +265,27 @@ def test_check_flags_unreachable_home_base_and_busy_ports(course, tmp_path):
     assert r.returncode == 2 and not data["ok"]
     assert any("let other users through" in p for p in data["problems"])
     assert any(str(port) in w and "skip" in w for w in data["warnings"])
+
+
+def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
+    from click.testing import CliRunner
+
+    from classroom import accounts, cli
+
+    squatter = random_name("tg")
+    subprocess.run(["groupadd", squatter], check=True)
+    try:
+        taken = grp.getgrnam(squatter).gr_gid
+        real = accounts.free_id
+        calls = []
+
+        def racy(used, low, high):
+            calls.append(1)
+            return taken if len(calls) == 1 else real(used, low, high)
+
+        monkeypatch.setattr(accounts, "free_id", racy)
+        result = CliRunner().invoke(cli.cli, ["setup", str(course.config)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert grp.getgrnam(course.name).gr_gid != taken
+    finally:
+        subprocess.run(["groupdel", squatter], check=False)
