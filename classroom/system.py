@@ -7,6 +7,7 @@ that has dropped to a student's uid, gid and groups.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,20 +61,31 @@ def run(
         log.debug("  with %s", " ".join(f"{k}={shlex.quote(v)}" for k, v in extra.items()))
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **extra}
     try:
-        proc = subprocess.run(
+        child = subprocess.Popen(
             argv,
-            input=data,
-            capture_output=True,
+            stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=env,
-            timeout=timeout,
             close_fds=True,
-            check=False,
+            start_new_session=True,  # on a timeout, the whole group goes, not just argv[0]
         )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise CommandFailed(argv, -1, f"timed out after {timeout} s") from exc
+    try:
+        stdout, stderr = child.communicate(data, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise CommandFailed(argv, -1, f"timed out after {timeout} s") from None
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     out = (proc.stdout or "") + (proc.stderr or "")
     if out.strip():
         log.debug("  -> %s", out.strip().replace("\n", "\n     "))
