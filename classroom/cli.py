@@ -80,18 +80,18 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     log.setLevel(logging.DEBUG)
 
 
-def _course(
-    ctx: click.Context, config, command: str, *, changes: bool, dry_run=False, only=(), yes=False
-):
-    return open_course(
-        resolve_config(config),
-        command,
-        changes=changes,
-        dry_run=dry_run,
-        only=tuple(only),
-        yes=yes,
-        quiet=ctx.obj.quiet,
+def perform(ctx: click.Context, config, command: str, action, *, changes: bool, **options) -> None:
+    """Open the course (config, roster, root, lock), run ``action(course)``, exit with its status."""
+    if "only" in options:
+        options["only"] = tuple(options["only"])
+    course = open_course(
+        resolve_config(config), command, changes=changes, quiet=ctx.obj.quiet, **options
     )
+    try:
+        code = action(course)
+    finally:
+        course.close()
+    ctx.exit(code)
 
 
 @cli.command(epilog=CONFIG_HELP)
@@ -113,14 +113,18 @@ def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
     """
     from . import accounts
 
-    course = _course(ctx, config, "setup", changes=True, dry_run=dry_run, only=only, yes=yes)
-    try:
-        code = accounts.setup(
+    perform(
+        ctx,
+        config,
+        "setup",
+        lambda course: accounts.setup(
             course, only=tuple(only), reset_passwords=reset_passwords, handout=handout
-        )
-    finally:
-        course.close()
-    ctx.exit(code)
+        ),
+        changes=True,
+        dry_run=dry_run,
+        only=only,
+        yes=yes,
+    )
 
 
 @cli.command(epilog=CONFIG_HELP)
@@ -142,12 +146,18 @@ def send(ctx, config, dry_run, only, yes, force, source, folder):
     """
     from . import material
 
-    course = _course(ctx, config, "send", changes=True, dry_run=dry_run, only=only, yes=yes)
-    try:
-        code = material.send(course, only=tuple(only), force=force, source=source, folder=folder)
-    finally:
-        course.close()
-    ctx.exit(code)
+    perform(
+        ctx,
+        config,
+        "send",
+        lambda course: material.send(
+            course, only=tuple(only), force=force, source=source, folder=folder
+        ),
+        changes=True,
+        dry_run=dry_run,
+        only=only,
+        yes=yes,
+    )
 
 
 @cli.command(epilog=CONFIG_HELP)
@@ -163,14 +173,18 @@ def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
     """
     from . import servers
 
-    course = _course(ctx, config, "launch", changes=True, dry_run=dry_run, only=only, yes=yes)
-    try:
-        code = servers.launch(
+    perform(
+        ctx,
+        config,
+        "launch",
+        lambda course: servers.launch(
             course, only=tuple(only), portal=not no_portal, stop_on_exit=stop_on_exit
-        )
-    finally:
-        course.close()
-    ctx.exit(code)
+        ),
+        changes=True,
+        dry_run=dry_run,
+        only=only,
+        yes=yes,
+    )
 
 
 @cli.command(epilog=CONFIG_HELP)
@@ -184,12 +198,16 @@ def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
     """Stop every student's Jupyter server and its kernels."""
     from . import servers
 
-    course = _course(ctx, config, "shutdown", changes=True, dry_run=dry_run, only=only, yes=yes)
-    try:
-        code = servers.shutdown(course, only=tuple(only), all_jupyter=all_jupyter)
-    finally:
-        course.close()
-    ctx.exit(code)
+    perform(
+        ctx,
+        config,
+        "shutdown",
+        lambda course: servers.shutdown(course, only=tuple(only), all_jupyter=all_jupyter),
+        changes=True,
+        dry_run=dry_run,
+        only=only,
+        yes=yes,
+    )
 
 
 @cli.command(epilog=CONFIG_HELP)
@@ -204,12 +222,16 @@ def retrieve(ctx, config, dry_run, only, yes, deadline):
     from . import collect
 
     deadline_at = collect.parse_deadline(deadline) if deadline else None
-    course = _course(ctx, config, "retrieve", changes=True, dry_run=dry_run, only=only, yes=yes)
-    try:
-        code = collect.retrieve(course, only=tuple(only), deadline=deadline_at)
-    finally:
-        course.close()
-    ctx.exit(code)
+    perform(
+        ctx,
+        config,
+        "retrieve",
+        lambda course: collect.retrieve(course, only=tuple(only), deadline=deadline_at),
+        changes=True,
+        dry_run=dry_run,
+        only=only,
+        yes=yes,
+    )
 
 
 @cli.command(epilog=CONFIG_HELP)
@@ -220,12 +242,16 @@ def remove(ctx, config, dry_run, only, yes):
     """Archive and delete the students' accounts and homes (asks first unless --yes)."""
     from . import accounts
 
-    course = _course(ctx, config, "remove", changes=True, dry_run=dry_run, only=only, yes=yes)
-    try:
-        code = accounts.remove(course, only=tuple(only))
-    finally:
-        course.close()
-    ctx.exit(code)
+    perform(
+        ctx,
+        config,
+        "remove",
+        lambda course: accounts.remove(course, only=tuple(only)),
+        changes=True,
+        dry_run=dry_run,
+        only=only,
+        yes=yes,
+    )
 
 
 @cli.command(epilog=CONFIG_HELP)
@@ -237,12 +263,14 @@ def status(ctx, config, only, as_json):
     """Show each student's account, server, last send and last retrieve."""
     from . import accounts
 
-    course = _course(ctx, config, "status", changes=False, only=only)
-    try:
-        code = accounts.status(course, only=tuple(only), as_json=as_json)
-    finally:
-        course.close()
-    ctx.exit(code)
+    perform(
+        ctx,
+        config,
+        "status",
+        lambda course: accounts.status(course, only=tuple(only), as_json=as_json),
+        changes=False,
+        only=only,
+    )
 
 
 @cli.command(epilog=CONFIG_HELP)
