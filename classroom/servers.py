@@ -523,6 +523,19 @@ def _write_tls(home: str, cert: bytes, key: bytes) -> None:
         os.replace(tmp, path)
 
 
+def _remove_tls(home: str) -> bool:
+    """As the student: delete the course's copies of the certificate and key (HTTPS is off)."""
+    folder = Path(home) / TLS_DIR
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    for name in ("cert.pem", "key.pem", ".cert.pem.tmp", ".key.pem.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return True
+
+
 def _run_hook(
     course: Course, hook: hooks.Hook | None, username: str, home: str, port: int | None
 ) -> None:
@@ -672,6 +685,8 @@ def _start_all(course: Course, report: Report, starts: list[Start], pre_spawn) -
                 as_user(st.pw, _ensure_folder, root_dir(s, st.pw.pw_dir))
             if tls:
                 as_user(st.pw, _write_tls, st.pw.pw_dir, *tls)
+            else:  # HTTPS was on before: the student no longer needs the private key
+                as_user(st.pw, _remove_tls, st.pw.pw_dir)
             ready.append(st)
         except StepFailed as exc:
             report.failed(st.username, f"preparing the home failed: {exc}")
