@@ -71,6 +71,8 @@ CONFIG_TEMPLATE = {
 class TestCourse:
     """A course in a temporary folder: config, roster, tutorial; helpers to run commands."""
 
+    __test__ = False  # a fixture's helper, not a test class
+
     def __init__(self, base: Path, n: int = 2):
         self.base = base
         self.name = random_name("test-")
