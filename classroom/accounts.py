@@ -312,17 +312,30 @@ def make_home(course: Course, pw: pwd.struct_passwd) -> None:
     os.chmod(home, course.settings.home_mode, follow_symlinks=False)
 
 
+def precheck(settings) -> None:
+    """Before anything is created: refuse a home_base others could plant homes in."""
+    base = settings.home_base
+    try:
+        st = os.stat(base)
+    except FileNotFoundError:
+        return  # setup creates it, root's, 0755
+    except OSError as exc:
+        raise InvalidInput(
+            f"{settings.where('accounts', 'home_base')}: {base}: {exc.strerror}"
+        ) from None
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise InvalidInput(
+            f"{settings.where('accounts', 'home_base')}: {base} must belong to root and "
+            f"not be writable by group or others (it is uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); other users could plant a home there"
+        )
+
+
 def check_home_base(course: Course) -> None:
     """home_base must be root's and not writable by others (else they could plant homes)."""
     base = course.settings.home_base
     base.mkdir(parents=True, exist_ok=True, mode=0o755)
-    st = os.stat(base)
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        raise InvalidInput(
-            f"{course.settings.where('accounts', 'home_base')}: {base} must belong to root and "
-            f"not be writable by group or others (it is uid {st.st_uid}, mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); other users could plant a home there"
-        )
+    precheck(course.settings)
     from .checks import world_readable_chain
 
     blocked = world_readable_chain(base)

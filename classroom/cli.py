@@ -124,6 +124,7 @@ def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
         dry_run=dry_run,
         only=only,
         yes=yes,
+        precheck=accounts.precheck,
     )
 
 

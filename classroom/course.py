@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -138,9 +138,15 @@ def open_course(
     only: tuple[str, ...] = (),
     yes: bool = False,
     quiet: bool = False,
+    precheck: Callable[[Settings], None] | None = None,
 ) -> Course:
-    """Everything checked at the boundary, once: config, roster, root, state folder, lock."""
+    """Everything checked at the boundary, once: config, roster, root, state folder, lock.
+
+    ``precheck(settings)`` runs before anything is created (raise to refuse).
+    """
     settings, roster = load(config_path, only=only)
+    if precheck is not None:
+        precheck(settings)
     if changes and not dry_run:
         if not is_root():
             raise Refused(

@@ -152,6 +152,7 @@ def test_home_base_writable_by_others_is_refused(course):
     os.chmod(course.home_base, 0o777)
     r = course.run("setup")
     assert r.returncode == 2 and "home_base" in r.stderr
+    assert not course.state_dir.exists()  # refused before anything was created
     with pytest.raises(KeyError):
         pwd.getpwnam(course.usernames[0])
 
