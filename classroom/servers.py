@@ -714,7 +714,28 @@ def _start_all(course: Course, report: Report, starts: list[Start], pre_spawn) -
     finally:
         if fork is not None:
             fork.close()
+    _post_stop_failed_starts(course, report, ready)
     return report.finish()
+
+
+def _post_stop_failed_starts(course: Course, report: Report, hooked: list[Start]) -> None:
+    """Run post_stop for students whose pre_spawn ran but whose server did not start.
+
+    JupyterHub does the same, so a hook pair that sets something up and tears it
+    down stays balanced.
+    """
+    s = course.settings
+    failed = [st for st in hooked if st.username in report.failures]
+    if not s.post_stop or not s.pre_spawn or not failed:
+        return
+    try:
+        post = hooks.parse(s.post_stop, s.config_file.parent)
+    except (StepFailed, ValueError):
+        return
+    for st in failed:
+        error = _try(lambda st=st: _run_hook(course, post, st.username, st.pw.pw_dir, st.port))
+        if error:
+            report.note(f"  {st.username}: post_stop after the failed start: {error}")
 
 
 def _pre_spawn(course: Course, report: Report, pre_spawn, ready: list[Start]) -> list[Start]:

@@ -170,3 +170,28 @@ def test_failing_pre_spawn_skips_that_student_and_post_stop_runs(ready_course):
         assert (c.base / "seen.txt").read_text() == f"post {welcome}\n"
     finally:
         c.run("shutdown")
+
+
+@needs_root
+def test_post_stop_runs_when_a_start_fails_after_pre_spawn(ready_course, tmp_path):
+    from test_launch import write_as
+
+    course = ready_course
+    broken, fine = course.usernames
+    log = tmp_path / "hooks.log"
+    pre = script(tmp_path / "pre.sh", f'echo "pre $1" >> {log}\n')
+    post = script(tmp_path / "post.sh", f'echo "post $1" >> {log}\n')
+    course.write_config(
+        launch={"app": "server", "start_timeout": "20"},
+        hooks={"pre_spawn": str(pre), "post_stop": str(post)},
+    )
+    write_as(course, broken, ".jupyter/jupyter_server_config.py", "raise SystemExit('broken')\n")
+    try:
+        r = course.run("launch", "--no-portal")
+        assert r.returncode == 1, r.stdout + r.stderr
+        lines = log.read_text().split("\n")
+        assert f"pre {broken}" in lines and f"pre {fine}" in lines
+        assert f"post {broken}" in lines  # the failed start is torn down like a stop
+        assert f"post {fine}" not in lines  # the running one is not
+    finally:
+        course.run("shutdown")
