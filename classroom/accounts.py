@@ -409,8 +409,7 @@ def _write_student_files(home: str, hashed: str | None, profile: dict[str, str])
         if not isinstance(section, dict):
             section = config["IdentityProvider"] = {}
         section["hashed_password"] = hashed
-        write(config_path, json.dumps(config, indent=2) + "\n")
-        os.chmod(config_path, 0o600)
+        write(config_path, json.dumps(config, indent=2) + "\n")  # 0600, as write() makes it
     profile_dir = Path(home) / ".ipython" / "profile_default"
     for rel, text in profile.items():
         target = profile_dir / rel

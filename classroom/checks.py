@@ -6,7 +6,6 @@ import json
 import os
 import pwd
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import click
 from . import roster as roster_mod
 from . import settings as settings_mod
 from .errors import EXIT_OK, EXIT_USAGE, InvalidInput
-from .system import SAFE_PATH, login_defs
+from .system import CommandFailed, login_defs, run
 
 
 def port_free(ip: str, port: int) -> bool:
@@ -56,18 +55,17 @@ def students_can_run_python(python: Path) -> str | None:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
         return None
-    proc = subprocess.run(
-        [str(python), "-c", "import jupyter_server, ipykernel"],
-        user=nobody.pw_uid,
-        group=nobody.pw_gid,
-        extra_groups=[],
-        env={"PATH": SAFE_PATH, "HOME": "/nonexistent"},
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    try:
+        proc = run(
+            [str(python), "-c", "import jupyter_server, ipykernel"],
+            env={"HOME": "/nonexistent"},
+            user=nobody,
+            cwd="/",
+            timeout=120,
+            check=False,
+        )
+    except CommandFailed as exc:
+        return f"{python} cannot be run as an unprivileged user: {exc}"
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return f"{python} cannot import jupyter_server as an unprivileged user: {last}"

@@ -288,7 +288,7 @@ def become_server(
 
 
 def student_env(pw: pwd.struct_passwd) -> dict[str, str]:
-    """The same clean environment as the exec path (``servers.server_env``)."""
+    """The student's clean environment, for both start modes (``servers.server_env`` uses it)."""
     bindir = os.path.dirname(sys.executable)
     return {
         "HOME": pw.pw_dir,

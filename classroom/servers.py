@@ -37,7 +37,7 @@ from .course import Course, Report
 from .errors import ClassroomError, InvalidInput, Refused, StepFailed
 from .settings import Settings
 from .state import State, now
-from .system import as_user
+from .system import as_user, spawn
 
 log = logging.getLogger("classroom")
 
@@ -65,16 +65,10 @@ def server_python() -> str:
 
 
 def server_env(pw: pwd.struct_passwd) -> dict[str, str]:
-    """HOME, USER, LOGNAME, SHELL, PATH, LANG: nothing of root's (same as the fork server's)."""
-    bindir = os.path.dirname(server_python())
-    return {
-        "HOME": pw.pw_dir,
-        "USER": pw.pw_name,
-        "LOGNAME": pw.pw_name,
-        "SHELL": pw.pw_shell or "/bin/sh",
-        "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-    }
+    """HOME, USER, LOGNAME, SHELL, PATH, LANG: nothing of root's (one definition for both modes)."""
+    from .forkserver import student_env
+
+    return student_env(pw)
 
 
 def root_dir(settings: Settings, home: str) -> str:
@@ -427,22 +421,17 @@ class Start:
 
 
 def _spawn_exec(course: Course, start: Start, log_fd: int) -> int:
-    """Start the server as a new program, as the student. (A long-running child, so not system.run.)"""
+    """Start the server as a new program, as the student."""
     pw = start.pw
     argv = exec_argv(course.settings, start.args)
-    log.debug("spawn as %s: %s", pw.pw_name, shlex.join(argv))
-    proc = subprocess.Popen(
+    proc = spawn(
         argv,
+        env=server_env(pw),
+        user=pw,
         stdin=subprocess.DEVNULL,
         stdout=log_fd,
         stderr=log_fd,
-        close_fds=True,
         cwd=pw.pw_dir,
-        env=server_env(pw),
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid),
-        start_new_session=True,
         umask=0o077,
     )
     _children[proc.pid] = proc

@@ -46,10 +46,13 @@ def run(
     check: bool = True,
     timeout: float | None = 300,
     env: dict[str, str] | None = None,
+    user: pwd.struct_passwd | None = None,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (a list, no shell) and return it completed; log the command and its output.
 
-    The command gets a clean environment (PATH, LANG) plus ``env`` (never a secret).
+    The command gets a clean environment (PATH, LANG) plus ``env`` (never a secret);
+    with ``user``, it runs as that user (uid, gid and groups only).
     A ``Secret`` given as ``stdin`` is fed to the command and never logged.
     Raises ``CommandFailed`` (with the output) when ``check`` and the status is not 0.
     """
@@ -68,8 +71,10 @@ def run(
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            cwd=cwd,
             close_fds=True,
             start_new_session=True,  # on a timeout, the whole group goes, not just argv[0]
+            **identity(user),
         )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
@@ -92,6 +97,31 @@ def run(
     if check and proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, out)
     return proc
+
+
+def identity(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    """``Popen`` arguments that make a child ``user``: uid, gid and that user's groups only."""
+    if user is None:
+        return {}
+    return {
+        "user": user.pw_uid,
+        "group": user.pw_gid,
+        "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid),
+    }
+
+
+def spawn(
+    argv: Sequence[str], *, env: dict[str, str], user: pwd.struct_passwd | None = None, **popen: Any
+) -> subprocess.Popen:
+    """Start a long-running child (a student's server): logged, no shell, its own session.
+
+    ``env`` is the child's whole environment; ``popen`` passes stdio, cwd and umask.
+    """
+    argv = [str(a) for a in argv]
+    log.debug("spawn%s: %s", f" as {user.pw_name}" if user else "", shlex.join(argv))
+    return subprocess.Popen(
+        argv, env=env, close_fds=True, start_new_session=True, **identity(user), **popen
+    )
 
 
 def run_account_tool(

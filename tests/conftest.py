@@ -224,3 +224,34 @@ def ready_course(course):
     r = course.run("setup", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     return course
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate and key for localhost and 127.0.0.1 (openssl)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -9,7 +9,6 @@ import http.client
 import http.server
 import json
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -745,36 +744,6 @@ def test_healthz_counts_without_names(web):
 
 
 # --- serve: TLS, signals, errors ---------------------------------------------------------------
-
-
-@pytest.fixture
-def certificate(tmp_path):
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def test_https_when_certfile_and_keyfile_are_set(make_portal, students, certificate):
