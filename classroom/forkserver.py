@@ -377,17 +377,16 @@ class ForkServer:
             "HOME": "/nonexistent",
             ENV_PAD: "-" * ENV_PAD_SIZE,  # room for each child's environment (show_environ)
         }
+        from .system import spawn  # client side only: the script side stays stdlib-only
+
         try:
-            # An argument list, no shell; launch's own log has the command.
-            proc = subprocess.Popen(
+            proc = spawn(
                 [python, "-I", os.path.abspath(__file__), app],
+                env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                env=env,
                 cwd="/",
-                close_fds=True,
-                start_new_session=True,
             )
         except OSError as exc:
             raise ForkServerError(f"cannot start {python}: {exc.strerror}") from None
