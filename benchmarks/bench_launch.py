@@ -35,7 +35,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from classroom import servers  # noqa: E402
+from classroom.commands import servers  # noqa: E402
 
 MB = 1 << 20
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .course import open_course
-from .errors import EXIT_USAGE, ClassroomError, Refused
-from .settings import default_config_path
+from .commands.course import open_course
+from .core.errors import EXIT_USAGE, ClassroomError, Refused
+from .core.settings import default_config_path
 
 log = logging.getLogger("classroom")
 
@@ -111,7 +111,7 @@ def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
     unless --reset-passwords. New passwords go to STATE_DIR/credentials.csv and
     a printable STATE_DIR/handout.html (root only).
     """
-    from . import accounts
+    from .commands import accounts
 
     perform(
         ctx,
@@ -145,7 +145,7 @@ def send(ctx, config, dry_run, only, yes, force, source, folder):
     Files the student edited are kept; the new version is written beside them
     and listed as a conflict (--force overwrites after a backup).
     """
-    from . import material
+    from .commands import material
 
     perform(
         ctx,
@@ -172,7 +172,7 @@ def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
 
     Ctrl-C stops the portal and leaves the servers running (unless --stop-on-exit).
     """
-    from . import servers
+    from .commands import servers
 
     perform(
         ctx,
@@ -197,7 +197,7 @@ def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
 @click.pass_context
 def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
     """Stop every student's Jupyter server and its kernels."""
-    from . import servers
+    from .commands import servers
 
     perform(
         ctx,
@@ -220,7 +220,7 @@ def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
 @click.pass_context
 def retrieve(ctx, config, dry_run, only, yes, deadline):
     """Collect every student's work into DESTINATION/USERNAME/TIMESTAMP/ (every version kept)."""
-    from . import collect
+    from .commands import collect
 
     deadline_at = collect.parse_deadline(deadline) if deadline else None
     perform(
@@ -241,7 +241,7 @@ def retrieve(ctx, config, dry_run, only, yes, deadline):
 @click.pass_context
 def remove(ctx, config, dry_run, only, yes):
     """Archive and delete the students' accounts and homes (asks first unless --yes)."""
-    from . import accounts
+    from .commands import accounts
 
     perform(
         ctx,
@@ -262,7 +262,7 @@ def remove(ctx, config, dry_run, only, yes):
 @click.pass_context
 def status(ctx, config, only, as_json):
     """Show each student's account, server, last send and last retrieve."""
-    from . import accounts
+    from .commands import accounts
 
     perform(
         ctx,
@@ -280,7 +280,7 @@ def status(ctx, config, only, as_json):
 @click.pass_context
 def check(ctx, config, as_json):
     """Check the config, the roster and this host; change nothing (no root needed)."""
-    from . import checks
+    from .commands import checks
 
     code = checks.check(resolve_config(config), as_json=as_json)
     ctx.exit(code)

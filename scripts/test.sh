@@ -7,5 +7,6 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 sh "$HERE/scripts/install.sh" --test
 cd "$HERE"
 VENV=${CLASSROOM_VENV:-/opt/classroom/venv}
-"$VENV/bin/ruff" check classroom tests benchmarks notebooks.py
+"$VENV/bin/ruff" check classroom tests benchmarks scripts notebooks.py
+"$VENV/bin/python" scripts/check_imports.py
 exec "$VENV/bin/python" -m pytest "$@"

@@ -54,14 +54,20 @@ def lines(r: subprocess.CompletedProcess) -> list[str]:
 
 def summary(r: subprocess.CompletedProcess) -> str:
     """The summary line, e.g. ``setup: 28 created, 2 unchanged, 0 failed`` (details may follow it)."""
-    found = [line.strip() for line in lines(r) if re.match(r"^[a-z]+( \([^)]*\))?: .*\b\d+ failed\b", line)]
+    found = [
+        line.strip()
+        for line in lines(r)
+        if re.match(r"^[a-z]+( \([^)]*\))?: .*\b\d+ failed\b", line)
+    ]
     assert len(found) == 1, f"not exactly one summary line: {out(r)!r}"
     return found[0]
 
 
 def lines_naming(r: subprocess.CompletedProcess, username: str) -> list[str]:
     return [
-        line for line in r.stdout.splitlines() if re.search(rf"(?<![\w-]){re.escape(username)}(?![\w-])", line)
+        line
+        for line in r.stdout.splitlines()
+        if re.search(rf"(?<![\w-]){re.escape(username)}(?![\w-])", line)
     ]
 
 
@@ -146,8 +152,14 @@ def passwd_check(hashed: str, password: str) -> bool:
 
 def nobody_cmd(*args: str) -> list[str]:
     return [
-        "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
-        PYTHON, str(NOTEBOOKS), *args,
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--",
+        PYTHON,
+        str(NOTEBOOKS),
+        *args,
     ]
 
 
@@ -155,8 +167,14 @@ def run_as_nobody(*args: str, cwd: str | None = None) -> subprocess.CompletedPro
     env = {k: v for k, v in os.environ.items() if k not in ("NOTEBOOKS_CONFIG", "SUDO_USER")}
     env["HOME"] = "/tmp"
     r = subprocess.run(
-        nobody_cmd(*args), capture_output=True, text=True, env=env, cwd=cwd or "/tmp",
-        timeout=120, stdin=subprocess.DEVNULL, check=False,
+        nobody_cmd(*args),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or "/tmp",
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert "Traceback" not in out(r), out(r)
     return r
@@ -166,8 +184,14 @@ def run_in(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Complet
     full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
     full_env.update(env or {})
     r = subprocess.run(
-        [PYTHON, str(NOTEBOOKS), *args], capture_output=True, text=True, env=full_env,
-        cwd=str(cwd), timeout=120, stdin=subprocess.DEVNULL, check=False,
+        [PYTHON, str(NOTEBOOKS), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=str(cwd),
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert "Traceback" not in out(r), out(r)
     return r
@@ -200,8 +224,12 @@ def jupyter_login(port: int, password: str) -> requests.Session:
     base = f"http://127.0.0.1:{port}"
     s.get(f"{base}/login", timeout=10)
     xsrf = s.cookies.get("_xsrf", "")
-    r = s.post(f"{base}/login", data={"password": password, "_xsrf": xsrf}, timeout=10,
-               allow_redirects=False)
+    r = s.post(
+        f"{base}/login",
+        data={"password": password, "_xsrf": xsrf},
+        timeout=10,
+        allow_redirects=False,
+    )
     assert r.status_code in (302, 303), (r.status_code, r.text[:300])
     s.headers["X-XSRFToken"] = xsrf
     return s
@@ -249,14 +277,17 @@ def student_process(username: str, *argv: str) -> subprocess.Popen:
     """A process running as the student (reaped at once when it dies, so no zombie lingers)."""
     p = subprocess.Popen(
         ["setpriv", f"--reuid={username}", f"--regid={username}", "--init-groups", "--", *argv],
-        start_new_session=True, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
     )
     threading.Thread(target=p.wait, daemon=True).start()
     return p
 
 
 def roster_rows(c: TestCourse, extra: list[str] = ()) -> list[str]:
-    return [f"{u},Surname{i},Name{i},{u}@example.org" for i, u in enumerate(c.usernames)] + list(extra)
+    return [f"{u},Surname{i},Name{i},{u}@example.org" for i, u in enumerate(c.usernames)] + list(
+        extra
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +306,9 @@ def test_console_script_on_path(course):
     assert exe, "the console script `notebooks` is not on PATH"
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, out(r)
-    r = subprocess.run([exe, "check", str(course.config)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [exe, "check", str(course.config)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, out(r)
     assert "Traceback" not in out(r)
 
@@ -596,8 +629,9 @@ def test_original_tool_roster_with_passwords(course):
 
 def test_roster_duplicates_any_case(course):
     u0, u1 = course.usernames
-    course.write_roster([f"{u0},A,B,a@x.org", f"{u1},C,D,c@x.org", f"{u0},E,F,e@x.org",
-                         f"{u1.upper()},G,H,g@x.org"])
+    course.write_roster(
+        [f"{u0},A,B,a@x.org", f"{u1},C,D,c@x.org", f"{u0},E,F,e@x.org", f"{u1.upper()},G,H,g@x.org"]
+    )
     r = course.run("setup", "--yes")
     assert r.returncode == 2, out(r)
     assert line_mentioned(out(r), 4), out(r)
@@ -722,7 +756,9 @@ def test_setup_gecos_shell_home(shared):
         assert f"Name{i}" in pw.pw_gecos and f"Surname{i}" in pw.pw_gecos, pw.pw_gecos
         assert pw.pw_dir == str(shared.home(u))
         assert pw.pw_shell == "/bin/bash"
-        assert login_defs("UID_MIN") is None or int(login_defs("UID_MIN")) <= pw.pw_uid <= int(login_defs("UID_MAX"))
+        assert login_defs("UID_MIN") is None or int(login_defs("UID_MIN")) <= pw.pw_uid <= int(
+            login_defs("UID_MAX")
+        )
         st = os.stat(pw.pw_dir)
         assert st.st_uid == pw.pw_uid
         assert stat.S_IMODE(st.st_mode) == 0o700
@@ -730,7 +766,9 @@ def test_setup_gecos_shell_home(shared):
 
 def test_setup_unix_password_follows_login_defs(shared):
     method = (login_defs("ENCRYPT_METHOD") or "DES").upper()
-    prefix = {"SHA512": "$6$", "SHA256": "$5$", "YESCRYPT": "$y$", "MD5": "$1$", "BCRYPT": "$2"}[method]
+    prefix = {"SHA512": "$6$", "SHA256": "$5$", "YESCRYPT": "$y$", "MD5": "$1$", "BCRYPT": "$2"}[
+        method
+    ]
     rounds = login_defs("SHA_CRYPT_MIN_ROUNDS")
     creds = shared.credentials()
     for u in shared.usernames:
@@ -831,7 +869,9 @@ def test_setup_no_password_in_argv_environment_or_logs(shared):
         secrets_.add(creds[u]["password"].encode())
         secrets_.add(shadow_entry(u).encode())
         secrets_.add(jupyter_hash(shared.home(u))[1].encode())
-    assert any(b"useradd" in blob for blob in shared.watched), "the watcher saw nothing (test broken)"
+    assert any(b"useradd" in blob for blob in shared.watched), (
+        "the watcher saw nothing (test broken)"
+    )
     for blob in shared.watched:
         for s in secrets_:
             assert s not in blob, "a password or hash in some process's argv/environment"
@@ -906,11 +946,15 @@ def test_setup_reset_passwords_updates_rows_in_place(ready_course):
     c = ready_course
     u0, u1 = c.usernames
     before = c.credentials()
-    order = [row.split(",")[0] for row in (c.state_dir / "credentials.csv").read_text().splitlines()]
+    order = [
+        row.split(",")[0] for row in (c.state_dir / "credentials.csv").read_text().splitlines()
+    ]
     r = c.run("setup", "--yes", "--only", u0, "--reset-passwords")
     assert r.returncode == 0, out(r)
     after = c.credentials()
-    assert [row.split(",")[0] for row in (c.state_dir / "credentials.csv").read_text().splitlines()] == order
+    assert [
+        row.split(",")[0] for row in (c.state_dir / "credentials.csv").read_text().splitlines()
+    ] == order
     assert after[u0]["password"] != before[u0]["password"]
     assert after[u1] == before[u1]
     assert crypt_ok(after[u0]["password"], shadow_entry(u0))
@@ -947,7 +991,9 @@ def test_setup_foreign_account_fails_that_student_only(course):
         assert r.returncode == 1, out(r)
         assert re.match(r"^setup: 2 created, 0 unchanged, 1 failed", summary(r)), summary(r)
         assert foreign in summary(r) or any(
-            foreign in line for line in r.stdout.splitlines() if "fail" in line.lower() or "not" in line.lower()
+            foreign in line
+            for line in r.stdout.splitlines()
+            if "fail" in line.lower() or "not" in line.lower()
         ), out(r)
         assert all(user_exists(u) for u in course.usernames)
         assert pwd.getpwnam(foreign) == before_pw
@@ -1008,7 +1054,9 @@ def test_send_restore_update_conflict(ready_course):
     write_as(c, u1, t1 / "mine.py", "print('mine')\n")
     write_as(c, u1, t1 / "extra.txt", "student's own extra\n")
     # the source changes: lesson.ipynb updated, a new file extra.txt
-    (src / "lesson.ipynb").write_text('{"cells": [], "metadata": {"v": 2}, "nbformat": 4, "nbformat_minor": 5}\n')
+    (src / "lesson.ipynb").write_text(
+        '{"cells": [], "metadata": {"v": 2}, "nbformat": 4, "nbformat_minor": 5}\n'
+    )
     (src / "extra.txt").write_text("teacher's extra\n")
     r = c.run("send", "--yes")
     assert r.returncode == 0, out(r)
@@ -1029,7 +1077,9 @@ def test_send_restore_update_conflict(ready_course):
     assert "conflict" in u1_lines.lower(), u1_lines
     assert "lesson" in out(r)
     # a later change of the source updates the untouched beside file, keeps the edit
-    (src / "lesson.ipynb").write_text('{"cells": [], "metadata": {"v": 3}, "nbformat": 4, "nbformat_minor": 5}\n')
+    (src / "lesson.ipynb").write_text(
+        '{"cells": [], "metadata": {"v": 3}, "nbformat": 4, "nbformat_minor": 5}\n'
+    )
     r = c.run("send", "--yes")
     assert r.returncode == 0, out(r)
     assert (t1 / "lesson.ipynb").read_text() == "MY EDIT\n"
@@ -1037,7 +1087,9 @@ def test_send_restore_update_conflict(ready_course):
     assert (t1 / "mine.py").read_text() == "print('mine')\n"
     # the student edits the beside file too: the next version goes to NAME.new2.EXT
     write_as(c, u1, t1 / "lesson.new.ipynb", "I EDITED THE NEW ONE\n")
-    (src / "lesson.ipynb").write_text('{"cells": [], "metadata": {"v": 4}, "nbformat": 4, "nbformat_minor": 5}\n')
+    (src / "lesson.ipynb").write_text(
+        '{"cells": [], "metadata": {"v": 4}, "nbformat": 4, "nbformat_minor": 5}\n'
+    )
     r = c.run("send", "--yes")
     assert r.returncode == 0, out(r)
     assert (t1 / "lesson.ipynb").read_text() == "MY EDIT\n"
@@ -1053,7 +1105,9 @@ def test_send_force_backs_up(ready_course):
     write_as(c, u0, t0 / "lesson.ipynb", "STUDENT VERSION\n")
     write_as(c, u0, t0 / "notes.txt", "my notes\n")
     src = c.base / "tutorial"
-    (src / "lesson.ipynb").write_text('{"cells": [], "metadata": {"v": 9}, "nbformat": 4, "nbformat_minor": 5}\n')
+    (src / "lesson.ipynb").write_text(
+        '{"cells": [], "metadata": {"v": 9}, "nbformat": 4, "nbformat_minor": 5}\n'
+    )
     r = c.run("send", "--yes", "--force")
     assert r.returncode == 0, out(r)
     assert (t0 / "lesson.ipynb").read_bytes() == (src / "lesson.ipynb").read_bytes()
@@ -1089,7 +1143,9 @@ def test_send_never_follows_student_symlink(ready_course, tmp_path):
     u0, u1 = c.usernames
     victim = Path(tempfile.mkdtemp(prefix="victim-", dir="/tmp"))
     try:
-        os.chmod(victim, 0o777)  # even a folder the student could write: nothing may land there as root
+        os.chmod(
+            victim, 0o777
+        )  # even a folder the student could write: nothing may land there as root
         os.symlink(victim, c.home(u0) / "tutorial")
         os.lchown(c.home(u0) / "tutorial", pwd.getpwnam(u0).pw_uid, pwd.getpwnam(u0).pw_gid)
         r = c.run("send", "--yes")
@@ -1107,7 +1163,9 @@ def test_send_never_follows_student_symlink(ready_course, tmp_path):
 
 
 def snapshots(dest: Path, u: str) -> list[Path]:
-    return sorted(p for p in (dest / u).iterdir() if p.name != "latest" and not p.name.startswith("."))
+    return sorted(
+        p for p in (dest / u).iterdir() if p.name != "latest" and not p.name.startswith(".")
+    )
 
 
 def manifest(dest: Path) -> list[dict]:
@@ -1147,7 +1205,9 @@ def test_retrieve_snapshots_latest_hardlinks_manifest(ready_course):
         assert int(row["size"]) == len(data)
         assert row["sha256"] == hashlib.sha256(data).hexdigest()
         assert row["snapshot"] == snapshots(dest, u0)[0].name
-        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?.*([+-]\d\d:?\d\d|Z)$", row["mtime"]), row["mtime"]
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?.*([+-]\d\d:?\d\d|Z)$", row["mtime"]), (
+            row["mtime"]
+        )
 
     # nothing changed: no new snapshot
     r = c.run("retrieve", "--yes")
@@ -1167,7 +1227,9 @@ def test_retrieve_snapshots_latest_hardlinks_manifest(ready_course):
     assert (dest / u0 / "latest").resolve() == new.resolve()
     assert (new / "lesson.ipynb").read_text() == "EDITED\n"
     assert (old / "lesson.ipynb").read_bytes() != b"EDITED\n"
-    assert (new / "data" / "numbers.csv").stat().st_ino == (old / "data" / "numbers.csv").stat().st_ino
+    assert (new / "data" / "numbers.csv").stat().st_ino == (
+        old / "data" / "numbers.csv"
+    ).stat().st_ino
     assert (new / "lesson.ipynb").stat().st_ino != (old / "lesson.ipynb").stat().st_ino
     assert len(snapshots(dest, u1)) == 1
     rows = [row for row in manifest(dest) if row["username"] == u0 and row["snapshot"] == new.name]
@@ -1221,8 +1283,11 @@ def test_retrieve_never_follows_symlinks(ready_course):
     write_as(c, u1, c.home(u1) / "tutorial" / "private.txt", "u1 secret work\n")
     t0 = c.home(u0) / "tutorial"
     uid, gid = pwd.getpwnam(u0).pw_uid, pwd.getpwnam(u0).pw_gid
-    for name, target in (("shadow", "/etc/shadow"), ("other", str(c.home(u1) / "tutorial")),
-                         ("root", "/")):
+    for name, target in (
+        ("shadow", "/etc/shadow"),
+        ("other", str(c.home(u1) / "tutorial")),
+        ("root", "/"),
+    ):
         os.symlink(target, t0 / name)
         os.lchown(t0 / name, uid, gid)
     r = c.run("retrieve", "--yes", "--only", u0)
@@ -1251,7 +1316,11 @@ def test_remove_prompt_declined_is_exit_3(ready_course):
             assert u in out(r), "the prompt does not list the students"
             assert user_exists(u) and c.home(u).is_dir()
     assert group_exists(c.name)
-    assert not list((c.state_dir / "archive").glob("*.tar.gz")) if (c.state_dir / "archive").exists() else True
+    assert (
+        not list((c.state_dir / "archive").glob("*.tar.gz"))
+        if (c.state_dir / "archive").exists()
+        else True
+    )
 
 
 def test_remove_archives_kills_deletes(ready_course):
@@ -1329,7 +1398,9 @@ def test_remove_refuses_foreign_account(ready_course):
         assert user_exists(foreign)
         for u in c.usernames:
             assert user_exists(u) and c.home(u).is_dir()
-        assert not (c.state_dir / "archive").exists() or not list((c.state_dir / "archive").iterdir())
+        assert not (c.state_dir / "archive").exists() or not list(
+            (c.state_dir / "archive").iterdir()
+        )
         r = c.run("remove", "--yes", "--only", foreign)
         assert r.returncode == 3, out(r)
         assert user_exists(foreign)
@@ -1417,7 +1488,9 @@ def test_launch_status_shutdown_with_hooks(ready_course):
     c.write_config(hooks={"pre_spawn": str(pre), "post_stop": str(post)}, launch={"app": "server"})
     assert c.run("send", "--yes").returncode == 0
     try:
-        r = c.run("launch", "--yes", "--no-portal", env={"ACCEPTANCE_MARKER": "leak-me"}, timeout=180)
+        r = c.run(
+            "launch", "--yes", "--no-portal", env={"ACCEPTANCE_MARKER": "leak-me"}, timeout=180
+        )
         assert r.returncode == 0, out(r)
         assert re.match(r"^launch: ", summary(r)), summary(r)
         st = status_json(c)
@@ -1433,7 +1506,13 @@ def test_launch_status_shutdown_with_hooks(ready_course):
             assert p.uids().real == pw.pw_uid and p.uids().effective == pw.pw_uid
             assert p.gids().real == pw.pw_gid
             allowed = {g.gr_gid for g in grp.getgrall() if u in g.gr_mem} | {pw.pw_gid}
-            groups = Path(f"/proc/{p.pid}/status").read_text().split("Groups:")[1].splitlines()[0].split()
+            groups = (
+                Path(f"/proc/{p.pid}/status")
+                .read_text()
+                .split("Groups:")[1]
+                .splitlines()[0]
+                .split()
+            )
             assert {int(g) for g in groups} <= allowed, groups
             env = Path(f"/proc/{p.pid}/environ").read_bytes()
             assert b"ACCEPTANCE_MARKER" not in env, "the server inherited root's environment"
@@ -1441,7 +1520,9 @@ def test_launch_status_shutdown_with_hooks(ready_course):
             for fd in Path(f"/proc/{p.pid}/fd").iterdir():
                 with contextlib.suppress(OSError):
                     target = os.readlink(fd)
-                    assert not target.startswith(str(c.state_dir)) or target.endswith(".log"), target
+                    assert not target.startswith(str(c.state_dir)) or target.endswith(".log"), (
+                        target
+                    )
             assert http_answers(row["port"])
             # the handed-out password opens the student's own server
             jupyter_login(row["port"], creds[u]["notebook_password"] or creds[u]["password"])
@@ -1504,15 +1585,17 @@ def test_launch_prespawn_failure_and_module_hook(ready_course):
         f"    with open({str(log)!r}, 'a') as f:\n"
         "        f.write(f'{spawner.user.name} {spawner.home} {spawner.port}\\n')\n"
     )
-    c.write_config(hooks={"pre_spawn": "acc_hooks:pre"},
-                   launch={"app": "server", "server_address": "class.example.org"})
+    c.write_config(
+        hooks={"pre_spawn": "acc_hooks:pre"},
+        launch={"app": "server", "server_address": "class.example.org"},
+    )
     try:
         r = c.run("launch", "--yes", "--no-portal", timeout=180)
         assert r.returncode == 1, out(r)
         assert re.search(r"\b1 failed\b", summary(r)), summary(r)
-        assert any(u1 in line and "no server for you today" in line for line in out(r).splitlines()), (
-            "the failure is not named with its reason"
-        )
+        assert any(
+            u1 in line and "no server for you today" in line for line in out(r).splitlines()
+        ), "the failure is not named with its reason"
         st = status_json(c)
         assert st[u0]["server"] == "running" and st[u1]["server"] == "stopped", st
         name, home, port = log.read_text().split()
@@ -1530,7 +1613,10 @@ def test_portal(ready_course):
     c.write_config(launch={"app": "server", "title": "Acceptance Course Title"})
     proc = subprocess.Popen(
         [PYTHON, str(NOTEBOOKS), "launch", str(c.config), "--yes", "--only", u0],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
         stdin=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{portal_port}"
@@ -1556,23 +1642,37 @@ def test_portal(ready_course):
         r = requests.get(f"{base}/user/{u0}", timeout=5, allow_redirects=False)
         assert r.status_code in (301, 302, 303, 307), r.status_code
         assert f":{port}" in r.headers["Location"], r.headers["Location"]
-        r = requests.get(f"{base}/user/{u0}", timeout=5, allow_redirects=False,
-                         headers={"Host": "classroom.example.org:9999"})
-        assert r.headers["Location"].startswith(("http://classroom.example.org:", "https://classroom.example.org:")), r.headers
+        r = requests.get(
+            f"{base}/user/{u0}",
+            timeout=5,
+            allow_redirects=False,
+            headers={"Host": "classroom.example.org:9999"},
+        )
+        assert r.headers["Location"].startswith(
+            ("http://classroom.example.org:", "https://classroom.example.org:")
+        ), r.headers
         # the form
         m = re.search(r"<form[^>]*action=\"([^\"]*)\"[^>]*>", page.text, re.I)
         method = re.search(r"<form[^>]*method=\"(\w+)\"", page.text, re.I)
         field = re.search(r"<input[^>]*name=\"(\w+)\"", page.text, re.I)
         assert field, page.text
         action = (m.group(1) if m else "/") or "/"
-        verb = (method.group(1).lower() if method else "get")
+        verb = method.group(1).lower() if method else "get"
         url = requests.compat.urljoin(base + "/", action)
         if verb == "post":
-            r = requests.post(url, data={field.group(1): f"  {u0.upper()} "}, timeout=5, allow_redirects=False)
+            r = requests.post(
+                url, data={field.group(1): f"  {u0.upper()} "}, timeout=5, allow_redirects=False
+            )
         else:
-            r = requests.get(url, params={field.group(1): f"  {u0.upper()} "}, timeout=5, allow_redirects=False)
+            r = requests.get(
+                url, params={field.group(1): f"  {u0.upper()} "}, timeout=5, allow_redirects=False
+            )
         if r.status_code in (301, 302, 303, 307) and f":{port}" not in r.headers["Location"]:
-            r = requests.get(requests.compat.urljoin(url, r.headers["Location"]), timeout=5, allow_redirects=False)
+            r = requests.get(
+                requests.compat.urljoin(url, r.headers["Location"]),
+                timeout=5,
+                allow_redirects=False,
+            )
         assert r.status_code in (302, 303, 307), (r.status_code, r.text[:200])
         assert f":{port}" in r.headers["Location"]
         # a stopped server and an unknown user: friendly 404, never a redirect
@@ -1602,8 +1702,20 @@ def test_lock_second_command_exits_3_and_names_holder(ready_course):
     c.write_config(hooks={"pre_spawn": str(slow)})
     before = (c.state_dir / "credentials.csv").read_bytes()
     proc = subprocess.Popen(
-        [PYTHON, str(NOTEBOOKS), "launch", str(c.config), "--yes", "--no-portal", "--only", c.usernames[0]],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        [
+            PYTHON,
+            str(NOTEBOOKS),
+            "launch",
+            str(c.config),
+            "--yes",
+            "--no-portal",
+            "--only",
+            c.usernames[0],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 60
@@ -1642,7 +1754,9 @@ def test_only_not_in_roster_is_exit_2_for_every_command(course, command):
 
 def test_gecos_is_sanitised(course):
     u0, u1 = course.usernames
-    course.write_roster([f"{u0},Lovelace: Countess,Ada, Augusta,a@x.org", f"{u1},Hopper,Grace,g@x.org"])
+    course.write_roster(
+        [f"{u0},Lovelace: Countess,Ada, Augusta,a@x.org", f"{u1},Hopper,Grace,g@x.org"]
+    )
     course.roster.write_text(
         "username,surname,name,email\n"
         f'{u0},"Lovelace: Countess","Ada, Augusta",a@x.org\n'
@@ -1672,7 +1786,9 @@ def test_setup_refuses_existing_home_path(course):
     r = course.run("setup", "--yes")
     assert r.returncode == 1, out(r)
     assert lines_naming(r, u0)
-    assert not user_exists(u0) or pwd.getpwnam(u0).pw_dir != str(squat) or squat.stat().st_uid == 65534
+    assert (
+        not user_exists(u0) or pwd.getpwnam(u0).pw_dir != str(squat) or squat.stat().st_uid == 65534
+    )
     assert squat.stat().st_uid == 65534 and (squat / ".bashrc").read_text() == "echo planted\n"
     assert user_exists(u1)
 
@@ -1743,7 +1859,9 @@ def test_shutdown_all_jupyter(ready_course):
         r = c.run("shutdown", "--yes")
         assert r.returncode == 0, out(r)
         time.sleep(0.2)
-        assert stray.poll() is None, "shutdown without --all-jupyter stopped a process the course did not start"
+        assert stray.poll() is None, (
+            "shutdown without --all-jupyter stopped a process the course did not start"
+        )
         r = c.run("shutdown", "--yes", "--all-jupyter")
         assert r.returncode == 0, out(r)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1776,14 +1894,30 @@ def test_ports_died_stop_on_exit(ready_course):
         # the server dies: status says so, and the next launch starts it again on the same port
         os.kill(st[u0]["pid"], signal.SIGKILL)
         deadline = time.time() + 10
-        while psutil.pid_exists(st[u0]["pid"]) and _alive(psutil.Process(st[u0]["pid"])) and time.time() < deadline:
+        while (
+            psutil.pid_exists(st[u0]["pid"])
+            and _alive(psutil.Process(st[u0]["pid"]))
+            and time.time() < deadline
+        ):
             time.sleep(0.1)
         time.sleep(0.5)
         assert status_json(c)[u0]["server"] == "died"
         # with the portal and --stop-on-exit: SIGTERM stops the servers too
         proc = subprocess.Popen(
-            [PYTHON, str(NOTEBOOKS), "launch", str(c.config), "--yes", "--only", u0, "--stop-on-exit"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            [
+                PYTHON,
+                str(NOTEBOOKS),
+                "launch",
+                str(c.config),
+                "--yes",
+                "--only",
+                u0,
+                "--stop-on-exit",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
         )
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -1798,17 +1932,23 @@ def test_ports_died_stop_on_exit(ready_course):
         assert u0 not in h.text, "healthz names students"
         st2 = status_json(c)
         assert st2[u0]["server"] == "running" and st2[u0]["port"] == port, (port, st2[u0])
-        r404 = requests.get(f"http://127.0.0.1:{portal_port}/user/{u1}", timeout=5, allow_redirects=False)
+        r404 = requests.get(
+            f"http://127.0.0.1:{portal_port}/user/{u1}", timeout=5, allow_redirects=False
+        )
         assert r404.status_code == 404 and "<form" in r404.text.lower()
         pid = st2[u0]["pid"]
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
         assert str(portal_port) in stdout + stderr, "launch did not print the portal's address"
-        assert not psutil.pid_exists(pid) or not _alive(psutil.Process(pid)), "--stop-on-exit left the server"
-        assert status_json(c)[u0]["server"] == "stopped"
-        assert "post" in (stdout + stderr).lower() and "7" in stdout + stderr or "post-hook-broke" in stdout + stderr, (
-            "a failing post_stop hook is not reported"
+        assert not psutil.pid_exists(pid) or not _alive(psutil.Process(pid)), (
+            "--stop-on-exit left the server"
         )
+        assert status_json(c)[u0]["server"] == "stopped"
+        assert (
+            "post" in (stdout + stderr).lower()
+            and "7" in stdout + stderr
+            or "post-hook-broke" in stdout + stderr
+        ), "a failing post_stop hook is not reported"
     finally:
         squatter.close()
         if proc is not None and proc.poll() is None:
@@ -1849,6 +1989,10 @@ def test_retrieve_refuses_unsafe_destination_and_student_owner(ready_course):
 
 
 def test_notebooks_py_with_system_python():
-    r = subprocess.run(["/usr/bin/python3", str(NOTEBOOKS), "--version"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        ["/usr/bin/python3", str(NOTEBOOKS), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, out(r)

@@ -77,7 +77,7 @@ def test_group_made_by_a_cut_off_run_is_adopted_and_removed(course):
     r = course.run("setup", "--dry-run")
     assert r.returncode == 0
     subprocess.run(["groupadd", "--gid", str(gid), course.name], check=True)
-    from classroom.state import State
+    from classroom.host.state import State
 
     state = State.open(course.state_dir)
     with state.transaction():
@@ -271,7 +271,8 @@ def test_check_flags_unreachable_home_base_and_busy_ports(course, tmp_path):
 def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
     from click.testing import CliRunner
 
-    from classroom import accounts, cli
+    from classroom import cli
+    from classroom.commands import accounts
 
     squatter = random_name("tg")
     subprocess.run(["groupadd", squatter], check=True)

@@ -15,9 +15,10 @@ import pytest
 from conftest import free_port, needs_root
 from test_launch import CLEAN_ENV, answers, proc_fds, proc_status, server_rows, status
 
-from classroom import forkserver, servers
-from classroom.course import open_course
-from classroom.settings import load
+from classroom.commands import servers
+from classroom.commands.course import open_course
+from classroom.core.settings import load
+from classroom.host import forkserver
 
 PROBE = """\
 import ctypes, json, os, sys

@@ -13,7 +13,7 @@ import pytest
 from conftest import needs_root
 from test_launch import answers, status
 
-from classroom import hooks
+from classroom.host import hooks
 
 
 def spawner(name: str = "alice", port: int | None = 8123) -> hooks.HookSpawner:

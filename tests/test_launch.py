@@ -25,8 +25,8 @@ import pytest
 import requests
 from conftest import needs_root
 
-from classroom import servers
-from classroom.settings import Settings, load
+from classroom.commands import servers
+from classroom.core.settings import Settings, load
 
 MODES = pytest.mark.parametrize("mode", ["exec", "fork"])
 CLEAN_ENV = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG"}
@@ -217,7 +217,7 @@ def test_server_args_carry_no_secret_and_map_settings(tmp_path):
 def test_ports_go_in_roster_order_and_previous_ports_are_kept(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from classroom.state import State
+    from classroom.host.state import State
 
     s = settings(tmp_path, first_port="8001", portal_port="8000")
     state = State.peek(tmp_path / "no-state")
@@ -391,7 +391,7 @@ def test_launch_needs_an_account(course):
 def test_portal_runs_without_the_lock_and_stop_on_exit_stops_the_servers(ready_course):
     c = ready_course
     try:
-        import classroom.portal  # noqa: F401
+        import classroom.host.portal  # noqa: F401
     except ImportError:
         pytest.skip("the portal is not built yet")
     c.write_config(launch={"app": "server"})

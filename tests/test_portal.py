@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from classroom import portal
-from classroom.errors import EXIT_PARTIAL, InvalidInput
-from classroom.settings import Settings
+from classroom.core.errors import EXIT_PARTIAL, InvalidInput
+from classroom.core.settings import Settings
+from classroom.host import portal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -788,8 +788,8 @@ SERVE_SCRIPT = textwrap.dedent(
     import sys
     sys.path.insert(0, {root!r})
     from pathlib import Path
-    from classroom import portal
-    from classroom.settings import Settings
+    from classroom.host import portal
+    from classroom.core.settings import Settings
 
     class Course:
         settings = Settings(config_file=Path("/tmp/x.cfg"), name="c", roster=Path("/tmp/r"),
@@ -835,7 +835,7 @@ def test_serve_prints_server_address(make_portal):
 
 
 def test_printed_address_is_the_host_name_students_use(monkeypatch):
-    from classroom import servers
+    from classroom.commands import servers
 
     monkeypatch.setattr(portal.socket, "getfqdn", lambda *a: "localhost")
     monkeypatch.setattr(portal.socket, "gethostname", lambda: "classhost")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from classroom import collect
-from classroom.errors import InvalidInput
+from classroom.commands import collect
+from classroom.core.errors import InvalidInput
 
 
 def manifest(dest: Path) -> list[dict]:

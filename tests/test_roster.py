@@ -2,8 +2,8 @@
 
 import pytest
 
-from classroom import roster
-from classroom.errors import InvalidInput
+from classroom.core import roster
+from classroom.core.errors import InvalidInput
 
 
 def parse(text):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from conftest import needs_root
 
-from classroom import material, safefs
+from classroom.commands import material
+from classroom.host import safefs
 
 
 def own(path: Path, pw) -> None:
@@ -273,8 +274,8 @@ def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeyp
     import datetime as dt
     import types
 
-    from classroom import course as course_mod
-    from classroom import material
+    from classroom.commands import course as course_mod
+    from classroom.commands import material
 
     c = ready_course
     a = c.usernames[0]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from classroom import settings
-from classroom.errors import InvalidInput
+from classroom.core import settings
+from classroom.core.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parent.parent
 

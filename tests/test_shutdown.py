@@ -13,7 +13,7 @@ import psutil
 from conftest import free_port, needs_root
 from test_launch import login, server_pids_gone, status
 
-from classroom import servers
+from classroom.commands import servers
 
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
 

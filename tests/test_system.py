@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from classroom.secret import Secret
-from classroom.system import CommandFailed, run
+from classroom.core.secret import Secret
+from classroom.host.system import CommandFailed, run
 
 
 def test_clean_environment_and_extra_values(monkeypatch):

@@ -12,13 +12,13 @@ from typing import TypeVar
 
 import click
 
-from . import roster as roster_mod
-from . import settings as settings_mod
-from .errors import EXIT_OK, EXIT_PARTIAL, Refused
-from .roster import Roster, Student
-from .settings import Settings
-from .state import Lock, State, ensure_private_dir
-from .system import is_root
+from ..core import roster as roster_mod
+from ..core import settings as settings_mod
+from ..core.errors import EXIT_OK, EXIT_PARTIAL, Refused
+from ..core.roster import Roster, Student
+from ..core.settings import Settings
+from ..host.state import Lock, State, ensure_private_dir
+from ..host.system import is_root
 
 log = logging.getLogger("classroom")
 T = TypeVar("T")

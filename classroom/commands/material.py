@@ -39,12 +39,12 @@ from pathlib import Path
 
 import click
 
-from . import safefs
+from ..core.errors import InvalidInput
+from ..core.settings import safe_folder
+from ..host import safefs
+from ..host.safefs import Unsafe
+from ..host.system import is_root
 from .course import Course
-from .errors import InvalidInput
-from .safefs import Unsafe
-from .settings import safe_folder
-from .system import is_root
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS sent (
@@ -637,7 +637,7 @@ def _job(course: Course, pw, folder: str, src: Source, force: bool, stamp: str, 
 
 def _record(course: Course, username: str, folder: str, result: dict) -> None:
     """What was written to this student, in the state, before it counts as done."""
-    from .state import now
+    from ..host.state import now
 
     if not result["records"] and not _outcome(result["actions"]):
         return

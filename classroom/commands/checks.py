@@ -5,26 +5,16 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import socket
 import sys
 from pathlib import Path
 
 import click
 
-from . import roster as roster_mod
-from . import settings as settings_mod
-from .errors import EXIT_OK, EXIT_USAGE, InvalidInput
-from .system import CommandFailed, login_defs, run
-
-
-def port_free(ip: str, port: int) -> bool:
-    """True if nothing listens on ``port`` (binding really tells, unlike a guess)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((ip if ip not in ("", "*") else "0.0.0.0", port))
-        except OSError:
-            return False
-    return True
+from ..core import roster as roster_mod
+from ..core import settings as settings_mod
+from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
+from ..host.ports import port_free
+from ..host.system import CommandFailed, login_defs, run
 
 
 def world_readable_chain(path: Path) -> Path | None:

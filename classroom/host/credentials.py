@@ -9,7 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .secret import Secret
+from ..core.addresses import portal_url
+from ..core.secret import Secret
 
 HEADER = ["username", "name", "email", "password", "notebook_password"]
 
@@ -71,9 +72,7 @@ def update(
 
 def portal_address(settings) -> str:
     """The portal's address as the portal itself prints it."""
-    from .portal import portal_url
-
-    return portal_url(settings, settings.portal_port)
+    return portal_url(settings)
 
 
 HANDOUT_CSS = """

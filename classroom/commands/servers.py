@@ -19,7 +19,6 @@ import os
 import pwd
 import shlex
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,12 +31,14 @@ from pathlib import Path
 import click
 import psutil
 
-from . import hooks
+from ..core.addresses import probe_host, server_url
+from ..core.errors import ClassroomError, InvalidInput, Refused, StepFailed
+from ..core.settings import Settings
+from ..host import hooks
+from ..host.ports import port_free
+from ..host.state import State, now
+from ..host.system import as_user, spawn
 from .course import Course, Report
-from .errors import ClassroomError, InvalidInput, Refused, StepFailed
-from .settings import Settings
-from .state import State, now
-from .system import as_user, spawn
 
 log = logging.getLogger("classroom")
 
@@ -51,7 +52,6 @@ STOPPED_EARLY = "the server stopped before it answered"
 START_TIME_SLACK = 0.05  # process start times are in clock ticks
 
 APP_MODULES = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}
-WILDCARD_IPS = {"", "*", "0.0.0.0", "::"}
 TLS_DIR = ".jupyter/classroom-tls"
 JUPYTER_WORDS = ("jupyter", "ipykernel", "ipython")
 
@@ -66,7 +66,7 @@ def server_python() -> str:
 
 def server_env(pw: pwd.struct_passwd) -> dict[str, str]:
     """HOME, USER, LOGNAME, SHELL, PATH, LANG: nothing of root's (one definition for both modes)."""
-    from .forkserver import student_env
+    from ..host.forkserver import student_env
 
     return student_env(pw)
 
@@ -118,50 +118,6 @@ def server_args(settings: Settings, home: str, port: int) -> list[str]:
 
 def exec_argv(settings: Settings, args: list[str]) -> list[str]:
     return [server_python(), "-m", APP_MODULES[settings.app], *args]
-
-
-def server_url(settings: Settings, port: int) -> str:
-    scheme = "https" if settings.certfile else "http"
-    host = settings.server_address
-    if not host:
-        host = settings.ip if settings.ip not in WILDCARD_IPS else host_name()
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}/"
-
-
-def host_name() -> str:
-    """This host's name as students' browsers would use it."""
-    fqdn = socket.getfqdn()
-    if fqdn and not fqdn.startswith("localhost"):
-        return fqdn
-    return socket.gethostname() or "localhost"
-
-
-def probe_host(ip: str) -> str:
-    """Where launch itself knocks to see a server answer."""
-    if ip in ("", "*", "0.0.0.0"):
-        return "127.0.0.1"
-    if ip == "::":
-        return "::1"
-    return ip
-
-
-def port_free(ip: str, port: int) -> bool:
-    """True if ``port`` can be bound on ``ip`` right now (as the server will, SO_REUSEADDR)."""
-    host = "0.0.0.0" if ip in ("", "*") else ip
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError:
-        return False
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(addr)
-            except OSError:
-                return False
-    return True
 
 
 def choose_port(
@@ -634,7 +590,7 @@ def _start_all(course: Course, report: Report, starts: list[Start], pre_spawn) -
     ensure_log_dir(s)
     fork = None
     if s.start_mode == "fork":
-        from .forkserver import ForkServer, ForkServerError
+        from ..host.forkserver import ForkServer, ForkServerError
 
         try:
             fork = ForkServer.start(
@@ -751,7 +707,7 @@ def _pre_spawn(course: Course, report: Report, pre_spawn, ready: list[Start]) ->
 
 def _spawn_all(course: Course, report: Report, ready: list[Start], fork):
     """Start each server (fork server, else exec) and record it; (the started, the fork server)."""
-    from .forkserver import ForkServerError
+    from ..host.forkserver import ForkServerError
 
     s = course.settings
     spawned: list[Start] = []
@@ -874,7 +830,7 @@ def _print_addresses(course: Course, report: Report) -> None:
 def _run_portal(course: Course) -> int:
     """Run the portal in the foreground; its exit status (0, or the portal's error's)."""
     try:
-        from . import portal as portal_mod
+        from ..host import portal as portal_mod
     except ImportError as exc:
         if exc.name != f"{__package__}.portal":
             raise
@@ -886,7 +842,9 @@ def _run_portal(course: Course) -> int:
     if course.lock is not None:
         course.lock.release()
     try:
-        portal_mod.serve(course, tick=reap_children)
+        portal_mod.serve(
+            course, lookup=lambda: running_servers(course.settings), tick=reap_children
+        )
     except ClassroomError as exc:
         exc.show()
         return exc.exit_code

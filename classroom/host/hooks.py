@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import StepFailed
+from ..core.errors import StepFailed
 from .system import CommandFailed, run
 
 log = logging.getLogger("classroom")

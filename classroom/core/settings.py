@@ -10,11 +10,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .addresses import USERNAME, host_from_setting
 from .errors import InvalidInput
 
 COURSE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 # Every key of every section with its default: the one place defaults live.
 # ``None`` means "derived" (see ``Settings``); "" means "not set".
@@ -333,8 +333,6 @@ def _validate(
         )
     server_address = raw("launch", "server_address")
     if server_address:
-        from .portal import host_from_setting
-
         try:
             host_from_setting(server_address)
         except ValueError as exc:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput, Refused
+from ..core.errors import InvalidInput, Refused
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (

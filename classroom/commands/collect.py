@@ -36,11 +36,11 @@ from pathlib import Path
 
 import click
 
-from . import safefs
+from ..core.errors import InvalidInput
+from ..host import safefs
+from ..host.safefs import Unsafe
+from ..host.system import is_root, sudo_caller
 from .course import Course
-from .errors import InvalidInput
-from .safefs import Unsafe
-from .system import is_root, sudo_caller
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS retrieved (
@@ -754,8 +754,8 @@ def _detail(result: dict, limit: int = 5) -> str:
 
 def retrieve(course: Course, *, only=(), deadline=None) -> int:
     """Collect each selected student's folder (see the module docstring); return the exit status."""
+    from ..host.state import now
     from .material import account_for
-    from .state import now
 
     s = course.settings
     owner = owner_account(course)

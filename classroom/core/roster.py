@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .addresses import USERNAME
 from .errors import InvalidInput
 
-USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 PASSWORD_COLUMNS = {
     "sys-pass",
     "nb-pass",

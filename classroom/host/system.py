@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StepFailed
-from .secret import Secret
+from ..core.errors import StepFailed
+from ..core.secret import Secret
 
 log = logging.getLogger("classroom")
 

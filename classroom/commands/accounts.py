@@ -24,13 +24,14 @@ from pathlib import Path
 import click
 import psutil
 
-from . import credentials, passwords
+from ..core import passwords
+from ..core.errors import CommandFailedForAll, InvalidInput, Refused, StepFailed
+from ..core.roster import Student
+from ..core.secret import Secret
+from ..host import credentials
+from ..host.state import now
+from ..host.system import as_user, login_defs, run, run_account_tool, sudo_caller
 from .course import Course, progress
-from .errors import CommandFailedForAll, InvalidInput, Refused, StepFailed
-from .roster import Student
-from .secret import Secret
-from .state import now
-from .system import as_user, login_defs, run, run_account_tool, sudo_caller
 
 log = logging.getLogger("classroom")
 

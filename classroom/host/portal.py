@@ -18,7 +18,6 @@ import base64
 import contextlib
 import hashlib
 import html
-import ipaddress
 import logging
 import re
 import signal
@@ -35,8 +34,19 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from .errors import EXIT_PARTIAL, ClassroomError, InvalidInput
-from .settings import USERNAME, Settings
+from ..core.addresses import (
+    MAX_INPUT,
+    USERNAME,
+    clean_username,
+    host_from_header,
+    host_from_setting,
+    https,
+    portal_url,
+    probe_host,
+    socket_host,
+)
+from ..core.errors import EXIT_PARTIAL, ClassroomError, InvalidInput
+from ..core.settings import Settings
 
 log = logging.getLogger("classroom")
 
@@ -44,7 +54,6 @@ log = logging.getLogger("classroom")
 Lookup = Callable[[], Mapping[str, Mapping[str, Any]]]
 
 PROBE_TIMEOUT = 2.0  # seconds to wait for a student's port to accept a connection
-MAX_INPUT = 64  # characters of a typed username looked at; usernames have at most 32
 STOP_TIMEOUT = 5.0  # seconds open connections get to finish when the portal stops
 
 
@@ -52,86 +61,6 @@ class PortalError(ClassroomError):
     """The portal cannot run (port in use, bad certificate); the servers are unaffected."""
 
     exit_code = EXIT_PARTIAL
-
-
-# --- host names ------------------------------------------------------------------------
-
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_PORT = re.compile(r"[0-9]{1,5}")
-_V6 = re.compile(r"[0-9a-f:.]{2,45}")
-
-
-def _host_name(name: str) -> str | None:
-    """``name`` if it is a plain DNS name or dotted IPv4 address (lower case), else None."""
-    bare = name[:-1] if name.endswith(".") else name
-    if not bare or len(bare) > 253:
-        return None
-    labels = bare.split(".")
-    if not all(_LABEL.fullmatch(label) for label in labels):
-        return None
-    if labels[-1].isdigit():  # browsers read this as an IPv4 address: it must be one
-        try:
-            return str(ipaddress.IPv4Address(bare))
-        except ValueError:
-            return None
-    return bare
-
-
-def _v6_literal(text: str) -> str | None:
-    if not _V6.fullmatch(text):  # no zone id, nothing but hex digits, colons and dots
-        return None
-    try:
-        return f"[{ipaddress.IPv6Address(text).compressed}]"
-    except ValueError:
-        return None
-
-
-def host_from_header(value: str | None) -> str | None:
-    """The host of a Host header (``name``, ``name:port``, ``[v6]:port``) for a URL, or None.
-
-    Anything else (userinfo, a path, spaces, control or non-ASCII characters, a bad
-    port, two headers joined) gives None.
-    """
-    if not value or len(value) > 260 or not value.isascii():
-        return None
-    value = value.lower()
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            return None
-        host, rest = _v6_literal(value[1:end]), value[end + 1 :]
-    else:
-        name, colon, port = value.partition(":")
-        host, rest = _host_name(name), colon + port
-    if rest and not (rest[0] == ":" and _PORT.fullmatch(rest[1:]) and int(rest[1:]) <= 65535):
-        return None
-    return host
-
-
-def host_from_setting(value: str) -> str:
-    """``[launch] server_address`` as the host of a URL; ValueError if it is not a bare host."""
-    text = value.strip().lower()
-    host = _v6_literal(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
-    host = host or _host_name(text)
-    if not host:
-        raise ValueError(
-            f"{value!r} is not a host name or IP address "
-            "(give only the name, e.g. class.example.org: no scheme, port or path)"
-        )
-    return host
-
-
-def _socket_host(sockname: Any) -> str | None:
-    """The address a connection came in on, as the host of a URL."""
-    try:
-        addr = ipaddress.ip_address(sockname[0].split("%")[0])
-    except (TypeError, ValueError, IndexError, AttributeError):
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    if addr.is_unspecified:
-        return None
-    return f"[{addr.compressed}]" if addr.version == 6 else str(addr)
 
 
 # --- where a student's server is -------------------------------------------------------
@@ -155,26 +84,6 @@ def _server_port(entry: Any) -> int | None:
     if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
         return port
     return None
-
-
-def clean_username(text: str | None) -> str | None:
-    """A typed username, trimmed and lower-cased, if it is a valid username; else None."""
-    if text is None:
-        return None
-    text = text.strip()
-    if not text.isascii() or len(text) > MAX_INPUT:  # ASCII first: 'K' (Kelvin).lower() is 'k'
-        return None
-    text = text.lower()
-    return text if USERNAME.fullmatch(text) else None
-
-
-def _probe_host(ip: str) -> str:
-    """Where to check that a student's port answers: the servers' listening address."""
-    if ip in ("", "0.0.0.0", "*"):
-        return "127.0.0.1"
-    if ip in ("::", "[::]"):
-        return "::1"
-    return ip.strip("[]")
 
 
 async def _answers(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -364,7 +273,7 @@ class Handler(tornado.web.RequestHandler):
         if host:
             return host
         with contextlib.suppress(Exception):
-            host = _socket_host(self.request.connection.stream.socket.getsockname())  # type: ignore[union-attr]
+            host = socket_host(self.request.connection.stream.socket.getsockname())  # type: ignore[union-attr]
         return host or "localhost"
 
     def form_target(self) -> str:
@@ -494,22 +403,11 @@ class NotFoundHandler(Handler):
         raise tornado.web.HTTPError(404)
 
 
-def _default_lookup(settings: Settings) -> Lookup:
-    def lookup() -> Mapping[str, Mapping[str, Any]]:
-        from . import servers
-
-        return servers.running_servers(settings)
-
-    return lookup
-
-
-def make_app(
-    settings: Settings, lookup: Lookup | None = None, *, probe: bool = True
-) -> tornado.web.Application:
+def make_app(settings: Settings, lookup: Lookup, *, probe: bool = True) -> tornado.web.Application:
     """The portal's tornado application.
 
     ``lookup()`` gives ``{username: {"port": int, "url": str}}`` of the running servers
-    (default ``servers.running_servers(settings)``); it is called on every request. With
+    (launch passes the course's record); it is called on every request. With
     ``probe`` a port must also accept a connection before a student is sent there.
     Raises ``InvalidInput`` if ``[launch] server_address`` is not a plain host name.
     """
@@ -523,10 +421,10 @@ def make_app(
             ) from None
     portal = Portal(
         settings=settings,
-        lookup=lookup or _default_lookup(settings),
-        scheme="https" if settings.certfile and settings.keyfile else "http",
+        lookup=lookup,
+        scheme="https" if https(settings) else "http",
         fixed_host=fixed,
-        probe_host=_probe_host(settings.ip) if probe else None,
+        probe_host=probe_host(settings.ip) if probe else None,
         title=settings.title or settings.name,
     )
     args = {"portal": portal}
@@ -577,33 +475,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def portal_url(settings: Settings, port: int) -> str:
-    """The address to give students: server_address (or this host's name) and the port."""
-    scheme = "https" if settings.certfile and settings.keyfile else "http"
-    host = None
-    if settings.server_address:
-        with contextlib.suppress(ValueError):
-            host = host_from_setting(settings.server_address)
-    if not host and settings.ip not in ("", "0.0.0.0", "::", "*"):
-        host = _socket_host((settings.ip.strip("[]"),))
-    host = host or this_host()
-    return f"{scheme}://{host}:{port}/"
-
-
-def this_host() -> str:
-    """This host's name as students' browsers would use it (as in the servers' addresses):
-    the fully qualified name, else the host name when that is only 'localhost'."""
-    for name in (socket.getfqdn(), socket.gethostname()):
-        host = _host_name((name or "").lower())
-        if host and not host.startswith("localhost"):
-            return host
-    return "localhost"
-
-
 def serve(
     course: Any,
     *,
-    lookup: Lookup | None = None,
+    lookup: Lookup,
     ready: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
     tick: Callable[[], None] | None = None,

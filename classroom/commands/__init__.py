@@ -1,0 +1,1 @@
+"""One module per command, and the course object each opens once."""

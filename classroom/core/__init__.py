@@ -1,0 +1,1 @@
+"""Pure: config, roster, addresses, rules. No root, no I/O beyond reading files."""

@@ -1,0 +1,1 @@
+"""The system edge: commands, identities, files, state, processes, the web portal."""
