@@ -14,95 +14,25 @@ import logging
 import os
 import pwd
 import shlex
-import signal
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import psutil
 
 from ..core import passwords
 from ..core.errors import CommandFailedForAll, InvalidInput, Refused, StepFailed
 from ..core.roster import Student
 from ..core.secret import Secret
 from ..host import credentials
+from ..host.accounts import FOREIGN, MISSING, OK, Account, inspect
+from ..host.processes import kill_all, processes_of
 from ..host.state import now
 from ..host.system import as_user, login_defs, run, run_account_tool, sudo_caller
 from .course import Course, progress
 
 log = logging.getLogger("classroom")
-
-OK, MISSING, FOREIGN = "ok", "missing", "foreign"
-
-
-@dataclass(frozen=True)
-class Account:
-    """What exists for one student, and whether the course owns it."""
-
-    student: Student
-    kind: str  # ok | missing | foreign
-    why: str = ""
-    pw: pwd.struct_passwd | None = None
-    adopt: bool = False  # the course was creating it when a run was cut off
-
-    @property
-    def username(self) -> str:
-        return self.student.username
-
-
-def inspect(course: Course, student: Student) -> Account:
-    """Classify a student's account: the course's own (ok), missing, or foreign (never touched)."""
-    defs = login_defs()
-    row = course.state.account(student.username)
-    try:
-        pw = pwd.getpwnam(student.username)
-    except KeyError:
-        return Account(student, MISSING)
-    if pw.pw_uid == 0 or not defs.uid_min <= pw.pw_uid <= defs.uid_max:
-        return Account(
-            student,
-            FOREIGN,
-            f"{student.username} is a system account (uid {pw.pw_uid}, outside "
-            f"UID_MIN..UID_MAX {defs.uid_min}..{defs.uid_max}); it is never touched: "
-            f"rename the student in the roster",
-            pw,
-        )
-    # Without root the state cannot be read: a member of the course group in the
-    # UID range is taken for the course's (for a dry run or status only).
-    if row is None and course.state.unreadable and _in_course_group(course, pw):
-        return Account(student, OK, pw=pw, why="not verified: the course state is root-only")
-    if row is None:
-        return Account(
-            student,
-            FOREIGN,
-            f"account {student.username} (uid {pw.pw_uid}) exists but the course did not create it; "
-            "it is never touched: rename the student in the roster or remove that account yourself",
-            pw,
-        )
-    if row["uid"] != pw.pw_uid:
-        return Account(
-            student,
-            FOREIGN,
-            f"account {student.username} has uid {pw.pw_uid}, not the uid {row['uid']} the course "
-            "gave it; it was made outside the course and is never touched",
-            pw,
-        )
-    if row["status"] == "creating":
-        if Path(pw.pw_dir) == Path(row["home"]):
-            return Account(student, OK, pw=pw, adopt=True)
-        return Account(student, FOREIGN, f"account {student.username} exists with another home", pw)
-    return Account(student, OK, pw=pw)
-
-
-def _in_course_group(course: Course, pw: pwd.struct_passwd) -> bool:
-    try:
-        group = grp.getgrnam(course.settings.group)
-    except KeyError:
-        return False
-    return pw.pw_name in group.gr_mem or pw.pw_gid == group.gr_gid
 
 
 def free_id(used: set[int], low: int, high: int) -> int:
@@ -612,38 +542,6 @@ def set_passwords(
 # --- remove -----------------------------------------------------------------------------------
 
 
-def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
-    found: dict[int, list[psutil.Process]] = {u: [] for u in uids}
-    for proc in psutil.process_iter(["uids"]):
-        try:
-            uids_of = proc.info["uids"]
-            if uids_of is None:
-                continue
-            for uid in {uids_of.real, uids_of.effective, uids_of.saved}:
-                if uid in found:
-                    found[uid].append(proc)
-                    break
-        except psutil.Error:
-            continue
-    return found
-
-
-def kill_all(procs: list[psutil.Process], timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``: every process a student still runs."""
-    if not procs:
-        return
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            log.debug("SIGTERM %d (%s)", proc.pid, proc.name())
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            log.debug("SIGKILL %d", proc.pid)
-            proc.kill()
-    psutil.wait_procs(alive, timeout=timeout)
-
-
 def archive_home(course: Course, pw: pwd.struct_passwd) -> Path:
     """tar.gz of the home into archive_dir (0600 root); the name says who and when."""
     folder = course.settings.archive_dir
@@ -714,7 +612,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
             report.unchanged(a.username)
         return report.finish()
 
-    from . import servers as servers_mod
+    from ..host import server as servers_mod
 
     for a in present:
         with contextlib.suppress(Exception):
@@ -815,7 +713,7 @@ def remove_group_if_empty(course: Course, report) -> None:
 
 def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False) -> int:
     """A table (or JSON list) of account, server, last send and last retrieve per student."""
-    from . import servers as servers_mod
+    from ..host import server as servers_mod
 
     rows = []
     for st in course.students(only):

@@ -519,7 +519,7 @@ def account_for(course: Course, student) -> tuple[pwd.struct_passwd | None, str]
     A dry run without root cannot read the course state; there an existing
     account is taken as the course's (nothing is changed anyway).
     """
-    from . import accounts
+    from ..host import accounts
 
     if course.dry_run and not is_root() and course.state.path is None:
         try:

@@ -18,12 +18,11 @@ import logging
 import os
 import pwd
 import shlex
-import signal
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,24 +35,27 @@ from ..core.errors import ClassroomError, InvalidInput, Refused, StepFailed
 from ..core.settings import Settings
 from ..host import hooks
 from ..host.ports import port_free
-from ..host.state import State, now
+from ..host.processes import find_process, other_jupyter, server_tree, stop_processes
+from ..host.server import (
+    forget,
+    run_hook,
+    running_servers,
+    server_row,
+    server_status,
+)
+from ..host.state import now
 from ..host.system import as_user, spawn
 from .course import Course, Report
 
 log = logging.getLogger("classroom")
 
 # Stopping a server, as JupyterHub's Spawner escalates (named timeouts, seconds):
-POLITE_TIMEOUT = 10.0  # SIGTERM to the server: jupyter_server's own clean stop (kernels, files)
-TERM_TIMEOUT = 5.0  # SIGTERM to whatever of its processes is left (kernels, terminals)
-KILL_TIMEOUT = 5.0  # SIGKILL to the rest
 READY_POLL = 0.2  # seconds between readiness probes
 PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on another
 STOPPED_EARLY = "the server stopped before it answered"
-START_TIME_SLACK = 0.05  # process start times are in clock ticks
 
 APP_MODULES = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}
 TLS_DIR = ".jupyter/classroom-tls"
-JUPYTER_WORDS = ("jupyter", "ipykernel", "ipython")
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -137,182 +139,7 @@ def choose_port(
 # --- processes --------------------------------------------------------------------------------
 
 
-def _reap(pid: int) -> None:
-    """Collect a dead child of ours (exec mode), so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def find_process(
-    pid: int | None, start_time: float | None, uid: int | None
-) -> psutil.Process | None:
-    """The process ``pid`` if it is still the one recorded (same start time and uid) and alive."""
-    if not pid or start_time is None or uid is None:
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - start_time) > START_TIME_SLACK or proc.uids().real != uid:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            _reap(pid)
-            return None
-        return proc
-    except psutil.Error:
-        return None
-
-
-def server_tree(proc: psutil.Process) -> list[psutil.Process]:
-    """The server, its descendants and its session (kernels run in sessions of their own)."""
-    uid = proc.uids().real
-    found = {proc.pid: proc}
-    with contextlib.suppress(psutil.Error):
-        for child in proc.children(recursive=True):
-            found.setdefault(child.pid, child)
-    for other in psutil.process_iter(["uids"]):
-        with contextlib.suppress(psutil.Error, OSError):
-            if (
-                other.info["uids"]
-                and other.info["uids"].real == uid
-                and os.getsid(other.pid) == proc.pid
-            ):
-                found.setdefault(other.pid, other)
-    same_user = []
-    for p in found.values():
-        with contextlib.suppress(psutil.Error):
-            if p.uids().real == uid:
-                same_user.append(p)
-    return same_user
-
-
-def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            log.debug("%s %d (%s)", signal.Signals(sig).name, p.pid, p.name())
-            p.send_signal(sig)  # psutil refuses if the pid was reused
-
-
-def stop_processes(
-    servers: list[psutil.Process],
-    extra: Iterable[psutil.Process] = (),
-    *,
-    polite: float = POLITE_TIMEOUT,
-    term: float = TERM_TIMEOUT,
-    kill: float = KILL_TIMEOUT,
-) -> list[psutil.Process]:
-    """Stop servers with their kernels: SIGTERM to each server (its own clean stop), then
-    SIGTERM, then SIGKILL to everything of theirs left. Returns what survived (normally nothing).
-    """
-    everything: dict[int, psutil.Process] = {}
-    for proc in servers:
-        with contextlib.suppress(psutil.Error):
-            for p in server_tree(proc):
-                everything.setdefault(p.pid, p)
-    for p in extra:
-        everything.setdefault(p.pid, p)
-    _signal_all(servers, signal.SIGTERM)
-    _wait_gone(servers, polite)
-    for sig, timeout in ((signal.SIGTERM, term), (signal.SIGKILL, kill)):
-        alive = [p for p in everything.values() if _alive(p)]
-        if not alive:
-            break
-        _signal_all(alive, sig)
-        _wait_gone(alive, timeout)
-    for p in everything.values():
-        _reap(p.pid)
-    return [p for p in everything.values() if _alive(p)]
-
-
-def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
-    """Until each has exited (a zombie counts: its parent, not us, may be the one to reap it)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while time.monotonic() < deadline:
-        for p in procs:
-            _reap(p.pid)
-        if not any(_alive(p) for p in procs):
-            return
-        time.sleep(delay)
-        delay = min(0.2, delay * 1.5)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def other_jupyter(uid: int, exclude: set[int]) -> list[psutil.Process]:
-    """The student's Jupyter processes the course did not start (``--all-jupyter``)."""
-    found = []
-    for p in psutil.process_iter(["uids", "cmdline", "name"]):
-        if p.pid in exclude or not p.info["uids"] or p.info["uids"].real != uid:
-            continue
-        # The name too: a forked server's command line is the fork server's, its name the app's.
-        text = " ".join([*(p.info["cmdline"] or []), p.info["name"] or ""]).lower()
-        if any(word in text for word in JUPYTER_WORDS):
-            found.append(p)
-    return found
-
-
 # --- state ------------------------------------------------------------------------------------
-
-
-def _server_row(state: State, username: str):
-    return state.execute("SELECT * FROM servers WHERE username = ?", (username,)).fetchone()
-
-
-def _row_status(row) -> dict:
-    if row is None:
-        return {"server": "stopped", "port": None, "pid": None, "url": None}
-    proc = find_process(row["pid"], row["start_time"], row["uid"])
-    if proc is None:
-        return {"server": "died", "port": row["port"], "pid": row["pid"], "url": None}
-    return {"server": "running", "port": row["port"], "pid": row["pid"], "url": row["url"]}
-
-
-def server_status(course: Course, username: str) -> dict:
-    """{'server': running|stopped|died, 'port', 'pid', 'url'} from the state and the process table."""
-    return _row_status(_server_row(course.state, username))
-
-
-def running_servers(settings: Settings) -> dict[str, dict]:
-    """{username: {'port', 'url'}} of the servers running now; a fresh read-only look at the state."""
-    state = State.peek(settings.state_dir)
-    try:
-        rows = state.execute("SELECT * FROM servers").fetchall()
-    finally:
-        state.close()
-    running = {}
-    for row in rows:
-        status = _row_status(row)
-        if status["server"] == "running":
-            running[row["username"]] = {"port": status["port"], "url": status["url"]}
-    return running
-
-
-def _forget(course: Course, username: str, command: str, action: str, detail: dict) -> None:
-    with course.state.transaction():
-        course.state.execute("DELETE FROM servers WHERE username = ?", (username,))
-        course.state.record(command, username, action, detail)
-
-
-def forget_server(course: Course, username: str, stop: bool = True) -> None:
-    """Stop a student's recorded server (if any) and forget it (its port too)."""
-    row = _server_row(course.state, username)
-    if row is not None and stop:
-        proc = find_process(row["pid"], row["start_time"], row["uid"])
-        if proc is not None:
-            stop_processes([proc])
-            with contextlib.suppress(StepFailed, KeyError):
-                post = hooks.parse(course.settings.post_stop, course.settings.config_file.parent)
-                home = pwd.getpwnam(username).pw_dir
-                _run_hook(course, post, username, home, row["port"])
-    with course.state.transaction():
-        course.state.execute("DELETE FROM servers WHERE username = ?", (username,))
-        course.state.execute("DELETE FROM ports WHERE username = ?", (username,))
-        if row is not None:
-            course.state.record("shutdown", username, "server forgotten", {"port": row["port"]})
 
 
 # --- logs -------------------------------------------------------------------------------------
@@ -481,14 +308,6 @@ def _remove_tls(home: str) -> bool:
     return True
 
 
-def _run_hook(
-    course: Course, hook: hooks.Hook | None, username: str, home: str, port: int | None
-) -> None:
-    s = course.settings
-    spawner = hooks.HookSpawner(user=hooks.HookUser(username), home=home, port=port, course=s.name)
-    hooks.run_hook(hook, spawner, timeout=s.hook_timeout, base=s.config_file.parent)
-
-
 def _assign_ports(course: Course, starts: list[Start]) -> None:
     """Each student keeps their previous port while it is free; the others get new ones."""
     s = course.settings
@@ -510,7 +329,7 @@ def _assign_ports(course: Course, starts: list[Start]) -> None:
 
 def _selected(course: Course, only: tuple[str, ...], report: Report) -> list[tuple]:
     """(student, pw) of every selected student whose account is the course's; others failed."""
-    from . import accounts
+    from ..host import accounts
 
     chosen = []
     for student in course.students(only):
@@ -678,7 +497,7 @@ def _post_stop_failed_starts(course: Course, report: Report, hooked: list[Start]
     except (StepFailed, ValueError):
         return
     for st in failed:
-        error = _try(lambda st=st: _run_hook(course, post, st.username, st.pw.pw_dir, st.port))
+        error = _try(lambda st=st: run_hook(course, post, st.username, st.pw.pw_dir, st.port))
         if error:
             report.note(f"  {st.username}: post_stop after the failed start: {error}")
 
@@ -691,7 +510,7 @@ def _pre_spawn(course: Course, report: Report, pre_spawn, ready: list[Start]) ->
         outcomes = list(
             pool.map(
                 lambda st: _try(
-                    lambda: _run_hook(course, pre_spawn, st.username, st.pw.pw_dir, st.port)
+                    lambda: run_hook(course, pre_spawn, st.username, st.pw.pw_dir, st.port)
                 ),
                 ready,
             )
@@ -771,7 +590,7 @@ def _wait_all(course: Course, report: Report, spawned: list[Start], *, retry_por
     stop_processes(procs, polite=2, term=2, kill=2)
     retry = []
     for st, problem in failed:
-        _forget(course, st.username, "launch", "start failed", {"port": st.port, "why": problem})
+        forget(course, st.username, "launch", "start failed", {"port": st.port, "why": problem})
         if retry_ports and problem == STOPPED_EARLY and not port_free(s.ip, st.port):
             retry.append(st)
             continue
@@ -863,11 +682,11 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
     except hooks.HookFailed as exc:
         raise InvalidInput(f"{s.where('hooks', 'post_stop')}: {exc}") from None
 
-    from . import accounts
+    from ..host import accounts
 
     plans = []  # (username, home, row, proc, extras)
     for student in course.students(only):
-        row = _server_row(course.state, student.username)
+        row = server_row(course.state, student.username)
         acc = accounts.inspect(course, student)
         proc = find_process(row["pid"], row["start_time"], row["uid"]) if row else None
         extras: list[psutil.Process] = []
@@ -906,7 +725,7 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
             )
             continue
         if row is not None:
-            _forget(
+            forget(
                 course, username, "shutdown", "stopped", {"port": row["port"], "pid": row["pid"]}
             )
         stopped.append((username, home, row, proc, extras))
@@ -916,7 +735,7 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
         with ThreadPoolExecutor(max_workers=min(16, len(stopped))) as pool:
             errors = pool.map(
                 lambda p: _try(
-                    lambda: _run_hook(course, post_stop, p[0], p[1], p[2]["port"] if p[2] else None)
+                    lambda: run_hook(course, post_stop, p[0], p[1], p[2]["port"] if p[2] else None)
                 ),
                 stopped,
             )

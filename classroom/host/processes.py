@@ -1,0 +1,171 @@
+"""Processes: find one again (same pid, start time and uid), a server's tree, stop with
+named timeouts (SIGTERM, then SIGKILL), as JupyterHub's Spawner does."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable
+
+import psutil
+
+log = logging.getLogger("classroom")
+
+POLITE_TIMEOUT = 10.0  # SIGTERM to the server: jupyter_server's own clean stop (kernels, files)
+TERM_TIMEOUT = 5.0  # SIGTERM to whatever of its processes is left (kernels, terminals)
+KILL_TIMEOUT = 5.0  # SIGKILL to the rest
+START_TIME_SLACK = 0.05  # process start times are in clock ticks
+JUPYTER_WORDS = ("jupyter", "ipykernel", "ipython")
+
+
+def _reap(pid: int) -> None:
+    """Collect a dead child of ours (exec mode), so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def find_process(
+    pid: int | None, start_time: float | None, uid: int | None
+) -> psutil.Process | None:
+    """The process ``pid`` if it is still the one recorded (same start time and uid) and alive."""
+    if not pid or start_time is None or uid is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - start_time) > START_TIME_SLACK or proc.uids().real != uid:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            _reap(pid)
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def server_tree(proc: psutil.Process) -> list[psutil.Process]:
+    """The server, its descendants and its session (kernels run in sessions of their own)."""
+    uid = proc.uids().real
+    found = {proc.pid: proc}
+    with contextlib.suppress(psutil.Error):
+        for child in proc.children(recursive=True):
+            found.setdefault(child.pid, child)
+    for other in psutil.process_iter(["uids"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if (
+                other.info["uids"]
+                and other.info["uids"].real == uid
+                and os.getsid(other.pid) == proc.pid
+            ):
+                found.setdefault(other.pid, other)
+    same_user = []
+    for p in found.values():
+        with contextlib.suppress(psutil.Error):
+            if p.uids().real == uid:
+                same_user.append(p)
+    return same_user
+
+
+def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            log.debug("%s %d (%s)", signal.Signals(sig).name, p.pid, p.name())
+            p.send_signal(sig)  # psutil refuses if the pid was reused
+
+
+def stop_processes(
+    servers: list[psutil.Process],
+    extra: Iterable[psutil.Process] = (),
+    *,
+    polite: float = POLITE_TIMEOUT,
+    term: float = TERM_TIMEOUT,
+    kill: float = KILL_TIMEOUT,
+) -> list[psutil.Process]:
+    """Stop servers with their kernels: SIGTERM to each server (its own clean stop), then
+    SIGTERM, then SIGKILL to everything of theirs left. Returns what survived (normally nothing).
+    """
+    everything: dict[int, psutil.Process] = {}
+    for proc in servers:
+        with contextlib.suppress(psutil.Error):
+            for p in server_tree(proc):
+                everything.setdefault(p.pid, p)
+    for p in extra:
+        everything.setdefault(p.pid, p)
+    _signal_all(servers, signal.SIGTERM)
+    _wait_gone(servers, polite)
+    for sig, timeout in ((signal.SIGTERM, term), (signal.SIGKILL, kill)):
+        alive = [p for p in everything.values() if _alive(p)]
+        if not alive:
+            break
+        _signal_all(alive, sig)
+        _wait_gone(alive, timeout)
+    for p in everything.values():
+        _reap(p.pid)
+    return [p for p in everything.values() if _alive(p)]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Until each has exited (a zombie counts: its parent, not us, may be the one to reap it)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline:
+        for p in procs:
+            _reap(p.pid)
+        if not any(_alive(p) for p in procs):
+            return
+        time.sleep(delay)
+        delay = min(0.2, delay * 1.5)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def other_jupyter(uid: int, exclude: set[int]) -> list[psutil.Process]:
+    """The student's Jupyter processes the course did not start (``--all-jupyter``)."""
+    found = []
+    for p in psutil.process_iter(["uids", "cmdline", "name"]):
+        if p.pid in exclude or not p.info["uids"] or p.info["uids"].real != uid:
+            continue
+        # The name too: a forked server's command line is the fork server's, its name the app's.
+        text = " ".join([*(p.info["cmdline"] or []), p.info["name"] or ""]).lower()
+        if any(word in text for word in JUPYTER_WORDS):
+            found.append(p)
+    return found
+
+
+def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
+    found: dict[int, list[psutil.Process]] = {u: [] for u in uids}
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            uids_of = proc.info["uids"]
+            if uids_of is None:
+                continue
+            for uid in {uids_of.real, uids_of.effective, uids_of.saved}:
+                if uid in found:
+                    found[uid].append(proc)
+                    break
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_all(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: every process a student still runs."""
+    if not procs:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            log.debug("SIGTERM %d (%s)", proc.pid, proc.name())
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            log.debug("SIGKILL %d", proc.pid)
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
