@@ -53,6 +53,7 @@ def students_can_run_python(python: Path) -> str | None:
             cwd="/",
             timeout=120,
             check=False,
+            changes=False,  # a read-only probe: it runs under --dry-run too
         )
     except CommandFailed as exc:
         return f"{python} cannot be run as an unprivileged user: {exc}"

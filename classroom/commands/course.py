@@ -18,7 +18,7 @@ from ..core.errors import EXIT_OK, EXIT_PARTIAL, Refused
 from ..core.roster import Roster, Student
 from ..core.settings import Settings
 from ..host.state import Lock, State, ensure_private_dir
-from ..host.system import is_root
+from ..host.system import is_root, set_dry_run
 
 log = logging.getLogger("classroom")
 T = TypeVar("T")
@@ -145,6 +145,7 @@ def open_course(
     ``precheck(settings)`` runs before anything is created (raise to refuse).
     """
     settings, roster = load(config_path, only=only)
+    set_dry_run(dry_run)
     if precheck is not None:
         precheck(settings)
     if changes and not dry_run:

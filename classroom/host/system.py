@@ -30,6 +30,20 @@ LOGIN_DEFS = Path("/etc/login.defs")
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+_dry_run = False
+
+
+def set_dry_run(on: bool) -> None:
+    """Dry run for this process: every change made through this module is logged, not made."""
+    global _dry_run
+    _dry_run = on
+
+
+def dry_run() -> bool:
+    """True under ``--dry-run``: the chokepoints (``run``, ``spawn``, workers, writes) change nothing."""
+    return _dry_run
+
+
 class CommandFailed(StepFailed):
     def __init__(self, argv: Sequence[str], returncode: int, output: str):
         self.argv = list(argv)
@@ -48,8 +62,12 @@ def run(
     env: dict[str, str] | None = None,
     user: pwd.struct_passwd | None = None,
     cwd: str | None = None,
+    changes: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (a list, no shell) and return it completed; log the command and its output.
+
+    Under ``--dry-run`` a command that ``changes`` something is logged and not run (it
+    "succeeds" with no output); read-only probes pass ``changes=False`` and really run.
 
     The command gets a clean environment (PATH, LANG) plus ``env`` (never a secret);
     with ``user``, it runs as that user (uid, gid and groups only).
@@ -57,6 +75,9 @@ def run(
     Raises ``CommandFailed`` (with the output) when ``check`` and the status is not 0.
     """
     argv = [str(a) for a in argv]
+    if changes and _dry_run:
+        log.debug("dry run, not run: %s", shlex.join(argv))
+        return subprocess.CompletedProcess(argv, 0, "", "")
     log.debug("run: %s%s", shlex.join(argv), " (secret on stdin)" if stdin is not None else "")
     data = stdin.reveal() if isinstance(stdin, Secret) else stdin
     extra = env or {}
