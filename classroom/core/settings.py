@@ -1,12 +1,19 @@
-"""The course config file (INI): defaults, parsing and validation, all in one place."""
+"""The course config file (INI).
+
+``KEYS`` is the one table of every key: its section and name, how its text is read
+and checked, its default, what it is for. Reading the file, the did-you-mean for
+unknown keys, the defaults and the ``Settings`` class are all derived from it.
+"""
 
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import difflib
+import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,109 +22,15 @@ from .errors import InvalidInput
 
 COURSE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-
-# Every key of every section with its default: the one place defaults live.
-# ``None`` means "derived" (see ``Settings``); "" means "not set".
-DEFAULTS: dict[str, dict[str, str | None]] = {
-    "course": {"name": None, "roster": None, "group": None, "state_dir": None},
-    "accounts": {
-        "home_base": "/home",
-        "shell": "/bin/bash",
-        "home_mode": "0700",
-        "password_length": "12",
-        "notebook_password": "same",
-        "profile": "",
-        "skeleton": "",
-    },
-    "material": {
-        "source": "",
-        "folder": "tutorial",
-        "exclude": ".ipynb_checkpoints, __pycache__, *.pyc, .git",
-    },
-    "retrieve": {
-        "destination": "submissions",
-        "owner": "",
-        "include": "*",
-        "exclude": ".ipynb_checkpoints, __pycache__, *.pyc",
-        "max_file_size": "20M",
-        "max_total_size": "200M",
-    },
-    "launch": {
-        "app": "lab",
-        "ip": "0.0.0.0",
-        "portal_port": "8000",
-        "first_port": "8001",
-        "server_address": "",
-        "title": "",
-        "certfile": "",
-        "keyfile": "",
-        "root": "folder",
-        "start_timeout": "60",
-        "start_mode": "fork",
-        "idle_timeout": "0",
-    },
-    "hooks": {"pre_spawn": "", "post_stop": "", "timeout": "60"},
-    "remove": {"archive": "yes", "archive_dir": ""},
-}
-REQUIRED = {("course", "name"), ("course", "roster")}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The validated config. Paths are absolute; sizes are bytes; lists are tuples."""
-
-    config_file: Path
-    name: str
-    roster: Path
-    group: str
-    state_dir: Path
-    home_base: Path = Path("/home")
-    shell: str = "/bin/bash"
-    home_mode: int = 0o700
-    password_length: int = 12
-    notebook_password: str = "same"
-    profile: str = ""
-    skeleton: Path | None = None
-    material_source: Path | None = None
-    material_folder: str = "tutorial"
-    material_exclude: tuple[str, ...] = ()
-    retrieve_destination: Path = Path("submissions")
-    retrieve_owner: str = ""
-    retrieve_include: tuple[str, ...] = ("*",)
-    retrieve_exclude: tuple[str, ...] = ()
-    max_file_size: int = 20 << 20
-    max_total_size: int = 200 << 20
-    app: str = "lab"
-    ip: str = "0.0.0.0"
-    portal_port: int = 8000
-    first_port: int = 8001
-    server_address: str = ""
-    title: str = ""
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    root: str = "folder"
-    start_timeout: float = 60.0
-    start_mode: str = "fork"
-    idle_timeout: int = 0
-    pre_spawn: str = ""
-    post_stop: str = ""
-    hook_timeout: float = 60.0
-    archive: bool = True
-    archive_dir: Path = Path("/var/lib/classroom/archive")
-    lines: dict[tuple[str, str], int] = field(default_factory=dict, compare=False, repr=False)
-
-    def where(self, section: str, key: str) -> str:
-        """``file line N`` of a key, for error messages."""
-        line = self.lines.get((section, key))
-        return f"{self.config_file}, line {line}" if line else f"{self.config_file}"
-
-    def replace(self, **changes: Any) -> Settings:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return Settings(**values)
-
-
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+STATE_BASE = Path("/var/lib/classroom")
+
+# A parser reads a key's text (``base`` is the config file's folder, for relative
+# paths) and returns its value, or raises ValueError saying what is wrong.
+Parser = Callable[[str, Path], Any]
+
+
+# --- parsers ------------------------------------------------------------------------------------
 
 
 def parse_size(text: str) -> int:
@@ -142,6 +55,297 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not yes or no: {text!r}")
 
 
+def safe_folder(folder: str) -> bool:
+    if not folder or folder.startswith("/") or "\0" in folder:
+        return False
+    parts = [p for p in folder.split("/") if p]
+    return bool(parts) and all(p not in (".", "..") for p in parts)
+
+
+def text(fallback: str = "") -> Parser:
+    """The text as it is (``fallback`` when empty)."""
+    return lambda value, base: value or fallback
+
+
+def path(fallback: str | None = None) -> Parser:
+    """An absolute path (relative ones are from the config's folder); else ``fallback``, else None."""
+
+    def parse(value: str, base: Path) -> Path | None:
+        value = value or fallback or ""
+        return (base / Path(value).expanduser()).resolve() if value else None
+
+    return parse
+
+
+def matching(pattern: re.Pattern[str], message: str) -> Parser:
+    """Empty, or text matching ``pattern``; ``message`` (``{!r}``: the text) says what is wrong."""
+
+    def parse(value: str, base: Path) -> str:
+        if value and not pattern.match(value):
+            raise ValueError(message.format(value))
+        return value
+
+    return parse
+
+
+def integer(lo: int, hi: int) -> Parser:
+    def parse(value: str, base: Path) -> int:
+        number = int(value)
+        if not lo <= number <= hi:
+            raise ValueError(f"{number} is not between {lo} and {hi}")
+        return number
+
+    return parse
+
+
+def positive(value: str, base: Path) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"must be more than 0, not {value}")
+    return number
+
+
+def choice(*options: str) -> Parser:
+    def parse(value: str, base: Path) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, not {value!r}")
+        return value
+
+    return parse
+
+
+def home_mode(value: str, base: Path) -> int:
+    mode = int(value, 8)
+    if mode & 0o007:
+        raise ValueError(
+            f"{value} lets other users in; homes are never world-readable (use 0700 or 0750)"
+        )
+    if mode & ~0o7777 or not mode & 0o700 == 0o700:
+        raise ValueError(f"{value} is not a sensible home mode (use 0700)")
+    return mode
+
+
+def shell(value: str, base: Path) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must be an absolute path")
+    return value
+
+
+def profile(value: str, base: Path) -> str:
+    """A profile name as it is, or a folder (anything with a '/') made absolute."""
+    return str(path()(value, base)) if "/" in value else value
+
+
+def folder(value: str, base: Path) -> Path | None:
+    found = path()(value, base)
+    if found is not None and not found.is_dir():
+        raise ValueError(f"{found} is not a folder")
+    return found
+
+
+def home_folder(value: str, base: Path) -> str:
+    if not safe_folder(value):
+        raise ValueError(f"{value!r} must be a relative path inside the home, without '..'")
+    return value.strip("/")
+
+
+def words(fallback: tuple[str, ...] = ()) -> Parser:
+    """A comma (or line) separated list; ``fallback`` when it is empty."""
+    return lambda value, base: parse_list(value) or fallback
+
+
+def server_address(value: str, base: Path) -> str:
+    if value:
+        host_from_setting(value)
+    return value
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: where it is, how it is read, its default (as written in the file)."""
+
+    section: str
+    name: str
+    parse: Parser
+    default: str
+    help: str
+    field: str = ""  # the ``Settings`` attribute, when it is not the key's name
+    required: bool = False
+
+    @property
+    def attribute(self) -> str:
+        return self.field or self.name
+
+
+KEYS: tuple[Key, ...] = (
+    Key(
+        "course",
+        "name",
+        matching(
+            COURSE_NAME, "{!r} must match [a-z][a-z0-9-]{{0,30}} (lower case, digits, dashes)"
+        ),
+        "",
+        "names the group and the state folder",
+        required=True,
+    ),
+    Key("course", "roster", path(), "", "the roster CSV", required=True),
+    Key(
+        "course",
+        "group",
+        matching(GROUP_NAME, "{!r} is not a valid group name"),
+        "",
+        "default: the course name; every student is a member",
+    ),
+    Key("course", "state_dir", path(), "", "default STATE_BASE/NAME; root-only (0700)"),
+    Key("accounts", "home_base", path("/home"), "/home", "homes are HOME_BASE/USERNAME"),
+    Key("accounts", "shell", shell, "/bin/bash", "the students' login shell"),
+    Key("accounts", "home_mode", home_mode, "0700", "never world-readable"),
+    Key("accounts", "password_length", integer(8, 128), "12", "at least 8"),
+    Key("accounts", "notebook_password", choice("same", "separate"), "same", "or separate"),
+    Key("accounts", "profile", profile, "", "the teacher's IPython profile copied to students"),
+    Key("accounts", "skeleton", folder, "", "a folder copied once into each new home"),
+    Key("material", "source", path(), "", "what send copies", field="material_source"),
+    Key(
+        "material",
+        "folder",
+        home_folder,
+        "tutorial",
+        "HOME/FOLDER: where send puts it, what retrieve collects",
+        field="material_folder",
+    ),
+    Key(
+        "material",
+        "exclude",
+        words(),
+        ".ipynb_checkpoints, __pycache__, *.pyc, .git",
+        "names or glob patterns never sent",
+        field="material_exclude",
+    ),
+    Key(
+        "retrieve",
+        "destination",
+        path("submissions"),
+        "submissions",
+        "the teacher's grading area",
+        field="retrieve_destination",
+    ),
+    Key(
+        "retrieve",
+        "owner",
+        matching(USERNAME, "{!r} is not a user name"),
+        "",
+        "who owns what is retrieved; default: the sudo caller",
+        field="retrieve_owner",
+    ),
+    Key("retrieve", "include", words(("*",)), "*", "files collected", field="retrieve_include"),
+    Key(
+        "retrieve",
+        "exclude",
+        words(),
+        ".ipynb_checkpoints, __pycache__, *.pyc",
+        "files never collected",
+        field="retrieve_exclude",
+    ),
+    Key("retrieve", "max_file_size", lambda v, b: parse_size(v), "20M", "larger files skipped"),
+    Key("retrieve", "max_total_size", lambda v, b: parse_size(v), "200M", "per student per run"),
+    Key("launch", "app", choice("lab", "notebook", "server"), "lab", "what each server runs"),
+    Key("launch", "ip", text("0.0.0.0"), "0.0.0.0", "where the students' servers listen"),
+    Key("launch", "portal_port", integer(1, 65535), "8000", "the portal's port"),
+    Key("launch", "first_port", integer(1, 65535), "8001", "students' ports from here upward"),
+    Key("launch", "server_address", server_address, "", "host name in the links"),
+    Key("launch", "title", text(), "", "shown on the portal; default: the course name"),
+    Key("launch", "certfile", path(), "", "HTTPS when both are set"),
+    Key("launch", "keyfile", path(), "", "HTTPS when both are set"),
+    Key("launch", "root", choice("folder", "home"), "folder", "where each server opens"),
+    Key("launch", "start_timeout", positive, "60", "seconds each server gets to answer"),
+    Key("launch", "start_mode", choice("fork", "exec"), "fork", "fork or exec"),
+    Key("launch", "idle_timeout", integer(0, 10**8), "0", "seconds; 0: never stop idle servers"),
+    Key("hooks", "pre_spawn", text(), "", "an executable, or module:function"),
+    Key("hooks", "post_stop", text(), "", "an executable, or module:function"),
+    Key("hooks", "timeout", positive, "60", "seconds a hook gets", field="hook_timeout"),
+    Key("remove", "archive", lambda v, b: parse_bool(v), "yes", "tar.gz of each home first"),
+    Key("remove", "archive_dir", path(), "", "default: STATE_DIR/archive"),
+)
+
+# Every key of every section with its default ("" means "not set" or derived).
+DEFAULTS: dict[str, dict[str, str]] = {}
+for _key in KEYS:
+    DEFAULTS.setdefault(_key.section, {})[_key.name] = _key.default
+REQUIRED = {(k.section, k.name) for k in KEYS if k.required}
+
+# Defaults that depend on other values: applied when a key is empty.
+DERIVED: dict[str, Callable[[Any], Any]] = {
+    "roster": lambda s: s.config_file.parent / "students.csv",
+    "group": lambda s: s.name,
+    "state_dir": lambda s: STATE_BASE / (s.name or "course"),
+    "title": lambda s: s.name,
+    "archive_dir": lambda s: s.state_dir / "archive",
+}
+
+
+# --- Settings -----------------------------------------------------------------------------------
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+UNSET: Any = _Unset()
+
+
+class _SettingsMethods:
+    config_file: Path
+    lines: dict[tuple[str, str], int]
+
+    def __post_init__(self) -> None:
+        """Keys not given take their default; empty derived ones their derived value."""
+        base = self.config_file.parent
+        for key in KEYS:
+            if getattr(self, key.attribute) is UNSET:
+                object.__setattr__(self, key.attribute, key.parse(key.default, base))
+        for name, derive in DERIVED.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, derive(self))
+
+    def where(self, section: str, key: str) -> str:
+        """``file line N`` of a key, for error messages."""
+        line = self.lines.get((section, key))
+        return f"{self.config_file}, line {line}" if line else f"{self.config_file}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [
+        ("config_file", Path),
+        ("name", str),
+        *[(k.attribute, Any, dataclasses.field(default=UNSET)) for k in KEYS if k.name != "name"],
+        ("lines", dict, dataclasses.field(default_factory=dict, compare=False, repr=False)),
+    ],
+    bases=(_SettingsMethods,),
+    frozen=True,
+)
+Settings.__module__ = __name__
+Settings.__doc__ = """The validated config, one attribute per key of ``KEYS``.
+
+Paths are absolute; sizes are bytes; lists are tuples. Keys not given take their
+default, as if the file did not set them.
+"""
+
+
+# --- reading the file ---------------------------------------------------------------------------
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("NOTEBOOKS_CONFIG") or "notebooks.cfg")
+
+
 def _key_lines(text: str) -> dict[tuple[str, str], int]:
     """Map (section, key) to its line number, and (section, '') to the section header's."""
     lines: dict[tuple[str, str], int] = {}
@@ -159,12 +363,6 @@ def _key_lines(text: str) -> dict[tuple[str, str], int]:
             key = re.split(r"[=:]", line, maxsplit=1)[0].strip().lower()
             lines.setdefault((section, key), number)
     return lines
-
-
-def default_config_path() -> Path:
-    import os
-
-    return Path(os.environ.get("NOTEBOOKS_CONFIG") or "notebooks.cfg")
 
 
 def load(path: Path | str) -> Settings:
@@ -193,7 +391,6 @@ def _validate(
     path: Path, parser: configparser.ConfigParser, lines: dict[tuple[str, str], int]
 ) -> Settings:
     problems: list[str] = []
-    base = path.parent
 
     def at(section: str, key: str = "") -> str:
         line = lines.get((section, key)) or lines.get((section, ""))
@@ -211,191 +408,26 @@ def _validate(
                 mean = f" (did you mean '{hint[0]}'?)" if hint else ""
                 problems.append(f"{at(section, key)}: unknown key '{key}' in [{section}]{mean}")
 
-    def raw(section: str, key: str) -> str:
-        if parser.has_option(section, key):
-            return parser.get(section, key).strip()
-        default = DEFAULTS[section][key]
-        if default is None and (section, key) in REQUIRED:
-            problems.append(f"{at(section)}: [{section}] {key} is required")
-        return default or ""
-
-    def conv(section: str, key: str, func: Callable[[str], Any], fallback: Any) -> Any:
-        text = raw(section, key)
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        if parser.has_option(key.section, key.name):
+            raw = parser.get(key.section, key.name).strip()
+        elif key.required:
+            problems.append(f"{at(key.section)}: [{key.section}] {key.name} is required")
+            raw = ""
+        else:
+            continue  # the default
         try:
-            return func(text)
+            values[key.attribute] = key.parse(raw, path.parent)
         except (ValueError, TypeError) as exc:
-            problems.append(f"{at(section, key)}: [{section}] {key}: {exc}")
-            return fallback
-
-    def path_or_none(text: str) -> Path | None:
-        return (base / Path(text).expanduser()).resolve() if text else None
-
-    def check(cond: bool, section: str, key: str, message: str) -> None:
-        if not cond:
-            problems.append(f"{at(section, key)}: [{section}] {key}: {message}")
-
-    def integer(lo: int, hi: int) -> Callable[[str], int]:
-        def parse(text: str) -> int:
-            value = int(text)
-            if not lo <= value <= hi:
-                raise ValueError(f"{value} is not between {lo} and {hi}")
-            return value
-
-        return parse
-
-    def positive(text: str) -> float:
-        value = float(text)
-        if value <= 0:
-            raise ValueError(f"must be more than 0, not {text}")
-        return value
-
-    def choice(*options: str) -> Callable[[str], str]:
-        def parse(text: str) -> str:
-            if text not in options:
-                raise ValueError(f"must be one of {', '.join(options)}, not {text!r}")
-            return text
-
-        return parse
-
-    name = raw("course", "name")
-    check(
-        bool(COURSE_NAME.match(name)) or not name,
-        "course",
-        "name",
-        f"{name!r} must match [a-z][a-z0-9-]{{0,30}} (lower case, digits, dashes)",
-    )
-    roster_text = raw("course", "roster")
-    roster = path_or_none(roster_text) or base / "students.csv"
-    group = raw("course", "group") or name
-    check(
-        bool(GROUP_NAME.match(group)) or not group,
-        "course",
-        "group",
-        f"{group!r} is not a valid group name",
-    )
-    state_dir = path_or_none(raw("course", "state_dir")) or Path("/var/lib/classroom") / (
-        name or "course"
-    )
-
-    home_base = path_or_none(raw("accounts", "home_base")) or Path("/home")
-    shell = raw("accounts", "shell")
-    check(shell.startswith("/"), "accounts", "shell", f"{shell!r} must be an absolute path")
-
-    def mode(text: str) -> int:
-        value = int(text, 8)
-        if value & 0o007:
-            raise ValueError(
-                f"{text} lets other users in; homes are never world-readable (use 0700 or 0750)"
-            )
-        if value & ~0o7777 or not value & 0o700 == 0o700:
-            raise ValueError(f"{text} is not a sensible home mode (use 0700)")
-        return value
-
-    home_mode = conv("accounts", "home_mode", mode, 0o700)
-    password_length = conv("accounts", "password_length", integer(8, 128), 12)
-    notebook_password = conv("accounts", "notebook_password", choice("same", "separate"), "same")
-    profile = raw("accounts", "profile")
-    if "/" in profile:
-        profile = str(path_or_none(profile))
-    skeleton = path_or_none(raw("accounts", "skeleton"))
-    if skeleton is not None:
-        check(skeleton.is_dir(), "accounts", "skeleton", f"{skeleton} is not a folder")
-
-    source = path_or_none(raw("material", "source"))
-    folder = raw("material", "folder")
-    check(
-        safe_folder(folder),
-        "material",
-        "folder",
-        f"{folder!r} must be a relative path inside the home, without '..'",
-    )
-
-    destination = path_or_none(raw("retrieve", "destination")) or base / "submissions"
-    owner = raw("retrieve", "owner")
-    check(
-        not owner or bool(USERNAME.match(owner)),
-        "retrieve",
-        "owner",
-        f"{owner!r} is not a user name",
-    )
-    max_file = conv("retrieve", "max_file_size", parse_size, 20 << 20)
-    max_total = conv("retrieve", "max_total_size", parse_size, 200 << 20)
-
-    app = conv("launch", "app", choice("lab", "notebook", "server"), "lab")
-    ip = raw("launch", "ip") or "0.0.0.0"
-    portal_port = conv("launch", "portal_port", integer(1, 65535), 8000)
-    first_port = conv("launch", "first_port", integer(1, 65535), 8001)
-    certfile = path_or_none(raw("launch", "certfile"))
-    keyfile = path_or_none(raw("launch", "keyfile"))
-    if bool(certfile) != bool(keyfile):
+            problems.append(f"{at(key.section, key.name)}: [{key.section}] {key.name}: {exc}")
+    if bool(values.get("certfile")) != bool(values.get("keyfile")):
         problems.append(
             f"{at('launch', 'certfile')}: [launch] certfile and keyfile go together: set both or neither"
         )
-    server_address = raw("launch", "server_address")
-    if server_address:
-        try:
-            host_from_setting(server_address)
-        except ValueError as exc:
-            problems.append(f"{at('launch', 'server_address')}: [launch] server_address: {exc}")
-    root = conv("launch", "root", choice("folder", "home"), "folder")
-    start_timeout = conv("launch", "start_timeout", positive, 60.0)
-    start_mode = conv("launch", "start_mode", choice("fork", "exec"), "fork")
-    idle_timeout = conv("launch", "idle_timeout", integer(0, 10**8), 0)
-
-    hook_timeout = conv("hooks", "timeout", positive, 60.0)
-    archive = conv("remove", "archive", parse_bool, True)
-    archive_dir = path_or_none(raw("remove", "archive_dir")) or state_dir / "archive"
-
     if problems:
         raise InvalidInput(
             problems,
             heading=f"{path}: the config has {len(problems)} problem(s); nothing was changed",
         )
-    return Settings(
-        config_file=path,
-        name=name,
-        roster=roster,
-        group=group,
-        state_dir=state_dir,
-        home_base=home_base,
-        shell=shell,
-        home_mode=home_mode,
-        password_length=password_length,
-        notebook_password=notebook_password,
-        profile=profile,
-        skeleton=skeleton,
-        material_source=source,
-        material_folder=folder.strip("/"),
-        material_exclude=parse_list(raw("material", "exclude")),
-        retrieve_destination=destination,
-        retrieve_owner=owner,
-        retrieve_include=parse_list(raw("retrieve", "include")) or ("*",),
-        retrieve_exclude=parse_list(raw("retrieve", "exclude")),
-        max_file_size=max_file,
-        max_total_size=max_total,
-        app=app,
-        ip=ip,
-        portal_port=portal_port,
-        first_port=first_port,
-        server_address=server_address,
-        title=raw("launch", "title") or name,
-        certfile=certfile,
-        keyfile=keyfile,
-        root=root,
-        start_timeout=start_timeout,
-        start_mode=start_mode,
-        idle_timeout=idle_timeout,
-        pre_spawn=raw("hooks", "pre_spawn"),
-        post_stop=raw("hooks", "post_stop"),
-        hook_timeout=hook_timeout,
-        archive=archive,
-        archive_dir=archive_dir,
-        lines=lines,
-    )
-
-
-def safe_folder(folder: str) -> bool:
-    if not folder or folder.startswith("/") or "\0" in folder:
-        return False
-    parts = [p for p in folder.split("/") if p]
-    return bool(parts) and all(p not in (".", "..") for p in parts)
+    return Settings(config_file=path, lines=lines, **values)
