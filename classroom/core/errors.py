@@ -36,10 +36,6 @@ class Refused(ClassroomError):
     exit_code = EXIT_REFUSED
 
 
-class NotImplementedYet(ClassroomError):
-    exit_code = EXIT_USAGE
-
-
 class StepFailed(Exception):
     """One student's step failed; the message says why and what to do."""
 

@@ -45,24 +45,3 @@ def jupyter_hash(password: Secret) -> Secret:
         type=argon2.Type.ID,
     )
     return Secret("argon2:" + hasher.hash(password.reveal()))
-
-
-def jupyter_check(hashed: Secret, password: Secret) -> bool:
-    from jupyter_server.auth.security import passwd_check
-
-    return bool(passwd_check(hashed.reveal(), password.reveal()))
-
-
-def unix_hash(password: Secret, method: str = "SHA512", rounds: int | None = None) -> Secret:
-    """Hash as ``crypt(3)`` would under ENCRYPT_METHOD (for ``chpasswd -e``, or to check)."""
-    from passlib import hash as ph
-
-    method = method.upper()
-    if method in ("YESCRYPT",):
-        raise ValueError("yescrypt is hashed by chpasswd itself")
-    scheme = {"SHA512": ph.sha512_crypt, "SHA256": ph.sha256_crypt, "MD5": ph.md5_crypt}.get(method)
-    if scheme is None:
-        raise ValueError(f"unsupported ENCRYPT_METHOD {method}")
-    if rounds and method != "MD5":
-        scheme = scheme.using(rounds=rounds)
-    return Secret(scheme.hash(password.reveal()))
