@@ -111,20 +111,20 @@ def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
     unless --reset-passwords. New passwords go to STATE_DIR/credentials.csv and
     a printable STATE_DIR/handout.html (root only).
     """
-    from .commands import accounts
+    from .commands import setup as setup_cmd
 
     perform(
         ctx,
         config,
         "setup",
-        lambda course: accounts.setup(
+        lambda course: setup_cmd.setup(
             course, only=tuple(only), reset_passwords=reset_passwords, handout=handout
         ),
         changes=True,
         dry_run=dry_run,
         only=only,
         yes=yes,
-        precheck=accounts.precheck,
+        precheck=setup_cmd.precheck,
     )
 
 
@@ -241,13 +241,13 @@ def retrieve(ctx, config, dry_run, only, yes, deadline):
 @click.pass_context
 def remove(ctx, config, dry_run, only, yes):
     """Archive and delete the students' accounts and homes (asks first unless --yes)."""
-    from .commands import accounts
+    from .commands import remove as remove_cmd
 
     perform(
         ctx,
         config,
         "remove",
-        lambda course: accounts.remove(course, only=tuple(only)),
+        lambda course: remove_cmd.remove(course, only=tuple(only)),
         changes=True,
         dry_run=dry_run,
         only=only,
@@ -262,13 +262,13 @@ def remove(ctx, config, dry_run, only, yes):
 @click.pass_context
 def status(ctx, config, only, as_json):
     """Show each student's account, server, last send and last retrieve."""
-    from .commands import accounts
+    from .commands import status as status_cmd
 
     perform(
         ctx,
         config,
         "status",
-        lambda course: accounts.status(course, only=tuple(only), as_json=as_json),
+        lambda course: status_cmd.status(course, only=tuple(only), as_json=as_json),
         changes=False,
         only=only,
     )
@@ -280,9 +280,9 @@ def status(ctx, config, only, as_json):
 @click.pass_context
 def check(ctx, config, as_json):
     """Check the config, the roster and this host; change nothing (no root needed)."""
-    from .commands import checks
+    from .commands import check as check_cmd
 
-    code = checks.check(resolve_config(config), as_json=as_json)
+    code = check_cmd.check(resolve_config(config), as_json=as_json)
     ctx.exit(code)
 
 

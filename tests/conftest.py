@@ -33,6 +33,15 @@ def random_name(prefix: str = "t") -> str:
     return prefix + secrets.token_hex(4)
 
 
+def shadow_hash(username: str) -> str:
+    """The password hash of ``username`` in /etc/shadow."""
+    for line in open("/etc/shadow"):
+        name, hashed, *_ = line.split(":")
+        if name == username:
+            return hashed
+    raise KeyError(username)
+
+
 def run_cli(
     *args: str,
     input: str | None = None,

@@ -14,17 +14,9 @@ import tarfile
 import time
 
 import pytest
-from conftest import needs_root, random_name, remove_account
+from conftest import needs_root, random_name, remove_account, shadow_hash
 
 pytestmark = needs_root
-
-
-def shadow_hash(username: str) -> str:
-    for line in open("/etc/shadow"):
-        name, hashed, *_ = line.split(":")
-        if name == username:
-            return hashed
-    raise KeyError(username)
 
 
 def test_setup_dry_run_then_real_then_unchanged(course):

@@ -12,8 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, needs_root, random_name
-from test_accounts import shadow_hash
+from conftest import ROOT, needs_root, random_name, shadow_hash
 
 pytestmark = needs_root
 
@@ -272,7 +271,7 @@ def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
     from click.testing import CliRunner
 
     from classroom import cli
-    from classroom.commands import accounts
+    from classroom.host import accounts
 
     squatter = random_name("tg")
     subprocess.run(["groupadd", squatter], check=True)

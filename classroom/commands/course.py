@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import click
@@ -17,8 +18,9 @@ from ..core import settings as settings_mod
 from ..core.errors import EXIT_OK, EXIT_PARTIAL, Refused
 from ..core.roster import Roster, Student
 from ..core.settings import Settings
+from ..host import system
 from ..host.state import Lock, State, ensure_private_dir
-from ..host.system import is_root, set_dry_run
+from ..host.system import is_root
 
 log = logging.getLogger("classroom")
 T = TypeVar("T")
@@ -96,15 +98,25 @@ def progress(items: Iterable[T], label: str, length: int | None = None) -> Itera
 
 @dataclass
 class Course:
-    """The validated config and roster, the state and (for changes) the lock."""
+    """The validated config and roster, the state and (for changes) the lock.
+
+    ``state_readable`` is False when a course state may exist but this user cannot
+    read it (not root): ``state`` is then an empty stand-in, and an account in the
+    course group is taken for the course's (a dry run or ``status`` only).
+    """
 
     settings: Settings
     roster: Roster
     state: State
-    dry_run: bool = False
+    state_readable: bool = True
     yes: bool = False
     quiet: bool = False
     lock: Lock | None = None
+
+    @property
+    def dry_run(self) -> bool:
+        """``--dry-run``: the chokepoints change nothing (see ``host.system.dry_run``)."""
+        return system.dry_run()
 
     def students(self, only: tuple[str, ...] = ()) -> list[Student]:
         return self.roster.select(only)
@@ -145,7 +157,7 @@ def open_course(
     ``precheck(settings)`` runs before anything is created (raise to refuse).
     """
     settings, roster = load(config_path, only=only)
-    set_dry_run(dry_run)
+    system.set_dry_run(dry_run)
     if precheck is not None:
         precheck(settings)
     if changes and not dry_run:
@@ -167,10 +179,21 @@ def open_course(
         log.info(
             "%s started by %s (pid %d)", command, os.environ.get("SUDO_USER", "root"), os.getpid()
         )
-        return Course(settings, roster, state, dry_run=False, yes=yes, quiet=quiet, lock=lock)
-    return Course(
-        settings, roster, State.peek(settings.state_dir), dry_run=dry_run, yes=yes, quiet=quiet
-    )
+        return Course(settings, roster, state, yes=yes, quiet=quiet, lock=lock)
+    state = State.peek(settings.state_dir)
+    readable = state.path is not None or not may_exist(settings.state_dir / State.FILE)
+    return Course(settings, roster, state, state_readable=readable, yes=yes, quiet=quiet)
+
+
+def may_exist(path: Path) -> bool:
+    """False only when ``path`` certainly does not exist (a folder on the way may be closed)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def attach_log_file(settings: Settings) -> None:

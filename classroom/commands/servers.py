@@ -372,7 +372,7 @@ def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
         starts = []
 
     if course.dry_run:
-        if course.state.unreadable:
+        if not course.state_readable:
             report.note(
                 "note: the course state is root-only, so servers already running cannot be "
                 "seen and ports are guessed; run the dry run with sudo for the exact plan"

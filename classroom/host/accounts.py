@@ -1,17 +1,33 @@
-"""Ownership: is a student's account the course's own (ok), missing, or foreign (never touched)."""
+"""Students' Unix accounts and the course group: ownership, create, align, delete.
+
+Ownership first: an account is the course's own (ok), missing, or foreign (never
+touched). Only accounts the course created (recorded in the state, same uid, uid
+inside UID_MIN..UID_MAX) are ever changed or deleted. Each uid and gid is chosen
+and recorded before useradd or groupadd runs, so a run that was cut off adopts
+exactly what it made, and nothing else.
+
+``course`` is the opened course (``commands.course.Course``): its settings, roster,
+state, and whether that state could be read.
+"""
 
 from __future__ import annotations
 
 import grp
+import os
 import pwd
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import InvalidInput, StepFailed
 from ..core.roster import Student
-from .system import login_defs
+from ..core.secret import Secret
+from .system import login_defs, run, run_account_tool
 
 OK, MISSING, FOREIGN = "ok", "missing", "foreign"
+ATTEMPTS = 5  # useradd / groupadd finding the id just chosen taken by another program
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,17 @@ class Account:
     @property
     def username(self) -> str:
         return self.student.username
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to an existing account: what it is, and how to make it."""
+
+    what: str
+    make: Callable[[], None]
+
+
+# --- ownership --------------------------------------------------------------------------------
 
 
 def inspect(course: Any, student: Student) -> Account:
@@ -48,7 +75,7 @@ def inspect(course: Any, student: Student) -> Account:
         )
     # Without root the state cannot be read: a member of the course group in the
     # UID range is taken for the course's (for a dry run or status only).
-    if row is None and course.state.unreadable and _in_course_group(course, pw):
+    if row is None and not course.state_readable and pw.pw_name in members(course.settings.group):
         return Account(student, OK, pw=pw, why="not verified: the course state is root-only")
     if row is None:
         return Account(
@@ -73,9 +100,295 @@ def inspect(course: Any, student: Student) -> Account:
     return Account(student, OK, pw=pw)
 
 
-def _in_course_group(course: Any, pw: pwd.struct_passwd) -> bool:
+def members(group_name: str) -> set[str]:
+    """Who is in ``group_name``: its listed members and the accounts whose primary group it is."""
     try:
-        group = grp.getgrnam(course.settings.group)
+        group = grp.getgrnam(group_name)
     except KeyError:
+        return set()
+    primary = {p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid}
+    return set(group.gr_mem) | primary
+
+
+def free_id(used: set[int], low: int, high: int) -> int:
+    """The next id after the highest used one in ``low..high`` (as useradd picks), else the lowest free."""
+    in_range = [i for i in used if low <= i <= high]
+    candidate = max(in_range, default=low - 1) + 1
+    if candidate <= high and candidate not in used:
+        return candidate
+    for i in range(low, high + 1):
+        if i not in used:
+            return i
+    raise StepFailed(f"no free id left in {low}..{high} (see /etc/login.defs)")
+
+
+# --- the course group -------------------------------------------------------------------------
+
+
+def check_group(course: Any) -> grp.struct_group | None:
+    """The course group if it exists; refuse a group that is not safe to make students join.
+
+    A group the course did not create is refused when it is a system group, any
+    account's primary group, or has members who are not in the roster: joining
+    it would give the students that group's files.
+    """
+    settings = course.settings
+    try:
+        group = grp.getgrnam(settings.group)
+    except KeyError:
+        return None
+    if course.state.meta("group_gid") == str(group.gr_gid):
+        return group
+    if course.state.meta("group_creating") == f"{settings.group}:{group.gr_gid}":
+        return group  # made by a run that was cut off; adopted by ensure_group
+    where = settings.where("course", "group")
+    gid_min = int(login_defs().get("GID_MIN", "1000") or 1000)
+    if group.gr_gid < gid_min:
+        raise InvalidInput(
+            f"{where}: group '{settings.group}' is a system group (gid {group.gr_gid}); "
+            "choose another [course] group"
+        )
+    primary = [p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid]
+    outsiders = sorted(set(group.gr_mem) - set(course.roster.names()))
+    if primary or outsiders:
+        who = ", ".join((primary + outsiders)[:5])
+        raise InvalidInput(
+            f"{where}: group '{settings.group}' exists, the course did not create it, and it "
+            f"already belongs to others ({who}); choose another [course] group"
+        )
+    return group
+
+
+def ensure_group(course: Any) -> bool:
+    """Create the course group if it is missing (gid recorded first); True if it was created."""
+    name = course.settings.group
+    state = course.state
+    group = check_group(course)
+    if group is not None:
+        if state.meta("group_creating") == f"{name}:{group.gr_gid}":
+            with state.transaction():
+                state.set_meta("group_gid", str(group.gr_gid))
+                state.set_meta("group_creating", None)
+                state.record("setup", None, "group adopted", {"gid": group.gr_gid})
         return False
-    return pw.pw_name in group.gr_mem or pw.pw_gid == group.gr_gid
+    defs = login_defs()
+    gid_min = int(defs.get("GID_MIN", "1000") or 1000)
+    gid_max = int(defs.get("GID_MAX", "60000") or 60000)
+    for _attempt in range(ATTEMPTS):
+        gid = free_id({g.gr_gid for g in grp.getgrall()}, gid_min, gid_max)
+        with state.transaction():
+            state.set_meta("group_creating", f"{name}:{gid}")
+        try:
+            run_account_tool(["groupadd", "--gid", str(gid), "--", name])
+            break
+        except StepFailed as exc:
+            with state.transaction():
+                state.set_meta("group_creating", None)
+            if "already exists" in str(exc) and f"'{gid}'" in str(exc):
+                continue  # another program took that gid meanwhile
+            raise
+    else:
+        raise StepFailed("groupadd kept finding its gid taken; try again")
+    with state.transaction():
+        state.set_meta("group_gid", str(gid))
+        state.set_meta("group_creating", None)
+        state.record("setup", None, "group created", {"group": name, "gid": gid})
+    return True
+
+
+def remove_group_if_empty(course: Any) -> bool:
+    """Delete the course group once nobody is in it (only the one the course made); True if deleted."""
+    name = course.settings.group
+    state = course.state
+    gid = state.meta("group_gid")
+    try:
+        group = grp.getgrnam(name)
+    except KeyError:
+        if gid:
+            with state.transaction():
+                state.set_meta("group_gid", None)
+        return False
+    if gid != str(group.gr_gid) or members(name):
+        return False
+    run_account_tool(["groupdel", "--", name])
+    with state.transaction():
+        state.set_meta("group_gid", None)
+        state.record("remove", None, "group deleted", {"group": name})
+    return True
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+
+def useradd_argv(settings: Any, student: Student) -> list[str]:
+    """useradd for ``student`` as the config says (the uid is added when it is chosen)."""
+    argv = [
+        "useradd",
+        "--create-home",
+        "--home-dir",
+        str(settings.home_base / student.username),
+        "--shell",
+        settings.shell,
+        "--user-group",
+        "--groups",
+        settings.group,
+        "--comment",
+        student.gecos,
+        "-K",
+        f"HOME_MODE={settings.home_mode:04o}",
+    ]
+    if settings.skeleton:
+        argv += ["--skel", str(settings.skeleton)]
+    return [*argv, "--", student.username]
+
+
+def create_account(course: Any, student: Student) -> pwd.struct_passwd:
+    """useradd with a uid chosen and recorded first, so a cut-off run adopts exactly that account."""
+    state = course.state
+    home = course.settings.home_base / student.username
+    if os.path.lexists(home):
+        raise StepFailed(
+            f"{home} already exists and would become {student.username}'s home; "
+            "move it away (or change [accounts] home_base) and run setup again"
+        )
+    defs = login_defs()
+    for _attempt in range(ATTEMPTS):
+        uid = free_id({p.pw_uid for p in pwd.getpwall()}, defs.uid_min, defs.uid_max)
+        with state.transaction():
+            state.claim_account(student.username, uid, str(home))
+        argv = useradd_argv(course.settings, student)
+        argv[1:1] = ["--uid", str(uid)]
+        try:
+            run_account_tool(argv)
+            break
+        except StepFailed as exc:
+            with state.transaction():
+                state.forget_account(student.username)
+            if "not unique" in str(exc):  # another program took that uid meanwhile
+                continue
+            raise
+    else:
+        raise StepFailed("useradd kept finding its uid taken; try again")
+    pw = pwd.getpwnam(student.username)
+    if pw.pw_uid != uid:
+        raise StepFailed(f"useradd gave uid {pw.pw_uid}, not {uid}")
+    with state.transaction():
+        state.account_made(student.username)
+        state.record("setup", student.username, "account created", {"uid": pw.pw_uid})
+    return pw
+
+
+def alignment(course: Any, account: Account) -> list[Change]:
+    """What it takes to bring an existing course account in line (group, home, home mode).
+
+    Raises ``StepFailed`` for what must be fixed by hand (a home that is not the
+    student's folder).
+    """
+    settings, state = course.settings, course.state
+    pw = account.pw
+    assert pw is not None
+    changes = []
+    if account.adopt:
+
+        def adopt() -> None:
+            with state.transaction():
+                state.account_made(pw.pw_name)
+                state.record("setup", pw.pw_name, "account adopted", {"uid": pw.pw_uid})
+
+        changes.append(Change("account adopted after an interrupted run", adopt))
+    if pw.pw_name not in _listed_members(settings.group):
+        usermod = ["usermod", "--append", "--groups", settings.group, "--", pw.pw_name]
+        changes.append(
+            Change(f"added to group {settings.group}", lambda: run_account_tool(usermod))
+        )
+    home = Path(pw.pw_dir)
+    try:
+        st = os.lstat(home)
+    except FileNotFoundError:
+        return [*changes, Change("home created", lambda: make_home(pw, settings.home_mode))]
+    if not stat.S_ISDIR(st.st_mode):
+        raise StepFailed(f"home {home} is not a folder; fix it by hand")
+    if st.st_uid != pw.pw_uid:
+        raise StepFailed(
+            f"home {home} is owned by uid {st.st_uid}, not {pw.pw_name}; fix it by hand"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != settings.home_mode:
+        changes.append(
+            Change(
+                f"home mode {mode:04o} -> {settings.home_mode:04o}",
+                lambda: _chmod_home(home, st.st_ino, settings.home_mode),
+            )
+        )
+    return changes
+
+
+def _listed_members(group_name: str) -> list[str]:
+    try:
+        return grp.getgrnam(group_name).gr_mem
+    except KeyError:
+        return []
+
+
+def _chmod_home(home: Path, ino: int, mode: int) -> None:
+    """chmod the home that was inspected (same inode), never a link put in its place."""
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if os.fstat(fd).st_ino != ino:
+            raise StepFailed(f"home {home} changed while it was being checked")
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def make_home(pw: pwd.struct_passwd, mode: int) -> None:
+    """Create a missing home: the student's, ``mode``."""
+    home = Path(pw.pw_dir)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(home, mode)
+    os.chown(home, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    os.chmod(home, mode, follow_symlinks=False)
+
+
+def chpasswd_argv() -> list[str]:
+    """chpasswd hashing as /etc/login.defs says (ENCRYPT_METHOD; chpasswd reads the rounds).
+
+    ``--crypt-method`` also keeps Debian's chpasswd from handing the hashing to PAM,
+    whose policy may differ from login.defs.
+    """
+    method = login_defs().encrypt_method
+    if method not in ("SHA512", "SHA256", "YESCRYPT", "MD5"):
+        method = "SHA512"
+    return ["chpasswd", "--crypt-method", method]
+
+
+def set_passwords(passwords: dict[str, Secret]) -> None:
+    """Set each account's Unix password: one chpasswd, the batch on its stdin, never in argv."""
+    batch = Secret("".join(f"{u}:{p.reveal()}\n" for u, p in passwords.items()))
+    run_account_tool(chpasswd_argv(), stdin=batch)
+
+
+def delete_account(course: Any, account: Account) -> None:
+    """userdel (the home too when it is the one the course made), then forget the account.
+
+    Looks again just before deleting: the account must still be the one inspected.
+    """
+    settings, state = course.settings, course.state
+    now_acc = inspect(course, account.student)
+    if now_acc.kind == MISSING:
+        raise StepFailed("the account vanished while it was being removed; nothing deleted")
+    was = account.pw
+    if now_acc.kind != OK or now_acc.pw is None or was is None or now_acc.pw.pw_uid != was.pw_uid:
+        raise StepFailed(
+            f"the account changed while it was being removed; not deleted: {now_acc.why}"
+        )
+    username = account.username
+    row = state.account(username)
+    home = Path(now_acc.pw.pw_dir)
+    own_home = row is not None and Path(row["home"]) == home and home.parent == settings.home_base
+    argv = ["userdel", "--remove", "--", username] if own_home else ["userdel", "--", username]
+    result = run_account_tool(argv, check=False)
+    if result.returncode not in (0, 12):
+        raise StepFailed(f"userdel failed with status {result.returncode}: {result.stderr.strip()}")
+    if own_home and home.is_dir() and not home.is_symlink():
+        run(["rm", "-rf", "--one-file-system", "--", str(home)])

@@ -5,38 +5,13 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from ..core.addresses import portal_url
 from ..core.secret import Secret
+from .files import write_atomic
 
 HEADER = ["username", "name", "email", "password", "notebook_password"]
-
-
-def write_private(
-    path: Path, text: str, mode: int = 0o600, owner: tuple[int, int] | None = None
-) -> None:
-    """Write ``text`` to a fresh temporary file beside ``path`` (0600), then rename it into place.
-
-    The temporary name is random and created exclusively, so nobody can have
-    prepared it; ``owner`` (uid, gid) is set before the file gets its name.
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, mode)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read(path: Path) -> dict[str, dict[str, str]]:
@@ -67,12 +42,7 @@ def update(
     writer.writeheader()
     for username in sorted(rows):
         writer.writerow(rows[username])
-    write_private(path, buf.getvalue())
-
-
-def portal_address(settings) -> str:
-    """The portal's address as the portal itself prints it."""
-    return portal_url(settings)
+    write_atomic(path, buf.getvalue())
 
 
 HANDOUT_CSS = """
@@ -92,7 +62,7 @@ dt { color: #555; }
 
 def handout_html(settings, rows: dict[str, dict[str, str]]) -> str:
     """One slip per student with name, username, password(s) and the portal address."""
-    address = portal_address(settings)
+    address = portal_url(settings)
     slips = []
     for username in sorted(rows):
         row = rows[username]

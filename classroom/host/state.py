@@ -103,19 +103,18 @@ def ensure_private_dir(path: Path) -> None:
 class State:
     """The course's SQLite state. ``State.open`` for real runs, ``State.peek`` for read-only ones."""
 
-    def __init__(
-        self, conn: sqlite3.Connection, path: Path | None, readonly: bool, unreadable: bool = False
-    ):
+    FILE = "state.db"
+
+    def __init__(self, conn: sqlite3.Connection, path: Path | None, readonly: bool):
         self.conn = conn
-        self.path = path
+        self.path = path  # None: an empty in-memory stand-in
         self.readonly = readonly
-        self.unreadable = unreadable  # a state exists but this user cannot read it (not root)
         conn.row_factory = sqlite3.Row
 
     @classmethod
     def open(cls, state_dir: Path) -> State:
         ensure_private_dir(state_dir)
-        db = state_dir / "state.db"
+        db = state_dir / cls.FILE
         old = os.umask(0o077)
         try:
             conn = sqlite3.connect(db, timeout=30, isolation_level=None)
@@ -128,8 +127,8 @@ class State:
 
     @classmethod
     def peek(cls, state_dir: Path) -> State:
-        """Open read-only if it exists and is readable, else an empty in-memory state."""
-        db = state_dir / "state.db"
+        """Open read-only if it exists and is readable, else an empty in-memory state (path None)."""
+        db = state_dir / cls.FILE
         try:
             if db.is_file() and os.access(db, os.R_OK):
                 conn = sqlite3.connect(
@@ -139,13 +138,9 @@ class State:
                 return cls(conn, db, readonly=True)
         except (OSError, sqlite3.Error):
             pass
-        try:
-            unreadable = state_dir.exists() and not os.access(state_dir, os.R_OK | os.X_OK)
-        except OSError:  # a folder above it cannot be entered: a state may well be there
-            unreadable = True
         conn = sqlite3.connect(":memory:", isolation_level=None)
         conn.executescript(SCHEMA)
-        return cls(conn, None, readonly=True, unreadable=unreadable)
+        return cls(conn, None, readonly=True)
 
     def ensure(self, schema: str) -> None:
         """Create a module's own tables (``CREATE TABLE IF NOT EXISTS ...``)."""
@@ -189,6 +184,29 @@ class State:
 
     def accounts(self) -> dict[str, sqlite3.Row]:
         return {r["username"]: r for r in self.conn.execute("SELECT * FROM accounts")}
+
+    def claim_account(self, username: str, uid: int, home: str) -> None:
+        """Record an account about to be made with ``uid`` (status 'creating', no password)."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO accounts (username, uid, home, status, password_set, created_at) "
+            "VALUES (?, ?, ?, 'creating', 0, ?)",
+            (username, uid, home, now()),
+        )
+
+    def account_made(self, username: str) -> None:
+        """The recorded account exists now (status 'created')."""
+        self.conn.execute("UPDATE accounts SET status = 'created' WHERE username = ?", (username,))
+
+    def password_known(self, username: str, known: bool) -> None:
+        """Whether the account's password is the one in credentials.csv (set and written)."""
+        self.conn.execute(
+            "UPDATE accounts SET password_set = ? WHERE username = ?", (int(known), username)
+        )
+
+    def forget_account(self, username: str) -> None:
+        """The account is gone (or was never made): forget it and any server it had."""
+        self.conn.execute("DELETE FROM accounts WHERE username = ?", (username,))
+        self.conn.execute("DELETE FROM servers WHERE username = ?", (username,))
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

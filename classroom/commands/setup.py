@@ -1,0 +1,305 @@
+"""setup: the course group, the students' accounts and passwords, the printable handout.
+
+Each step checks first and then acts, so re-running is harmless: a second run
+reports nothing to do. Under ``--dry-run`` the plan is printed and nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+
+from ..core import passwords
+from ..core.errors import CommandFailedForAll, InvalidInput, StepFailed
+from ..core.secret import Secret
+from ..core.settings import Settings
+from ..host import credentials
+from ..host.accounts import (
+    FOREIGN,
+    MISSING,
+    Account,
+    alignment,
+    check_group,
+    create_account,
+    ensure_group,
+    inspect,
+    set_passwords,
+    useradd_argv,
+)
+from ..host.files import world_readable_chain, write_atomic
+from ..host.homefiles import write_student_files
+from ..host.system import as_user, dry_run, sudo_caller
+from .course import Course, Report, progress
+
+STUDENT_FILES_TIMEOUT = 60  # seconds to write one student's Jupyter config and profile
+WORKERS = max(2, os.cpu_count() or 2)
+
+
+def precheck(settings: Settings) -> None:
+    """Before anything is created: refuse a home_base others could plant homes in."""
+    base = settings.home_base
+    where = settings.where("accounts", "home_base")
+    try:
+        st = os.stat(base)
+    except FileNotFoundError:
+        return  # setup creates it, root's, 0755
+    except OSError as exc:
+        raise InvalidInput(f"{where}: {base}: {exc.strerror}") from None
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise InvalidInput(
+            f"{where}: {base} must belong to root and not be writable by group or others "
+            f"(it is uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}); other users could "
+            "plant a home there"
+        )
+
+
+def make_home_base(course: Course) -> None:
+    """Create home_base (root's, 0755) and check it again; warn when students cannot reach it."""
+    base = course.settings.home_base
+    base.mkdir(parents=True, exist_ok=True, mode=0o755)
+    precheck(course.settings)
+    blocked = world_readable_chain(base)
+    if blocked is not None:
+        click.echo(
+            f"warning: {blocked} does not let other users through (no o+x): students will not "
+            f"reach their homes under {base}, and their Jupyter servers cannot start",
+            err=True,
+        )
+
+
+def teacher_profile(course: Course) -> dict[str, str]:
+    """The teacher's IPython profile files (``*.py``, ``startup/*.py``) as {relative path: text}."""
+    spec = course.settings.profile
+    where = course.settings.where("accounts", "profile")
+    if not spec:
+        return {}
+    if "/" in spec:
+        folder = Path(spec)
+    else:
+        caller = sudo_caller()
+        if caller is None:
+            raise InvalidInput(f"{where}: cannot tell who the teacher is")
+        folder = Path(caller.pw_dir) / ".ipython" / f"profile_{spec}"
+    if not folder.is_dir():
+        raise InvalidInput(f"{where}: IPython profile folder {folder} not found")
+    files: dict[str, str] = {}
+    for sub in ("", "startup"):
+        base = folder / sub if sub else folder
+        if not base.is_dir():
+            continue
+        for path in sorted(base.glob("*.py")):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
+                rel = f"{sub}/{path.name}" if sub else path.name
+                files[rel] = path.read_text(encoding="utf-8", errors="replace")
+    return files
+
+
+def needs_password(course: Course, acc: Account, reset_passwords: bool) -> bool:
+    """An existing account gets a new password when asked, or when its last one was not set."""
+    row = course.state.account(acc.username)
+    return reset_passwords or (row is not None and not row["password_set"])
+
+
+def setup(
+    course: Course,
+    *,
+    only: tuple[str, ...] = (),
+    reset_passwords: bool = False,
+    handout: Path | None = None,
+) -> int:
+    """Create or align each selected student's account; write credentials and handout."""
+    report = course.report("setup")
+    if handout and not Path(handout).parent.is_dir():
+        raise InvalidInput(f"--handout {handout}: the folder {Path(handout).parent} does not exist")
+    profile = teacher_profile(course)
+    group = check_group(course)
+    accounts = [inspect(course, st) for st in course.students(only)]
+    if dry_run():
+        return show_plan(course, report, accounts, group is None, reset_passwords, handout)
+    make_home_base(course)
+    try:
+        if ensure_group(course):
+            report.note(f"group {course.settings.group} created")
+    except StepFailed as exc:
+        raise CommandFailedForAll(
+            f"creating the course group {course.settings.group} failed, nothing else done: {exc}"
+        ) from None
+    changed, need_password = make_accounts(course, report, accounts, reset_passwords)
+    give_passwords(course, report, need_password, profile)
+    for username, changes in changed.items():
+        if username in report.failures:
+            continue
+        if changes == ["created"]:
+            report.done(username, "created")
+        else:
+            report.done(username, "updated", "; ".join(changes))
+    write_handouts(course, report, handout)
+    if need_password:
+        state_dir = course.settings.state_dir
+        report.note(
+            f"passwords: {state_dir / 'credentials.csv'}; handout: {state_dir / 'handout.html'}"
+        )
+    return report.finish()
+
+
+def show_plan(
+    course: Course,
+    report: Report,
+    accounts: list[Account],
+    new_group: bool,
+    reset_passwords: bool,
+    handout: Path | None,
+) -> int:
+    """The dry run: what setup would do to each student, and the summary line."""
+    if not course.state_readable:
+        report.note(
+            "note: not root, so the course state cannot be read; accounts in the "
+            "course group are taken for the course's"
+        )
+    if handout:
+        report.note(f"would write the handout to {handout}")
+    if new_group:
+        click.echo(f"  would run: groupadd -- {course.settings.group}")
+    for acc in accounts:
+        try:
+            if acc.kind == FOREIGN:
+                report.failed(acc.username, acc.why)
+            elif acc.kind == MISSING:
+                argv = useradd_argv(course.settings, acc.student)
+                report.done(acc.username, "created", shlex.join(argv))
+            else:
+                changes = [c.what for c in alignment(course, acc)]
+                if needs_password(course, acc, reset_passwords):
+                    changes.append("new password")
+                if changes:
+                    report.done(acc.username, "updated", "; ".join(changes))
+                else:
+                    report.unchanged(acc.username)
+        except StepFailed as exc:
+            report.failed(acc.username, str(exc))
+    return report.finish()
+
+
+def make_accounts(
+    course: Course, report: Report, accounts: list[Account], reset_passwords: bool
+) -> tuple[dict[str, list[str]], list[tuple[Account, pwd.struct_passwd]]]:
+    """Create the missing accounts, align the others: (what changed, who needs a password)."""
+    need_password: list[tuple[Account, pwd.struct_passwd]] = []
+    changed: dict[str, list[str]] = {}
+    for acc in progress(accounts, "accounts"):
+        try:
+            if acc.kind == FOREIGN:
+                report.failed(acc.username, acc.why)
+                continue
+            if acc.kind == MISSING:
+                pw = create_account(course, acc.student)
+                changed[acc.username] = ["created"]
+                need_password.append((acc, pw))
+                continue
+            changes = []
+            for change in alignment(course, acc):
+                change.make()
+                changes.append(change.what)
+            if needs_password(course, acc, reset_passwords):
+                changes.append("new password")
+                need_password.append((acc, pwd.getpwnam(acc.username)))
+            if not changes:
+                report.unchanged(acc.username)
+                continue
+            changed[acc.username] = changes
+            with course.state.transaction():
+                course.state.record("setup", acc.username, "updated", {"changes": changes})
+        except StepFailed as exc:
+            report.failed(acc.username, str(exc))
+    return changed, need_password
+
+
+def give_passwords(
+    course: Course,
+    report: Report,
+    pending: list[tuple[Account, pwd.struct_passwd]],
+    profile: dict[str, str],
+) -> None:
+    """New passwords: credentials file first, then chpasswd (stdin), then Jupyter hash, then state."""
+    if not pending:
+        return
+    s = course.settings
+    state = course.state
+    # Until both chpasswd and the Jupyter config are done, the account has no known password:
+    # a failure or a crash from here on makes the next run give it a new one.
+    with state.transaction():
+        for acc, _ in pending:
+            state.password_known(acc.username, False)
+    new: dict[str, tuple[Secret, Secret]] = {}
+    for acc, _ in pending:
+        unix = passwords.generate(s.password_length)
+        nb = unix if s.notebook_password == "same" else passwords.generate(s.password_length)
+        new[acc.username] = (unix, nb)
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        hashes = dict(
+            zip(new, pool.map(lambda u: passwords.jupyter_hash(new[u][1]), new), strict=True)
+        )
+        credentials.update(
+            s.state_dir / "credentials.csv",
+            {
+                acc.username: {
+                    "name": acc.student.full_name,
+                    "email": acc.student.email,
+                    "password": new[acc.username][0],
+                    "notebook_password": new[acc.username][1],
+                }
+                for acc, _ in pending
+            },
+        )
+        try:
+            set_passwords({u: unix for u, (unix, _) in new.items()})
+        except StepFailed as exc:
+            for acc, _ in pending:
+                report.failed(acc.username, f"setting the password failed: {exc}")
+            return
+
+        def write(item: tuple[Account, pwd.struct_passwd]) -> str | None:
+            acc, pw = item
+            hashed = hashes[acc.username].reveal()
+            try:
+                as_user(
+                    pw,
+                    write_student_files,
+                    pw.pw_dir,
+                    hashed,
+                    profile,
+                    timeout=STUDENT_FILES_TIMEOUT,
+                )
+            except StepFailed as exc:
+                return str(exc)
+            return None
+
+        done = []
+        for (acc, _), error in zip(pending, pool.map(write, pending), strict=True):
+            if error:
+                report.failed(acc.username, f"writing the Jupyter password failed: {error}")
+            else:
+                done.append(acc.username)
+    with state.transaction():
+        for username in done:
+            state.password_known(username, True)
+            state.record("setup", username, "password set")
+
+
+def write_handouts(course: Course, report: Report, handout: Path | None) -> None:
+    """STATE_DIR/handout.html (root's) and, with ``--handout``, a copy owned by the teacher."""
+    s = course.settings
+    rows = credentials.read(s.state_dir / "credentials.csv")
+    names = set(course.roster.names())
+    page = credentials.handout_html(s, {u: r for u, r in rows.items() if u in names})
+    write_atomic(s.state_dir / "handout.html", page)
+    if handout:
+        caller = sudo_caller()
+        owner = (caller.pw_uid, caller.pw_gid) if caller and caller.pw_uid != 0 else None
+        write_atomic(Path(handout), page, owner=owner)
+        report.note(f"handout written to {handout} (0600, readable by you only)")
