@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from . import __version__
-from .commands.course import open_course
+from .commands.course import Course, open_course
 from .core.errors import EXIT_USAGE, ClassroomError, Refused
-from .core.settings import default_config_path
+from .core.settings import Settings, default_config_path
 
 log = logging.getLogger("classroom")
 
 CONFIG_HELP = "CONFIG is the course's INI file (default: $NOTEBOOKS_CONFIG, else ./notebooks.cfg)."
 
 
-def config_argument(func):
+def config_argument(func: Callable) -> Callable:
     return click.argument(
         "config", required=False, type=click.Path(dir_okay=False, path_type=Path)
     )(func)
 
 
-def change_options(func):
+def change_options(func: Callable) -> Callable:
     """--dry-run, --only, --yes: taken by every command that changes something."""
     func = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")(func)
     func = click.option(
@@ -40,6 +43,12 @@ def change_options(func):
         help="Print what would be done; change nothing (no root needed).",
     )(func)
     return func
+
+
+def only_option(func: Callable) -> Callable:
+    return click.option(
+        "--only", multiple=True, metavar="USERNAME", help="Only this student (repeatable)."
+    )(func)
 
 
 def resolve_config(config: Path | None) -> Path:
@@ -80,57 +89,68 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     log.setLevel(logging.DEBUG)
 
 
-def perform(ctx: click.Context, config, command: str, action, *, changes: bool, **options) -> None:
-    """Open the course (config, roster, root, lock), run ``action(course)``, exit with its status."""
-    if "only" in options:
-        options["only"] = tuple(options["only"])
-    course = open_course(
-        resolve_config(config), command, changes=changes, quiet=ctx.obj.quiet, **options
-    )
-    try:
-        code = action(course)
-    finally:
-        course.close()
-    ctx.exit(code)
+def course_command(
+    *, changes: bool = True, precheck: Callable[[Settings], None] | None = None
+) -> Callable[[Callable[..., int]], click.Command]:
+    """A command run on the opened course: CONFIG, then --dry-run, --only, --yes if it ``changes``.
+
+    The decorated function is called as ``func(course, only=..., **its own options)`` and
+    returns the exit status; opening the course (after ``precheck(settings)``, before
+    anything is created), closing it and exiting are the same for every command.
+    """
+
+    def decorate(func: Callable[..., int]) -> click.Command:
+        @functools.wraps(func)
+        @click.pass_context
+        def command(ctx: click.Context, config, only=(), dry_run=False, yes=False, **options):
+            course = open_course(
+                resolve_config(config),
+                ctx.command.name,
+                changes=changes,
+                dry_run=dry_run,
+                only=tuple(only),
+                yes=yes,
+                quiet=ctx.obj.quiet,
+                precheck=precheck,
+            )
+            try:
+                code = func(course, only=tuple(only), **options)
+            finally:
+                course.close()
+            ctx.exit(code)
+
+        command = change_options(command) if changes else only_option(command)
+        return cli.command(epilog=CONFIG_HELP)(config_argument(command))
+
+    return decorate
 
 
-@cli.command(epilog=CONFIG_HELP)
-@config_argument
-@change_options
+def setup_precheck(settings: Settings) -> None:
+    from .commands import setup
+
+    setup.precheck(settings)
+
+
+@course_command(precheck=setup_precheck)
 @click.option("--reset-passwords", is_flag=True, help="Give existing students new passwords too.")
 @click.option(
     "--handout",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the printable handout (HTML) to this file.",
 )
-@click.pass_context
-def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
+def setup(course: Course, **options: Any) -> int:
     """Create the course group and the students' accounts with generated passwords.
 
     Existing course accounts are brought in line and keep their password
     unless --reset-passwords. New passwords go to STATE_DIR/credentials.csv and
     a printable STATE_DIR/handout.html (root only).
     """
-    from .commands import setup as setup_cmd
+    from .commands import setup
 
-    perform(
-        ctx,
-        config,
-        "setup",
-        lambda course: setup_cmd.setup(
-            course, only=tuple(only), reset_passwords=reset_passwords, handout=handout
-        ),
-        changes=True,
-        dry_run=dry_run,
-        only=only,
-        yes=yes,
-        precheck=setup_cmd.precheck,
-    )
+    return setup.setup(course, **options)
 
 
-@cli.command(epilog=CONFIG_HELP)
-@config_argument
-@change_options
+@course_command()
 @click.option(
     "--force", is_flag=True, help="Overwrite edited files (the student's version is backed up)."
 )
@@ -138,8 +158,7 @@ def setup(ctx, config, dry_run, only, yes, reset_passwords, handout):
     "--source", type=click.Path(file_okay=False, path_type=Path), help="Send this folder instead."
 )
 @click.option("--folder", metavar="NAME", help="Into HOME/NAME instead of [material] folder.")
-@click.pass_context
-def send(ctx, config, dry_run, only, yes, force, source, folder):
+def send(course: Course, **options: Any) -> int:
     """Copy the tutorial material into every student's home, never losing an edit.
 
     Files the student edited are kept; the new version is written beside them
@@ -147,143 +166,80 @@ def send(ctx, config, dry_run, only, yes, force, source, folder):
     """
     from .commands import material
 
-    perform(
-        ctx,
-        config,
-        "send",
-        lambda course: material.send(
-            course, only=tuple(only), force=force, source=source, folder=folder
-        ),
-        changes=True,
-        dry_run=dry_run,
-        only=only,
-        yes=yes,
-    )
+    return material.send(course, **options)
 
 
-@cli.command(epilog=CONFIG_HELP)
-@config_argument
-@change_options
+@course_command()
 @click.option("--no-portal", is_flag=True, help="Start the servers, then exit (no portal).")
 @click.option("--stop-on-exit", is_flag=True, help="Stop the servers too when the portal stops.")
-@click.pass_context
-def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
+def launch(course: Course, only: tuple[str, ...], no_portal: bool, stop_on_exit: bool) -> int:
     """Start one Jupyter server per student, then run the portal until Ctrl-C.
 
     Ctrl-C stops the portal and leaves the servers running (unless --stop-on-exit).
     """
     from .commands import servers
 
-    perform(
-        ctx,
-        config,
-        "launch",
-        lambda course: servers.launch(
-            course, only=tuple(only), portal=not no_portal, stop_on_exit=stop_on_exit
-        ),
-        changes=True,
-        dry_run=dry_run,
-        only=only,
-        yes=yes,
-    )
+    return servers.launch(course, only=only, portal=not no_portal, stop_on_exit=stop_on_exit)
 
 
-@cli.command(epilog=CONFIG_HELP)
-@config_argument
-@change_options
+@course_command()
 @click.option(
     "--all-jupyter", is_flag=True, help="Also stop Jupyter processes the course did not start."
 )
-@click.pass_context
-def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
+def shutdown(course: Course, **options: Any) -> int:
     """Stop every student's Jupyter server and its kernels."""
     from .commands import servers
 
-    perform(
-        ctx,
-        config,
-        "shutdown",
-        lambda course: servers.shutdown(course, only=tuple(only), all_jupyter=all_jupyter),
-        changes=True,
-        dry_run=dry_run,
-        only=only,
-        yes=yes,
-    )
+    return servers.shutdown(course, **options)
 
 
-@cli.command(epilog=CONFIG_HELP)
-@config_argument
-@change_options
+def deadline_value(ctx: click.Context, param: click.Parameter, value: str | None):
+    """--deadline as a datetime, checked before the course is opened."""
+    from .commands import collect
+
+    return collect.parse_deadline(value) if value else None
+
+
+@course_command()
 @click.option(
-    "--deadline", metavar='"YYYY-MM-DD HH:MM"', help="Mark files modified after it as late."
+    "--deadline",
+    metavar='"YYYY-MM-DD HH:MM"',
+    callback=deadline_value,
+    help="Mark files modified after it as late.",
 )
-@click.pass_context
-def retrieve(ctx, config, dry_run, only, yes, deadline):
+def retrieve(course: Course, **options: Any) -> int:
     """Collect every student's work into DESTINATION/USERNAME/TIMESTAMP/ (every version kept)."""
     from .commands import collect
 
-    deadline_at = collect.parse_deadline(deadline) if deadline else None
-    perform(
-        ctx,
-        config,
-        "retrieve",
-        lambda course: collect.retrieve(course, only=tuple(only), deadline=deadline_at),
-        changes=True,
-        dry_run=dry_run,
-        only=only,
-        yes=yes,
-    )
+    return collect.retrieve(course, **options)
 
 
-@cli.command(epilog=CONFIG_HELP)
-@config_argument
-@change_options
-@click.pass_context
-def remove(ctx, config, dry_run, only, yes):
+@course_command()
+def remove(course: Course, **options: Any) -> int:
     """Archive and delete the students' accounts and homes (asks first unless --yes)."""
-    from .commands import remove as remove_cmd
+    from .commands import remove
 
-    perform(
-        ctx,
-        config,
-        "remove",
-        lambda course: remove_cmd.remove(course, only=tuple(only)),
-        changes=True,
-        dry_run=dry_run,
-        only=only,
-        yes=yes,
-    )
+    return remove.remove(course, **options)
 
 
-@cli.command(epilog=CONFIG_HELP)
-@config_argument
-@click.option("--only", multiple=True, metavar="USERNAME", help="Only this student (repeatable).")
+@course_command(changes=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per student.")
-@click.pass_context
-def status(ctx, config, only, as_json):
+def status(course: Course, **options: Any) -> int:
     """Show each student's account, server, last send and last retrieve."""
-    from .commands import status as status_cmd
+    from .commands import status
 
-    perform(
-        ctx,
-        config,
-        "status",
-        lambda course: status_cmd.status(course, only=tuple(only), as_json=as_json),
-        changes=False,
-        only=only,
-    )
+    return status.status(course, **options)
 
 
 @cli.command(epilog=CONFIG_HELP)
 @config_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.pass_context
-def check(ctx, config, as_json):
+def check(ctx: click.Context, config: Path | None, as_json: bool) -> None:
     """Check the config, the roster and this host; change nothing (no root needed)."""
-    from .commands import check as check_cmd
+    from .commands import check
 
-    code = check_cmd.check(resolve_config(config), as_json=as_json)
-    ctx.exit(code)
+    ctx.exit(check.check(resolve_config(config), as_json=as_json))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,12 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("Aborted: nothing was changed.", err=True)
         sys.exit(Refused.exit_code)
-    except ClassroomError as exc:
+    except click.ClickException as exc:  # our domain errors are click exceptions too
         exc.show()
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_USAGE if exc.exit_code in (1, 2) else exc.exit_code)
+        own = isinstance(exc, ClassroomError)
+        sys.exit(exc.exit_code if own or exc.exit_code not in (1, 2) else EXIT_USAGE)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
