@@ -18,7 +18,7 @@ from ..core.roster import Roster
 from ..core.settings import Settings
 from ..host.files import world_readable_chain
 from ..host.ports import port_free
-from ..host.system import CommandFailed, login_defs, run
+from ..host.system import CommandFailed, is_root, login_defs, run
 
 PROBE_TIMEOUT = 120  # seconds for the servers' Python to import Jupyter as nobody
 
@@ -34,7 +34,7 @@ def students_can_run_python(python: Path) -> str | None:
     blocked = world_readable_chain(python)
     if blocked is not None:
         return f"{blocked} is not readable by students (install with scripts/install.sh, not under /root)"
-    if os.geteuid() != 0:
+    if not is_root():
         return None
     try:
         nobody = pwd.getpwnam("nobody")
