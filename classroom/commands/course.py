@@ -8,7 +8,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import click
@@ -100,9 +99,9 @@ def progress(items: Iterable[T], label: str, length: int | None = None) -> Itera
 class Course:
     """The validated config and roster, the state and (for changes) the lock.
 
-    ``state_readable`` is False when a course state may exist but this user cannot
-    read it (not root): ``state`` is then an empty stand-in, and an account in the
-    course group is taken for the course's (a dry run or ``status`` only).
+    ``state_readable`` is False when this user could not read a course state (not
+    root): ``state`` is then an empty stand-in, and an account in the course group
+    is taken for the course's (a dry run or ``status`` only).
     """
 
     settings: Settings
@@ -181,19 +180,11 @@ def open_course(
         )
         return Course(settings, roster, state, yes=yes, quiet=quiet, lock=lock)
     state = State.peek(settings.state_dir)
-    readable = state.path is not None or not may_exist(settings.state_dir / State.FILE)
+    # Only root sees every state: without root, finding none proves nothing.
+    readable = state.path is not None or (
+        is_root() and not (settings.state_dir / State.FILE).exists()
+    )
     return Course(settings, roster, state, state_readable=readable, yes=yes, quiet=quiet)
-
-
-def may_exist(path: Path) -> bool:
-    """False only when ``path`` certainly does not exist (a folder on the way may be closed)."""
-    try:
-        os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def attach_log_file(settings: Settings) -> None:
