@@ -12,6 +12,7 @@ from typing import Any
 
 from .addresses import USERNAME, host_from_setting
 from .errors import InvalidInput
+from .roster import parse_columns
 
 COURSE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -19,7 +20,13 @@ GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 # Every key of every section with its default: the one place defaults live.
 # ``None`` means "derived" (see ``Settings``); "" means "not set".
 DEFAULTS: dict[str, dict[str, str | None]] = {
-    "course": {"name": None, "roster": None, "group": None, "state_dir": None},
+    "course": {
+        "name": None,
+        "roster": None,
+        "group": None,
+        "state_dir": None,
+        "roster_columns": "",
+    },
     "accounts": {
         "home_base": "/home",
         "shell": "/bin/bash",
@@ -71,6 +78,7 @@ class Settings:
     roster: Path
     group: str
     state_dir: Path
+    roster_columns: tuple[tuple[str, str], ...] = ()  # roster field -> header in the file
     home_base: Path = Path("/home")
     shell: str = "/bin/bash"
     home_mode: int = 0o700
@@ -276,6 +284,7 @@ def _validate(
     state_dir = path_or_none(raw("course", "state_dir")) or Path("/var/lib/classroom") / (
         name or "course"
     )
+    roster_columns = conv("course", "roster_columns", parse_columns, ())
 
     home_base = path_or_none(raw("accounts", "home_base")) or Path("/home")
     shell = raw("accounts", "shell")
@@ -357,6 +366,7 @@ def _validate(
         roster=roster,
         group=group,
         state_dir=state_dir,
+        roster_columns=roster_columns,
         home_base=home_base,
         shell=shell,
         home_mode=home_mode,
