@@ -61,9 +61,9 @@ def test_config_from_environment_and_cwd(tmp_path):
 BAD_ROSTERS = {
     "duplicates in case": ("username\nalice\nALICE\n", "duplicate"),
     "invalid name": ("username\nal ice\n", "invalid username"),
-    "semicolons": ("username;name\nalice;Alice\n", "';'"),
+    "email usernames": ("Username;Email address\nann@uni.edu;ann@uni.edu\n", "roster_columns"),
     "empty": ("", "empty"),
-    "no username column": ("login,name\nalice,A\n", "no 'username' column"),
+    "no username column": ("user,name\nalice,A\n", "no 'username' column"),
 }
 
 

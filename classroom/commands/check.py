@@ -115,7 +115,7 @@ def check_system_accounts(roster: Roster, found: Findings) -> None:
             continue
         if not defs.uid_min <= pw.pw_uid <= defs.uid_max:
             found.warnings.append(
-                f"{roster.path}, line {st.line}: {st.username} is a system account "
+                f"{roster.where(st)}: {st.username} is a system account "
                 f"(uid {pw.pw_uid}); setup will refuse it"
             )
 
@@ -126,7 +126,7 @@ def check(config_path: Path, as_json: bool = False) -> int:
     settings = roster = None
     try:
         settings = settings_mod.load(config_path)
-        roster = roster_mod.load(settings.roster)
+        roster = roster_mod.load(settings.roster, settings.roster_columns)
         found.warnings += roster.warnings
     except InvalidInput as exc:
         found.problems += exc.problems

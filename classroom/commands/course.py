@@ -133,7 +133,7 @@ class Course:
 def load(config_path, *, only: tuple[str, ...] = ()) -> tuple[Settings, Roster]:
     """Load and validate config and roster (and ``--only``); raise ``InvalidInput`` on any problem."""
     settings = settings_mod.load(config_path)
-    roster = roster_mod.load(settings.roster)
+    roster = roster_mod.load(settings.roster, settings.roster_columns)
     roster.select(only)
     for warning in roster.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from .addresses import USERNAME, host_from_setting
 from .errors import InvalidInput
+from .roster import parse_columns
 
 COURSE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -200,6 +201,13 @@ KEYS: tuple[Key, ...] = (
         "default: the course name; every student is a member",
     ),
     Key("course", "state_dir", path(), "", "default STATE_BASE/NAME; root-only (0700)"),
+    Key(
+        "course",
+        "roster_columns",
+        lambda value, base: parse_columns(value),
+        "",
+        "FIELD:HEADER pairs for headers the roster does not know",
+    ),
     Key("accounts", "home_base", path("/home"), "/home", "homes are HOME_BASE/USERNAME"),
     Key("accounts", "shell", shell, "/bin/bash", "the students' login shell"),
     Key("accounts", "home_mode", home_mode, "0700", "never world-readable"),
