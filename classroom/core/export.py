@@ -18,6 +18,8 @@ from typing import Any
 
 from .. import __version__
 from .errors import InvalidInput
+from .roster import Roster
+from .settings import Settings, parse_size
 
 TARGETS = ("jupyterhub", "z2jh")
 FILES = {"jupyterhub": ("jupyterhub_config.py",), "z2jh": ("values.yaml", "README.txt")}
@@ -71,7 +73,7 @@ class Plan:
         return "/tree" if self.app == "notebook" else "/lab"
 
 
-def plan_for(settings: Any, roster: Any) -> Plan:
+def plan_for(settings: Settings, roster: Roster) -> Plan:
     """The plan of a loaded course. Raise ``InvalidInput`` for a roster that names nobody.
 
     Fields other branches add (``role`` on a student, ``staff_group`` and the
@@ -114,8 +116,6 @@ def plan_for(settings: Any, roster: Any) -> Plan:
 
 def _size(value: Any) -> int:
     if isinstance(value, str):
-        from .settings import parse_size
-
         return parse_size(value) if value.strip() else 0
     return int(value or 0)
 

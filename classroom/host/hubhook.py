@@ -90,5 +90,4 @@ def material_hook(
         logger = getattr(spawner, "log", log)
         logger.info("classroom: material sent to %s (%s)", username, config_path)
 
-    hook.__qualname__ = hook.__name__ = "material_hook"
     return hook
