@@ -263,3 +263,31 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: {type(exc).__name__}: {exc} (run with -v for details)", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+@cli.command(epilog=CONFIG_HELP)
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.argument("outdir", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Choice(["jupyterhub", "z2jh"]),
+    help="jupyterhub: jupyterhub_config.py for a hub on a host; z2jh: values.yaml for the Helm chart.",
+)
+@click.pass_context
+def export(ctx, config, outdir, target):
+    """Write the class as a JupyterHub (or Zero to JupyterHub) configuration into OUTDIR.
+
+    \b
+    notebooks.py export CONFIG --to jupyterhub|z2jh OUTDIR
+    Needs no root and changes nothing on the host; never writes a password.
+    Exporting again overwrites only the files it writes.
+    """
+    from .commands import export as export_command
+
+    if outdir is None:  # one argument: it is OUTDIR, the config comes from the default
+        config, outdir = None, config
+    if outdir is None:
+        raise click.UsageError("give the folder to export into: export CONFIG --to TARGET OUTDIR")
+    ctx.exit(export_command.export(resolve_config(config), target, outdir))

@@ -14,7 +14,7 @@ TEST=no
 [ "${1:-}" = "--test" ] && TEST=yes
 
 PKGS="python3 python3-venv python3-dev passwd tar"
-[ "$TEST" = yes ] && PKGS="$PKGS chromium fonts-dejavu-core rsync procps openssl"
+[ "$TEST" = yes ] && PKGS="$PKGS chromium fonts-dejavu-core rsync procps openssl nodejs"
 if ! dpkg -s $PKGS >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
@@ -33,5 +33,11 @@ else
     "$VENV/bin/pip" install -q "$HERE"
 fi
 chmod -R a+rX "$VENV"
+# JupyterHub's proxy, from npm (the export tests start a real hub). Debian's nodejs comes
+# without npm (its own package); a nodejs from elsewhere may bring npm and refuse Debian's.
+if [ "$TEST" = yes ] && ! command -v configurable-http-proxy >/dev/null 2>&1; then
+    command -v npm >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm
+    npm install -g -q configurable-http-proxy
+fi
 ln -sf "$VENV/bin/notebooks" /usr/local/bin/notebooks
 echo "classroom installed in $VENV"
