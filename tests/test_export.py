@@ -526,14 +526,11 @@ def test_a_real_jupyterhub_with_the_exported_config(course):
     for row in creds.values():  # never a password
         assert row["password"] not in text
         assert not row["notebook_password"] or row["notebook_password"] not in text
-    # The roster's `role` column is read by the roster module (SPEC §6.4, another change);
-    # until it is, the assistant is named here so that the generated grant is what is tested.
+    # the roster's `role` column makes tom an assistant, the others students
     from classroom.commands.course import load
 
     planned = gen.plan_for(*load(course.config))
-    if planned.assistants != (tom,):
-        planned = dataclasses.replace(planned, students=(ada, bob), assistants=(tom,))
-        config_file.write_text(gen.jupyterhub_config(planned))
+    assert planned.assistants == (tom,) and set(planned.students) == {ada, bob}
 
     with running_hub(config_file, out) as (base, hub):
         # the culler service runs beside the hub
