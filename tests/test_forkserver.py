@@ -18,7 +18,7 @@ from test_launch import CLEAN_ENV, answers, proc_fds, proc_status, server_rows, 
 from classroom.commands import servers
 from classroom.commands.course import open_course
 from classroom.core.settings import load
-from classroom.host import forkserver
+from classroom.host import forkserver, identity
 
 PROBE = """\
 import ctypes, json, os, sys
@@ -203,5 +203,19 @@ def test_student_env_matches_the_exec_path():
     import pwd
 
     pw = pwd.getpwuid(os.getuid())
-    assert forkserver.student_env(pw) == servers.server_env(pw)
+    assert identity.student_env(pw) == servers.server_env(pw)
     assert set(servers.server_env(pw)) == CLEAN_ENV
+    assert identity.student_env(pw)["PATH"].startswith(os.path.dirname(sys.executable) + ":")
+
+
+@needs_root
+def test_work_done_as_the_student_sees_the_servers_environment():
+    """as_user (send, retrieve, preparing a home) gives the student the environment their
+    server has in either start mode: one definition, the same PATH (it used to differ)."""
+    import pwd
+
+    from classroom.host.system import as_user
+
+    pw = pwd.getpwnam("nobody")
+    seen = as_user(pw, lambda: dict(os.environ))
+    assert seen == identity.student_env(pw)

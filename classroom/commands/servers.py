@@ -68,7 +68,7 @@ def server_python() -> str:
 
 def server_env(pw: pwd.struct_passwd) -> dict[str, str]:
     """HOME, USER, LOGNAME, SHELL, PATH, LANG: nothing of root's (one definition for both modes)."""
-    from ..host.forkserver import student_env
+    from ..host.identity import student_env
 
     return student_env(pw)
 
