@@ -27,7 +27,7 @@ from ..core.roster import Student
 from ..core.secret import Secret
 from ..host import credentials
 from ..host.accounts import FOREIGN, MISSING, OK, Account, inspect
-from ..host.processes import kill_all, processes_of
+from ..host.processes import processes_of, stop_processes
 from ..host.state import now
 from ..host.system import as_user, login_defs, run, run_account_tool, sudo_caller
 from .course import Course, progress
@@ -619,8 +619,8 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
             servers_mod.forget_server(course, a.username, stop=True)
     # Every process the students still run, all at once: one scan, one grace period.
     uids = {a.pw.pw_uid for a in present if a.pw}
-    kill_all([p for procs in processes_of(uids).values() for p in procs])
-    kill_all([p for procs in processes_of(uids).values() for p in procs], timeout=2)
+    stop_processes([], [p for procs in processes_of(uids).values() for p in procs])
+    stop_processes([], [p for procs in processes_of(uids).values() for p in procs], term=2, kill=2)
 
     def archive(a: Account) -> Path | None:
         assert a.pw is not None
