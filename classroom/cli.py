@@ -172,13 +172,13 @@ def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
 
     Ctrl-C stops the portal and leaves the servers running (unless --stop-on-exit).
     """
-    from .commands import servers
+    from .commands.launch import launch as launch_servers
 
     perform(
         ctx,
         config,
         "launch",
-        lambda course: servers.launch(
+        lambda course: launch_servers(
             course, only=tuple(only), portal=not no_portal, stop_on_exit=stop_on_exit
         ),
         changes=True,
@@ -197,13 +197,13 @@ def launch(ctx, config, dry_run, only, yes, no_portal, stop_on_exit):
 @click.pass_context
 def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
     """Stop every student's Jupyter server and its kernels."""
-    from .commands import servers
+    from .commands.shutdown import shutdown as shutdown_servers
 
     perform(
         ctx,
         config,
         "shutdown",
-        lambda course: servers.shutdown(course, only=tuple(only), all_jupyter=all_jupyter),
+        lambda course: shutdown_servers(course, only=tuple(only), all_jupyter=all_jupyter),
         changes=True,
         dry_run=dry_run,
         only=only,

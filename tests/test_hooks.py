@@ -10,8 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import needs_root
-from test_launch import answers, status
+from conftest import answers, needs_root, status, write_as
 
 from classroom.host import hooks
 
@@ -174,8 +173,6 @@ def test_failing_pre_spawn_skips_that_student_and_post_stop_runs(ready_course):
 
 @needs_root
 def test_post_stop_runs_when_a_start_fails_after_pre_spawn(ready_course, tmp_path):
-    from test_launch import write_as
-
     course = ready_course
     broken, fine = course.usernames
     log = tmp_path / "hooks.log"
