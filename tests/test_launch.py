@@ -170,6 +170,24 @@ def test_dry_run_changes_nothing_without_root(tmp_path):
     assert server.running_servers(s) == {}
 
 
+def test_dry_run_starts_and_stops_nothing(tmp_path):
+    """The chokepoints decide: under --dry-run spawn starts nothing, stop signals nothing."""
+    from classroom.host import processes, system
+
+    marker = tmp_path / "started"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    system.set_dry_run(True)
+    try:
+        assert system.spawn(["touch", str(marker)], env={}) is None
+        assert processes.stop_processes([psutil.Process(sleeper.pid)]) == []
+        assert sleeper.poll() is None
+    finally:
+        system.set_dry_run(False)
+        sleeper.kill()
+        sleeper.wait()
+    assert not marker.exists()
+
+
 # --- real servers ------------------------------------------------------------------------
 
 CONFIG_PY = """\

@@ -390,6 +390,8 @@ class ForkServer:
         finally:
             if isinstance(stderr, int) and stderr >= 0:
                 os.close(stderr)
+        if proc is None:
+            raise ForkServerError("not started: dry run")
         return cls(proc, app)
 
     @property
