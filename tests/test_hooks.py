@@ -74,6 +74,26 @@ def test_a_hook_that_times_out_leaves_nothing_running(tmp_path):
     assert not left, "the hook's children outlived its timeout"
 
 
+def test_dry_run_runs_no_hook(tmp_path):
+    """Under --dry-run neither kind runs; a function hook's module is not even imported."""
+    from classroom.host import system
+
+    out = tmp_path / "ran"
+    exe = script(tmp_path / "hook.sh", f"touch {out}\n")
+    module = f"dryhook_{os.getpid()}"
+    (tmp_path / f"{module}.py").write_text(
+        f"open({str(out)!r}, 'w').close()\n\ndef hook(spawner):\n    pass\n"
+    )
+    system.set_dry_run(True)
+    try:
+        for spec in (str(exe), f"{module}:hook"):
+            hooks.run_hook(hooks.parse(spec, tmp_path), spawner(), timeout=10, base=tmp_path)
+    finally:
+        system.set_dry_run(False)
+        sys.modules.pop(module, None)
+    assert not out.exists()
+
+
 JUPYTERHUB_STYLE = """\
 import asyncio
 import os

@@ -1,9 +1,10 @@
 """shutdown: stop each selected student's server and its kernels; run the post_stop hook.
 
 Plan: each student's recorded server (still running, or a record to clear) and, with
-``--all-jupyter``, their other Jupyter processes (a dry run prints this and stops).
-Act: stop everything together (SIGTERM, then SIGKILL, with named timeouts), forget
-the records, run the post_stop hooks in parallel. Report.
+``--all-jupyter``, their other Jupyter processes. Act: stop everything together
+(SIGTERM, then SIGKILL, with named timeouts), forget the records, run the post_stop
+hooks in parallel. Report. A dry run takes the same path: signals, records and hooks
+are its chokepoints (``processes``, ``server``, ``hooks``), which change nothing then.
 """
 
 from __future__ import annotations
@@ -51,18 +52,14 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
     report = course.report("shutdown")
     post_stop = hooks.configured(course.settings, "post_stop")
     stops = plan(course, only, all_jupyter, report)
-    if course.dry_run:
-        for stop in stops:
-            report.done(stop.username, "stopped", stop.describe(dry_run=True))
-        return report.finish()
-    stopped = _stop_all(course, report, stops)
+    stopped = _stop_all(course, report, stops)  # under --dry-run, the chokepoints change nothing
     students = [(st.username, st.home, st.server.port if st.server else None) for st in stopped]
     errors = hooks.run_all(course.settings, post_stop, students)
     for stop, error in zip(stopped, errors, strict=True):
         if error:
             report.failed(stop.username, f"stopped, but the post_stop {error}")
         else:
-            report.done(stop.username, "stopped", stop.describe(dry_run=False))
+            report.done(stop.username, "stopped", stop.describe(course.dry_run))
     return report.finish()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import InvalidInput, StepFailed
-from .system import CommandFailed, run
+from .system import CommandFailed, dry_run, run
 
 log = logging.getLogger("classroom")
 
@@ -133,10 +133,16 @@ def hook_env(spawner: HookSpawner) -> dict[str, str]:
 
 
 def run_hook(hook: Hook | None, spawner: HookSpawner, *, timeout: float, base: Path) -> None:
-    """Run ``hook`` for one student (as root); raise ``HookFailed`` with the reason."""
+    """Run ``hook`` for one student (as root); raise ``HookFailed`` with the reason.
+
+    Under ``--dry-run`` nothing runs (a function is not even imported: importing runs
+    the teacher's code); ``check`` is where a hook is checked.
+    """
     if hook is None:
         return
-    if hook.kind == "executable":
+    if dry_run():
+        log.debug("dry run, not run: hook %s for %s", hook.spec, spawner.user.name)
+    elif hook.kind == "executable":
         _run_executable(hook, spawner, timeout)
     else:
         _call_function(hook, spawner, timeout, base)

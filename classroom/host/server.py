@@ -6,7 +6,7 @@ None while it runs (else how it ended), ``stop()`` escalates with named timeouts
 pid, start time and uid (a pid is only ever signalled while all three still match),
 and the port and URL that reach it. Launch, shutdown, status, remove and the portal's
 lookup all go through this object; the ``servers`` and ``ports`` tables are read and
-written here only.
+written here only (under ``--dry-run``, not written at all).
 
 Each server runs as the student (uid, gid and supplementary groups only), in its own
 session, with the student's clean environment, no descriptor of root's and cwd the
@@ -38,7 +38,7 @@ from .identity import server_python, student_env
 from .processes import find_process, stop_processes
 from .serverlogs import log_dir, log_path, open_log
 from .state import State, now
-from .system import spawn
+from .system import dry_run, spawn
 
 READY_POLL = 0.2  # seconds between readiness probes
 STOPPED_EARLY = "the server stopped before it answered"
@@ -95,6 +95,8 @@ class Server:
 
     def save(self, state: State) -> None:
         """Record it (it counts from now on: shutdown, status and the portal see it)."""
+        if dry_run():
+            return
         with state.transaction():
             state.execute(
                 "INSERT OR REPLACE INTO servers "
@@ -114,6 +116,8 @@ class Server:
 
     def forget(self, state: State, command: str, action: str, detail: dict) -> None:
         """Drop the record (its port stays the student's), and journal why."""
+        if dry_run():
+            return
         with state.transaction():
             state.execute("DELETE FROM servers WHERE username = ?", (self.username,))
             state.record(command, self.username, action, detail)
@@ -298,6 +302,8 @@ def reserved_ports(state: State, settings: Settings) -> set[int]:
 
 
 def remember_ports(state: State, servers: Iterable[Server]) -> None:
+    if dry_run():
+        return
     with state.transaction():
         for server in servers:
             state.execute(
