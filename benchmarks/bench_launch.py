@@ -35,7 +35,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from classroom.commands import servers  # noqa: E402
+from classroom.core.launchplan import APP_MODULES  # noqa: E402
+from classroom.host.identity import student_env  # noqa: E402
+from classroom.host.processes import stop_processes  # noqa: E402
 
 MB = 1 << 20
 
@@ -88,7 +90,7 @@ def memory(pids: list[int]) -> tuple[float, float]:
 
 
 def by_hand(names: list[str], app: str) -> tuple[float, float, float]:
-    module = servers.APP_MODULES[app]
+    module = APP_MODULES[app]
     ports = [free_port() for _ in names]
     procs = []
     t = time.perf_counter()
@@ -108,7 +110,7 @@ def by_hand(names: list[str], app: str) -> tuple[float, float, float]:
                 user=pw.pw_uid,
                 group=pw.pw_gid,
                 extra_groups=os.getgrouplist(name, pw.pw_gid),
-                env=servers.server_env(pw),
+                env=student_env(pw),
                 cwd=pw.pw_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -119,7 +121,7 @@ def by_hand(names: list[str], app: str) -> tuple[float, float, float]:
     wait_all(ports)
     elapsed = time.perf_counter() - t
     uss, pss = memory([p.pid for p in procs])
-    servers.stop_processes([psutil.Process(p.pid) for p in procs], polite=10, term=5, kill=5)
+    stop_processes([psutil.Process(p.pid) for p in procs], polite=10, term=5, kill=5)
     for p in procs:
         p.wait()
     return elapsed, uss, pss
@@ -154,7 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--students", type=int, default=30, help="N when --growth is not given")
     ap.add_argument("--growth", default="", help="several N, e.g. 10,30,60")
-    ap.add_argument("--app", default="lab", choices=sorted(servers.APP_MODULES))
+    ap.add_argument("--app", default="lab", choices=sorted(APP_MODULES))
     ap.add_argument("--modes", default="hand,exec,fork")
     args = ap.parse_args()
     if os.geteuid() != 0:

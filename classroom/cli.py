@@ -177,9 +177,9 @@ def launch(course: Course, only: tuple[str, ...], no_portal: bool, stop_on_exit:
 
     Ctrl-C stops the portal and leaves the servers running (unless --stop-on-exit).
     """
-    from .commands import servers
+    from .commands.launch import launch as launch_servers
 
-    return servers.launch(course, only=only, portal=not no_portal, stop_on_exit=stop_on_exit)
+    return launch_servers(course, only=only, portal=not no_portal, stop_on_exit=stop_on_exit)
 
 
 @course_command()
@@ -188,9 +188,9 @@ def launch(course: Course, only: tuple[str, ...], no_portal: bool, stop_on_exit:
 )
 def shutdown(course: Course, **options: Any) -> int:
     """Stop every student's Jupyter server and its kernels."""
-    from .commands import servers
+    from .commands.shutdown import shutdown as shutdown_servers
 
-    return servers.shutdown(course, **options)
+    return shutdown_servers(course, **options)
 
 
 def deadline_value(ctx: click.Context, param: click.Parameter, value: str | None):

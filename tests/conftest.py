@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import http.server
+import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
+
+from classroom.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks.py"
@@ -264,3 +273,216 @@ def certificate(tmp_path):
         capture_output=True,
     )
     return cert, key
+
+
+# --- servers: shared by test_launch, test_shutdown, test_forkserver, test_hooks ----------------
+
+CLEAN_ENV = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG"}
+
+
+def status(course) -> dict[str, dict]:
+    r = course.run("status", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {row["username"]: row for row in json.loads(r.stdout)}
+
+
+def server_rows(course) -> dict[str, dict]:
+    with sqlite3.connect(course.state_dir / "state.db") as db:
+        db.row_factory = sqlite3.Row
+        return {r["username"]: dict(r) for r in db.execute("SELECT * FROM servers")}
+
+
+def answers(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        requests.get(f"http://{host}:{port}/api", timeout=3)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def login(port: int, password: str) -> requests.Session:
+    """A session logged in to a student's server with the handed-out password."""
+    session = requests.Session()
+    base = f"http://127.0.0.1:{port}"
+    session.get(f"{base}/login", timeout=10)
+    xsrf = session.cookies.get("_xsrf", "")
+    r = session.post(
+        f"{base}/login?next=/api/status",
+        data={"password": password, "_xsrf": xsrf},
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert r.status_code in (302, 303), (r.status_code, r.text[:300])
+    session.headers["X-XSRFToken"] = xsrf
+    return session
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def proc_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if item)
+
+
+def proc_fds(pid: int) -> dict[int, str]:
+    fds = {}
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(entry)] = os.readlink(f"/proc/{pid}/fd/{entry}")
+    return fds
+
+
+def write_as(course, username: str, relpath: str, text: str) -> Path:
+    """Put a file in a student's home, owned by the student (0600)."""
+    pw = course.pw(username)
+    path = course.home(username) / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chown(path.parent, pw.pw_uid, pw.pw_gid)
+    path.write_text(text)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o600)
+    return path
+
+
+def server_pids_gone(pids, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(
+            Path(f"/proc/{p}").exists() and "Z" not in proc_status(p).get("State", "Z")
+            for p in pids
+        ):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# --- the portal: shared by test_portal and test_portal_browser -----------------------------
+
+
+class TinyServer:
+    """A real HTTP server on a free port that answers 'hello from NAME'."""
+
+    def __init__(self, name: str):
+        body = f"hello from {name}".encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def make_settings(**changes) -> Settings:
+    values = dict(
+        config_file=Path("/tmp/portal-test.cfg"),
+        name="intro-python",
+        roster=Path("/tmp/students.csv"),
+        group="intro-python",
+        state_dir=Path("/tmp/portal-test-state"),
+        ip="127.0.0.1",
+        portal_port=0,
+        title="Intro to Python",
+    )
+    values.update(changes)
+    return Settings(**values)
+
+
+class FakeCourse:
+    def __init__(self, settings):
+        self.settings = settings
+
+
+class RunningPortal:
+    """``portal.serve`` in a thread; ``url`` once it listens; ``close()`` stops it."""
+
+    def __init__(self, settings: Settings, lookup):
+        self.stop = threading.Event()
+        self.urls: list[str] = []
+        self.error: BaseException | None = None
+
+        from classroom.host import portal
+
+        def run():
+            try:
+                portal.serve(
+                    FakeCourse(settings), lookup=lookup, ready=self.urls.append, stop=self.stop
+                )
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.urls and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.urls, f"portal did not start: {self.error!r}"
+        self.port = int(self.urls[0].rsplit(":", 1)[1].strip("/"))
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, **kw) -> requests.Response:
+        kw.setdefault("allow_redirects", False)
+        kw.setdefault("timeout", 10)
+        return requests.get(self.base + path, **kw)
+
+    def raw(self, request: bytes) -> tuple[int, dict[str, list[str]], bytes]:
+        """Send bytes as they are; return status, headers (lower-case names, all values), body."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(request)
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if b"\r\n\r\n" in data:
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                    if length and len(body) >= int(length.group(1)):
+                        break
+                    if not length and re.match(rb"HTTP/1\.\d (204|304)", head):
+                        break
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        return status, headers, body
+
+    def get_raw(self, path: str, host: str | bytes | None = "127.0.0.1", extra: bytes = b""):
+        host_line = b""
+        if host is not None:
+            host_b = host if isinstance(host, bytes) else host.encode()
+            host_line = b"Host: " + host_b + b"\r\n"
+        req = (
+            b"GET "
+            + path.encode()
+            + b" HTTP/1.1\r\n"
+            + host_line
+            + extra
+            + b"Connection: close\r\n\r\n"
+        )
+        return self.raw(req)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()

@@ -12,13 +12,22 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port, needs_root
-from test_launch import CLEAN_ENV, answers, proc_fds, proc_status, server_rows, status
+from conftest import (
+    CLEAN_ENV,
+    answers,
+    free_port,
+    needs_root,
+    proc_fds,
+    proc_status,
+    server_rows,
+    status,
+)
 
-from classroom.commands import servers
+from classroom.commands import launch
 from classroom.commands.course import open_course
+from classroom.core import launchplan
 from classroom.core.settings import load
-from classroom.host import forkserver
+from classroom.host import forkserver, identity, processes
 
 PROBE = """\
 import ctypes, json, os, sys
@@ -90,7 +99,7 @@ def test_fork_server_holds_nothing_and_its_children_are_the_students(ready_cours
         assert len(os.listdir(f"/proc/{fork.pid}/task")) == 1  # no thread to inherit
         assert os.getsid(fork.pid) == fork.pid  # not in launch's terminal session
         port = free_port()
-        args = servers.server_args(settings, pw.pw_dir, port)
+        args = launchplan.server_args(settings, pw.pw_dir, port)
         server_pid = fork.spawn(a, pw.pw_uid, args, str(log))
         # the pid is only handed out once it is the student's (launch records uid with it)
         assert set(proc_status(server_pid)["Uid"].split()) == {str(pw.pw_uid)}
@@ -141,13 +150,13 @@ def test_fork_server_holds_nothing_and_its_children_are_the_students(ready_cours
     finally:
         fork.close(timeout=2)
         if server_pid and psutil.pid_exists(server_pid):
-            servers.stop_processes([psutil.Process(server_pid)], polite=3, term=2, kill=2)
+            processes.stop_processes([psutil.Process(server_pid)], polite=3, term=2, kill=2)
 
 
 def run_launch(c, capsys) -> tuple[int, str]:
     course = open_course(c.config, "launch", changes=True)
     try:
-        code = servers.launch(course, portal=False)
+        code = launch.launch(course, portal=False)
     finally:
         course.close()
     out = capsys.readouterr()
@@ -203,5 +212,18 @@ def test_student_env_matches_the_exec_path():
     import pwd
 
     pw = pwd.getpwuid(os.getuid())
-    assert forkserver.student_env(pw) == servers.server_env(pw)
-    assert set(servers.server_env(pw)) == CLEAN_ENV
+    assert set(identity.student_env(pw)) == CLEAN_ENV
+    assert identity.student_env(pw)["PATH"].startswith(os.path.dirname(sys.executable) + ":")
+
+
+@needs_root
+def test_work_done_as_the_student_sees_the_servers_environment():
+    """as_user (send, retrieve, preparing a home) gives the student the environment their
+    server has in either start mode: one definition, the same PATH (it used to differ)."""
+    import pwd
+
+    from classroom.host.system import as_user
+
+    pw = pwd.getpwnam("nobody")
+    seen = as_user(pw, lambda: dict(os.environ))
+    assert seen == identity.student_env(pw)

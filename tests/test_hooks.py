@@ -10,8 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import needs_root
-from test_launch import answers, status
+from conftest import answers, needs_root, status, write_as
 
 from classroom.host import hooks
 
@@ -73,6 +72,26 @@ def test_a_hook_that_times_out_leaves_nothing_running(tmp_path):
     for p in left:
         p.kill()
     assert not left, "the hook's children outlived its timeout"
+
+
+def test_dry_run_runs_no_hook(tmp_path):
+    """Under --dry-run neither kind runs; a function hook's module is not even imported."""
+    from classroom.host import system
+
+    out = tmp_path / "ran"
+    exe = script(tmp_path / "hook.sh", f"touch {out}\n")
+    module = f"dryhook_{os.getpid()}"
+    (tmp_path / f"{module}.py").write_text(
+        f"open({str(out)!r}, 'w').close()\n\ndef hook(spawner):\n    pass\n"
+    )
+    system.set_dry_run(True)
+    try:
+        for spec in (str(exe), f"{module}:hook"):
+            hooks.run_hook(hooks.parse(spec, tmp_path), spawner(), timeout=10, base=tmp_path)
+    finally:
+        system.set_dry_run(False)
+        sys.modules.pop(module, None)
+    assert not out.exists()
 
 
 JUPYTERHUB_STYLE = """\
@@ -174,8 +193,6 @@ def test_failing_pre_spawn_skips_that_student_and_post_stop_runs(ready_course):
 
 @needs_root
 def test_post_stop_runs_when_a_start_fails_after_pre_spawn(ready_course, tmp_path):
-    from test_launch import write_as
-
     course = ready_course
     broken, fine = course.usernames
     log = tmp_path / "hooks.log"

@@ -1,7 +1,6 @@
 """launch: real Jupyter servers as real students, in both start modes (exec and fork).
 
-Also the helpers the other server tests share (HTTP login, process inspection,
-the /proc/PID/mem scan).
+The helpers the server tests share (HTTP login, process inspection) are in conftest.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import pwd
 import re
 import signal
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -23,71 +21,31 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import needs_root
+from conftest import (
+    CLEAN_ENV,
+    answers,
+    login,
+    needs_root,
+    proc_env,
+    proc_fds,
+    proc_status,
+    server_pids_gone,
+    server_rows,
+    status,
+    write_as,
+)
 
-from classroom.commands import servers
+from classroom.commands import launch
+from classroom.core import launchplan
 from classroom.core.settings import Settings, load
+from classroom.host import identity, server
+from classroom.host.identity import server_python
+from classroom.host.ports import port_free
 
 MODES = pytest.mark.parametrize("mode", ["exec", "fork"])
-CLEAN_ENV = {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG"}
 
 
-# --- helpers shared with test_shutdown, test_hooks and test_forkserver ----------------------
-
-
-def status(course) -> dict[str, dict]:
-    r = course.run("status", "--json")
-    assert r.returncode == 0, r.stdout + r.stderr
-    return {row["username"]: row for row in json.loads(r.stdout)}
-
-
-def server_rows(course) -> dict[str, dict]:
-    with sqlite3.connect(course.state_dir / "state.db") as db:
-        db.row_factory = sqlite3.Row
-        return {r["username"]: dict(r) for r in db.execute("SELECT * FROM servers")}
-
-
-def answers(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        requests.get(f"http://{host}:{port}/api", timeout=3)
-    except requests.RequestException:
-        return False
-    return True
-
-
-def login(port: int, password: str) -> requests.Session:
-    """A session logged in to a student's server with the handed-out password."""
-    session = requests.Session()
-    base = f"http://127.0.0.1:{port}"
-    session.get(f"{base}/login", timeout=10)
-    xsrf = session.cookies.get("_xsrf", "")
-    r = session.post(
-        f"{base}/login?next=/api/status",
-        data={"password": password, "_xsrf": xsrf},
-        timeout=10,
-        allow_redirects=False,
-    )
-    assert r.status_code in (302, 303), (r.status_code, r.text[:300])
-    session.headers["X-XSRFToken"] = xsrf
-    return session
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
-def proc_env(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(item.decode().split("=", 1) for item in raw if item)
-
-
-def proc_fds(pid: int) -> dict[int, str]:
-    fds = {}
-    for entry in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            fds[int(entry)] = os.readlink(f"/proc/{pid}/fd/{entry}")
-    return fds
+# --- helpers ------------------------------------------------------------------------------
 
 
 def memory_contains(pid: int, needles: list[bytes]) -> set[bytes]:
@@ -123,18 +81,6 @@ def jupyter_hash(course, username: str) -> str:
     return json.loads(config.read_text())["IdentityProvider"]["hashed_password"]
 
 
-def write_as(course, username: str, relpath: str, text: str) -> Path:
-    """Put a file in a student's home, owned by the student (0600)."""
-    pw = course.pw(username)
-    path = course.home(username) / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chown(path.parent, pw.pw_uid, pw.pw_gid)
-    path.write_text(text)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    os.chmod(path, 0o600)
-    return path
-
-
 def alive_processes_of(uid: int) -> list:
     import psutil
 
@@ -147,18 +93,6 @@ def alive_processes_of(uid: int) -> list:
         ):
             found.append(p)
     return found
-
-
-def server_pids_gone(pids, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(
-            Path(f"/proc/{p}").exists() and "Z" not in proc_status(p).get("State", "Z")
-            for p in pids
-        ):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # --- pure tests (no root) ----------------------------------------------------------------
@@ -181,10 +115,10 @@ def settings(tmp_path: Path, **launch: str) -> Settings:
 
 def test_choose_port_keeps_previous_and_skips_taken():
     free = {8001, 8003, 8004, 9000}.__contains__
-    assert servers.choose_port(9000, set(), 8001, free) == 9000
-    assert servers.choose_port(9000, {9000}, 8001, free) == 8001
-    assert servers.choose_port(8002, set(), 8001, free) == 8001  # 8002 is in use
-    assert servers.choose_port(None, {8001}, 8001, free) == 8003
+    assert launchplan.choose_port(9000, set(), 8001, free) == 9000
+    assert launchplan.choose_port(9000, {9000}, 8001, free) == 8001
+    assert launchplan.choose_port(8002, set(), 8001, free) == 8001  # 8002 is in use
+    assert launchplan.choose_port(None, {8001}, 8001, free) == 8003
 
 
 def test_port_free_sees_a_socket_someone_holds():
@@ -192,14 +126,14 @@ def test_port_free_sees_a_socket_someone_holds():
         held.bind(("0.0.0.0", 0))
         held.listen()
         port = held.getsockname()[1]
-        assert not servers.port_free("0.0.0.0", port)
-        assert not servers.port_free("127.0.0.1", port)
-    assert servers.port_free("0.0.0.0", port)
+        assert not port_free("0.0.0.0", port)
+        assert not port_free("127.0.0.1", port)
+    assert port_free("0.0.0.0", port)
 
 
 def test_server_args_carry_no_secret_and_map_settings(tmp_path):
     s = settings(tmp_path, idle_timeout="600", root="folder", app="notebook")
-    args = servers.server_args(s, "/home/alice", 8123)
+    args = launchplan.server_args(s, "/home/alice", 8123)
     text = " ".join(args)
     assert "--ServerApp.port=8123" in args and "--ServerApp.port_retries=0" in args
     assert "--ServerApp.root_dir=/home/alice/tutorial" in args
@@ -208,8 +142,8 @@ def test_server_args_carry_no_secret_and_map_settings(tmp_path):
     assert "--MappingKernelManager.cull_idle_timeout=600" in args
     assert "--ServerApp.shutdown_no_activity_timeout=600" in args
     assert "hashed_password" not in text and "argon2" not in text and "password=" not in text
-    assert servers.exec_argv(s, args)[1:3] == ["-m", "notebook"]
-    home = servers.server_args(settings(tmp_path, root="home"), "/home/alice", 1)
+    assert launchplan.exec_argv(s, args, server_python())[1:3] == ["-m", "notebook"]
+    home = launchplan.server_args(settings(tmp_path, root="home"), "/home/alice", 1)
     assert "--ServerApp.root_dir=/home/alice" in home
     assert not any("cull" in a for a in home)
 
@@ -223,17 +157,35 @@ def test_ports_go_in_roster_order_and_previous_ports_are_kept(tmp_path, monkeypa
     state = State.peek(tmp_path / "no-state")
     # zed had 8005 last time; amy had 8000, which is the portal's port now
     state.execute("INSERT INTO ports (username, port) VALUES ('zed', 8005), ('amy', 8000)")
-    monkeypatch.setattr(servers, "port_free", lambda ip, port: port != 8002)  # someone holds 8002
+    monkeypatch.setattr(launch, "port_free", lambda ip, port: port != 8002)  # someone holds 8002
     pw = pwd.getpwnam("root")
-    starts = [servers.Start(name, pw) for name in ("zed", "bob", "amy", "cat")]
-    servers._assign_ports(SimpleNamespace(settings=s, state=state), starts)
+    starts = [server.Server(name, pw.pw_uid, pw=pw) for name in ("zed", "bob", "amy", "cat")]
+    launch.assign(SimpleNamespace(settings=s, state=state), starts)
     assert [st.port for st in starts] == [8005, 8001, 8003, 8004]
     assert all(st.url.endswith(f":{st.port}/") for st in starts)
 
 
 def test_dry_run_changes_nothing_without_root(tmp_path):
     s = settings(tmp_path)
-    assert servers.running_servers(s) == {}
+    assert server.running_servers(s) == {}
+
+
+def test_dry_run_starts_and_stops_nothing(tmp_path):
+    """The chokepoints decide: under --dry-run spawn starts nothing, stop signals nothing."""
+    from classroom.host import processes, system
+
+    marker = tmp_path / "started"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    system.set_dry_run(True)
+    try:
+        assert system.spawn(["touch", str(marker)], env={}) is None
+        assert processes.stop_processes([psutil.Process(sleeper.pid)]) == []
+        assert sleeper.poll() is None
+    finally:
+        system.set_dry_run(False)
+        sleeper.kill()
+        sleeper.wait()
+    assert not marker.exists()
 
 
 # --- real servers ------------------------------------------------------------------------
@@ -281,6 +233,7 @@ def test_launch_runs_each_student_as_the_student(ready_course, mode):
             assert os.getsid(pid) == pid  # its own session
             # in fork mode too: /proc/PID/environ (ps e) shows the student's clean environment
             assert set(proc_env(pid)) == CLEAN_ENV and proc_env(pid)["HOME"] == pw.pw_dir
+            assert proc_env(pid) == identity.student_env(pw)  # one environment, both modes
             assert psutil.Process(pid).environ()["USER"] == u
             assert os.readlink(f"/proc/{pid}/cwd") == pw.pw_dir
             fds = proc_fds(pid)

@@ -15,151 +15,21 @@ import ssl
 import subprocess
 import sys
 import textwrap
-import threading
-import time
-from pathlib import Path
 
 import pytest
 import requests
+from conftest import ROOT, FakeCourse, RunningPortal, TinyServer, make_settings
 
 from classroom.core.errors import EXIT_PARTIAL, InvalidInput
-from classroom.core.settings import Settings
 from classroom.host import portal
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 # --- helpers -------------------------------------------------------------------------------
-
-
-class TinyServer:
-    """A real HTTP server on a free port that answers 'hello from NAME'."""
-
-    def __init__(self, name: str):
-        body = f"hello from {name}".encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_settings(**changes) -> Settings:
-    values = dict(
-        config_file=Path("/tmp/portal-test.cfg"),
-        name="intro-python",
-        roster=Path("/tmp/students.csv"),
-        group="intro-python",
-        state_dir=Path("/tmp/portal-test-state"),
-        ip="127.0.0.1",
-        portal_port=0,
-        title="Intro to Python",
-    )
-    values.update(changes)
-    return Settings(**values)
-
-
-class FakeCourse:
-    def __init__(self, settings):
-        self.settings = settings
-
-
-class RunningPortal:
-    """``portal.serve`` in a thread; ``url`` once it listens; ``close()`` stops it."""
-
-    def __init__(self, settings: Settings, lookup):
-        self.stop = threading.Event()
-        self.urls: list[str] = []
-        self.error: BaseException | None = None
-
-        def run():
-            try:
-                portal.serve(
-                    FakeCourse(settings), lookup=lookup, ready=self.urls.append, stop=self.stop
-                )
-            except BaseException as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.urls and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.urls, f"portal did not start: {self.error!r}"
-        self.port = int(self.urls[0].rsplit(":", 1)[1].strip("/"))
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def get(self, path: str, **kw) -> requests.Response:
-        kw.setdefault("allow_redirects", False)
-        kw.setdefault("timeout", 10)
-        return requests.get(self.base + path, **kw)
-
-    def raw(self, request: bytes) -> tuple[int, dict[str, list[str]], bytes]:
-        """Send bytes as they are; return status, headers (lower-case names, all values), body."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
-            s.sendall(request)
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-                if b"\r\n\r\n" in data:
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                    if length and len(body) >= int(length.group(1)):
-                        break
-                    if not length and re.match(rb"HTTP/1\.\d (204|304)", head):
-                        break
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers: dict[str, list[str]] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-        return status, headers, body
-
-    def get_raw(self, path: str, host: str | bytes | None = "127.0.0.1", extra: bytes = b""):
-        host_line = b""
-        if host is not None:
-            host_b = host if isinstance(host, bytes) else host.encode()
-            host_line = b"Host: " + host_b + b"\r\n"
-        req = (
-            b"GET "
-            + path.encode()
-            + b" HTTP/1.1\r\n"
-            + host_line
-            + extra
-            + b"Connection: close\r\n\r\n"
-        )
-        return self.raw(req)
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -835,13 +705,13 @@ def test_serve_prints_server_address(make_portal):
 
 
 def test_printed_address_is_the_host_name_students_use(monkeypatch):
-    from classroom.commands import servers
+    from classroom.core import addresses
 
     monkeypatch.setattr(portal.socket, "getfqdn", lambda *a: "localhost")
     monkeypatch.setattr(portal.socket, "gethostname", lambda: "classhost")
     s = make_settings(ip="0.0.0.0")
     assert portal.portal_url(s, 8000) == "http://classhost:8000/"
-    assert servers.server_url(s, 8001) == "http://classhost:8001/"  # the same host as the servers
+    assert addresses.server_url(s, 8001) == "http://classhost:8001/"  # the same host as the servers
     monkeypatch.setattr(portal.socket, "getfqdn", lambda *a: "class.example.org")
     assert portal.portal_url(s, 8000) == "http://class.example.org:8000/"
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import NOTEBOOKS, PYTHON
-from test_portal import RunningPortal, TinyServer, make_settings
+from conftest import NOTEBOOKS, PYTHON, RunningPortal, TinyServer, make_settings
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -10,10 +10,9 @@ import sys
 import time
 
 import psutil
-from conftest import free_port, needs_root
-from test_launch import login, server_pids_gone, status
+from conftest import free_port, login, needs_root, server_pids_gone, status
 
-from classroom.commands import servers
+from classroom.host import processes
 
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
 
@@ -38,7 +37,7 @@ def test_escalates_to_sigkill_for_a_process_ignoring_sigterm():
     try:
         time.sleep(0.3)  # let it install its handler
         started = time.monotonic()
-        left = servers.stop_processes([psutil.Process(proc.pid)], polite=0.5, term=0.5, kill=2)
+        left = processes.stop_processes([psutil.Process(proc.pid)], polite=0.5, term=0.5, kill=2)
         assert left == []
         assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == "zombie"
         # it outlived SIGTERM twice (0.5 s each), then SIGKILL ended it
@@ -59,9 +58,9 @@ def test_all_jupyter_knows_a_forked_server_by_its_name():
     proc = subprocess.Popen([sys.executable, "-c", RENAMED], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ok"
-        found = {p.pid for p in servers.other_jupyter(os.getuid(), set())}
+        found = {p.pid for p in processes.other_jupyter(os.getuid(), set())}
         assert proc.pid in found
-        assert proc.pid not in {p.pid for p in servers.other_jupyter(os.getuid(), {proc.pid})}
+        assert proc.pid not in {p.pid for p in processes.other_jupyter(os.getuid(), {proc.pid})}
     finally:
         proc.kill()
         proc.wait()

@@ -18,7 +18,7 @@ from ..host import credentials
 from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspect
 from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
-from ..host.processes import kill_all, processes_of
+from ..host.processes import processes_of, stop_processes
 from ..host.system import dry_run
 from .course import Course, Report, progress
 
@@ -81,8 +81,8 @@ def stop_everything(course: Course, present: list[Account]) -> None:
             servers_mod.forget_server(course, a.username, stop=True)
     # Every process the students still run, all at once: one scan, one grace period.
     uids = {a.pw.pw_uid for a in present if a.pw}
-    kill_all([p for procs in processes_of(uids).values() for p in procs])
-    kill_all([p for procs in processes_of(uids).values() for p in procs], timeout=2)
+    stop_processes([], [p for procs in processes_of(uids).values() for p in procs])
+    stop_processes([], [p for procs in processes_of(uids).values() for p in procs], term=2, kill=2)
 
 
 def remove_accounts(course: Course, report: Report, present: list[Account]) -> None:

@@ -10,8 +10,9 @@ uid launch expects, the server's arguments (no secret in them) and the log path.
 The child becomes the student before any Jupyter code runs, then reads its own
 settings (the password hash included) from the student's ``~/.jupyter``.
 
-The module imports only the standard library at the top, so it runs as a script
-without the ``classroom`` package; ``ForkServer`` is the client ``launch`` uses.
+The script side imports only the standard library and ``identity.py`` (stdlib-only,
+loaded by path when run as a script), so it runs without the ``classroom`` package;
+``ForkServer`` is the client ``launch`` uses.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ import signal
 import subprocess
 import sys
 import time
+
+
+def _sibling(name: str):
+    """The module ``name``.py next to this file, loaded by path (this runs without the package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_classroom_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if __package__:
+    from . import identity
+else:  # ``python -I forkserver.py``: no package, and its folder is not on sys.path
+    identity = _sibling("identity")
 
 APPS = {
     "lab": ("jupyterlab.labapp", "LabApp", "jupyter-lab"),
@@ -239,22 +258,13 @@ def become_server(
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a freshly started Python
-        os.initgroups(pw.pw_name, pw.pw_gid)
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-        try:
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:
-            raise PermissionError("setuid(0) succeeded after dropping privileges")
-        if {*os.getresuid(), *os.getresgid()} - {pw.pw_uid, pw.pw_gid}:
-            raise PermissionError("the student's ids did not stick")
+        identity.become(pw)
         os.write(BECAME_FD, BECAME)
         os.close(BECAME_FD)
+        env = identity.student_env(pw)
         os.environ.clear()
-        os.environ.update(student_env(pw))
-        show_environ(student_env(pw))
+        os.environ.update(env)
+        show_environ(env)
         os.chdir(pw.pw_dir)
         os.umask(0o077)
         random.seed()  # nothing seeded in the fork server is shared between students
@@ -285,19 +295,6 @@ def become_server(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
-
-
-def student_env(pw: pwd.struct_passwd) -> dict[str, str]:
-    """The student's clean environment, for both start modes (``servers.server_env`` uses it)."""
-    bindir = os.path.dirname(sys.executable)
-    return {
-        "HOME": pw.pw_dir,
-        "USER": pw.pw_name,
-        "LOGNAME": pw.pw_name,
-        "SHELL": pw.pw_shell or "/bin/sh",
-        "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-    }
 
 
 def show_environ(env: dict[str, str]) -> None:
@@ -393,6 +390,8 @@ class ForkServer:
         finally:
             if isinstance(stderr, int) and stderr >= 0:
                 os.close(stderr)
+        if proc is None:
+            raise ForkServerError("not started: dry run")
         return cls(proc, app)
 
     @property

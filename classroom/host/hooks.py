@@ -18,12 +18,13 @@ import os
 import re
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import StepFailed
-from .system import CommandFailed, run
+from ..core.errors import InvalidInput, StepFailed
+from .system import CommandFailed, dry_run, run
 
 log = logging.getLogger("classroom")
 
@@ -82,6 +83,46 @@ def parse(spec: str, base: Path) -> Hook | None:
     return Hook(spec, "executable", str(path))
 
 
+def configured(settings: Any, key: str) -> Hook | None:
+    """The course's ``[hooks] KEY`` hook (``pre_spawn`` or ``post_stop``), or None.
+
+    Raises ``InvalidInput`` (naming the config line) when it is malformed.
+    """
+    try:
+        return parse(getattr(settings, key), settings.config_file.parent)
+    except HookFailed as exc:
+        raise InvalidInput(f"{settings.where('hooks', key)}: {exc}") from None
+
+
+def run_for(settings: Any, hook: Hook | None, username: str, home: str, port: int | None) -> None:
+    """Run ``hook`` for one student of the course, within ``[hooks] timeout``; raise ``HookFailed``."""
+    spawner = HookSpawner(user=HookUser(username), home=home, port=port, course=settings.name)
+    run_hook(hook, spawner, timeout=settings.hook_timeout, base=settings.config_file.parent)
+
+
+def run_all(
+    settings: Any,
+    hook: Hook | None,
+    students: list[tuple[str, str, int | None]],
+    *,
+    workers: int = 16,
+) -> list[str | None]:
+    """Run ``hook`` for each (username, home, port), ``workers`` at a time, as ``run_for``;
+    for each, why its hook failed, or None."""
+    if hook is None or not students:
+        return [None] * len(students)
+
+    def one(student: tuple[str, str, int | None]) -> str | None:
+        try:
+            run_for(settings, hook, *student)
+        except StepFailed as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(students)))) as pool:
+        return list(pool.map(one, students))
+
+
 def hook_env(spawner: HookSpawner) -> dict[str, str]:
     return {
         "NB_USER": spawner.user.name,
@@ -92,10 +133,16 @@ def hook_env(spawner: HookSpawner) -> dict[str, str]:
 
 
 def run_hook(hook: Hook | None, spawner: HookSpawner, *, timeout: float, base: Path) -> None:
-    """Run ``hook`` for one student (as root); raise ``HookFailed`` with the reason."""
+    """Run ``hook`` for one student (as root); raise ``HookFailed`` with the reason.
+
+    Under ``--dry-run`` nothing runs (a function is not even imported: importing runs
+    the teacher's code); ``check`` is where a hook is checked.
+    """
     if hook is None:
         return
-    if hook.kind == "executable":
+    if dry_run():
+        log.debug("dry run, not run: hook %s for %s", hook.spec, spawner.user.name)
+    elif hook.kind == "executable":
         _run_executable(hook, spawner, timeout)
     else:
         _call_function(hook, spawner, timeout, base)

@@ -1,5 +1,6 @@
-"""Processes: find one again (same pid, start time and uid), a server's tree, stop with
-named timeouts (SIGTERM, then SIGKILL), as JupyterHub's Spawner does."""
+"""Processes: find one again (same pid, start time and uid), a server's tree, a
+student's processes, and the one way to stop them (SIGTERM, then SIGKILL, with named
+timeouts, as JupyterHub's Spawner does)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from collections.abc import Iterable
 
 import psutil
+
+from .system import dry_run
 
 log = logging.getLogger("classroom")
 
@@ -84,8 +87,15 @@ def stop_processes(
     kill: float = KILL_TIMEOUT,
 ) -> list[psutil.Process]:
     """Stop servers with their kernels: SIGTERM to each server (its own clean stop), then
-    SIGTERM, then SIGKILL to everything of theirs left. Returns what survived (normally nothing).
+    SIGTERM, then SIGKILL to everything of theirs left, and to ``extra``. Each step waits
+    for its named timeout at most. Returns what survived (normally nothing).
+
+    The one way the tool stops processes. Under ``--dry-run`` nothing is signalled.
     """
+    extra = list(extra)
+    if dry_run():
+        log.debug("dry run, not stopped: %d server(s), %d other(s)", len(servers), len(extra))
+        return []
     everything: dict[int, psutil.Process] = {}
     for proc in servers:
         with contextlib.suppress(psutil.Error):
@@ -140,6 +150,7 @@ def other_jupyter(uid: int, exclude: set[int]) -> list[psutil.Process]:
 
 
 def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
+    """{uid: every process running as that uid (real, effective or saved)}."""
     found: dict[int, list[psutil.Process]] = {u: [] for u in uids}
     for proc in psutil.process_iter(["uids"]):
         try:
@@ -153,19 +164,3 @@ def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
         except psutil.Error:
             continue
     return found
-
-
-def kill_all(procs: list[psutil.Process], timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``: every process a student still runs."""
-    if not procs:
-        return
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            log.debug("SIGTERM %d (%s)", proc.pid, proc.name())
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            log.debug("SIGKILL %d", proc.pid)
-            proc.kill()
-    psutil.wait_procs(alive, timeout=timeout)

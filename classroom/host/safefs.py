@@ -505,9 +505,9 @@ def fork_map(
 
 def become(pw) -> None:
     """In a worker: become the student for good (uid, gid, groups), or raise."""
-    from .system import drop_privileges
+    from .identity import become as become_student
 
-    drop_privileges(pw)
+    become_student(pw)
     os.umask(0o022)
 
 

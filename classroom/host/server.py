@@ -1,77 +1,355 @@
-"""A student's server as the course records it: running, stopped or died; forget it."""
+"""A student's Jupyter server, with JupyterHub's Spawner contract, and the course's record.
+
+``Server.start()`` starts it as the student and gives its address, ``poll()`` says
+None while it runs (else how it ended), ``stop()`` escalates with named timeouts
+(``processes.stop_processes``). The record keeps only what finds the process again:
+pid, start time and uid (a pid is only ever signalled while all three still match),
+and the port and URL that reach it. Launch, shutdown, status, remove and the portal's
+lookup all go through this object; the ``servers`` and ``ports`` tables are read and
+written here only (under ``--dry-run``, not written at all).
+
+Each server runs as the student (uid, gid and supplementary groups only), in its own
+session, with the student's clean environment, no descriptor of root's and cwd the
+home; its settings reach it as arguments that carry no secret.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import os
 import pwd
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import StepFailed
+import psutil
+
+from ..core.addresses import https, probe_host, server_url
+from ..core.errors import ClassroomError, StepFailed
+from ..core.launchplan import exec_argv, server_args
+from ..core.settings import Settings
 from . import hooks
+from .forkserver import ForkServer, ForkServerError
+from .identity import server_python, student_env
 from .processes import find_process, stop_processes
-from .state import State
+from .serverlogs import log_dir, log_path, open_log
+from .state import State, now
+from .system import dry_run, spawn
+
+READY_POLL = 0.2  # seconds between readiness probes
+STOPPED_EARLY = "the server stopped before it answered"
+
+_children: dict[int, subprocess.Popen] = {}  # exec-mode servers we started (reaped when they die)
 
 
-def server_row(state: State, username: str):
-    return state.execute("SELECT * FROM servers WHERE username = ?", (username,)).fetchone()
+@dataclass
+class Server:
+    """One student's server: the least state that finds its process again, and its address."""
+
+    username: str
+    uid: int
+    port: int = 0
+    url: str = ""
+    pid: int | None = None
+    start_time: float | None = None
+    mode: str = "exec"
+    pw: pwd.struct_passwd | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, pw: pwd.struct_passwd) -> Server:
+        """A server to start for the account ``pw``."""
+        return cls(pw.pw_name, pw.pw_uid, pw=pw)
+
+    def place(self, settings: Settings, port: int) -> None:
+        """Give it ``port`` (and the address that goes with it); forget any old process."""
+        self.port, self.url = port, server_url(settings, port)
+        self.pid = self.start_time = None
+
+    # --- the record ----------------------------------------------------------------------
+
+    @classmethod
+    def recorded(cls, state: State, username: str) -> Server | None:
+        """The course's record of ``username``'s server, or None."""
+        row = state.execute("SELECT * FROM servers WHERE username = ?", (username,)).fetchone()
+        return None if row is None else cls._from_row(row)
+
+    @classmethod
+    def all_recorded(cls, state: State) -> list[Server]:
+        return [cls._from_row(row) for row in state.execute("SELECT * FROM servers")]
+
+    @classmethod
+    def _from_row(cls, row: Any) -> Server:
+        return cls(
+            row["username"],
+            row["uid"],
+            port=row["port"],
+            url=row["url"] or "",
+            pid=row["pid"],
+            start_time=row["start_time"],
+            mode=row["mode"] or "exec",
+        )
+
+    def save(self, state: State) -> None:
+        """Record it (it counts from now on: shutdown, status and the portal see it)."""
+        if dry_run():
+            return
+        with state.transaction():
+            state.execute(
+                "INSERT OR REPLACE INTO servers "
+                "(username, port, pid, start_time, uid, mode, url, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.username,
+                    self.port,
+                    self.pid,
+                    self.start_time,
+                    self.uid,
+                    self.mode,
+                    self.url,
+                    now(),
+                ),
+            )
+
+    def forget(self, state: State, command: str, action: str, detail: dict) -> None:
+        """Drop the record (its port stays the student's), and journal why."""
+        if dry_run():
+            return
+        with state.transaction():
+            state.execute("DELETE FROM servers WHERE username = ?", (self.username,))
+            state.record(command, self.username, action, detail)
+
+    # --- the Spawner contract ------------------------------------------------------------
+
+    def start(self, settings: Settings, forker: Forker | None = None) -> str:
+        """Start it as the student, logging to its log; return its address.
+
+        Through ``forker`` while the fork server works, else as a new program. Raises
+        ``OSError``, ``ValueError`` or ``psutil.Error`` when it could not be started.
+        Not recorded yet: ``save`` it.
+        """
+        assert self.pw is not None, "a server is started for an account"
+        args = server_args(settings, self.pw.pw_dir, self.port)
+        self.pid, self.mode = None, "exec"
+        fd = open_log(settings, self.username, f"launch: port {self.port}")
+        try:
+            if forker is not None:
+                log = str(log_path(settings, self.username))
+                self.pid = forker.spawn(self.username, self.uid, args, log)
+                self.mode = "exec" if self.pid is None else "fork"
+            if self.pid is None:
+                self.pid = self._exec(settings, args, fd)
+            if self.pid is not None:
+                self.start_time = psutil.Process(self.pid).create_time()
+        finally:
+            os.close(fd)
+        return self.url
+
+    def _exec(self, settings: Settings, args: list[str], log_fd: int) -> int | None:
+        assert self.pw is not None
+        proc = spawn(
+            exec_argv(settings, args, server_python()),
+            env=student_env(self.pw),
+            user=self.pw,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            cwd=self.pw.pw_dir,
+            umask=0o077,
+        )
+        if proc is None:  # dry run
+            return None
+        _children[proc.pid] = proc
+        return proc.pid
+
+    def process(self) -> psutil.Process | None:
+        """Its process, if it still runs and is still the one recorded (pid, start time, uid)."""
+        return find_process(self.pid, self.start_time, self.uid)
+
+    def poll(self) -> int | None:
+        """None while it runs; else its exit status (0 when it was not our child)."""
+        if self.process() is not None:
+            return None
+        child = _children.get(self.pid or 0)
+        code = child.poll() if child is not None else None
+        return code if code is not None else 0
+
+    def stop(self, **timeouts: float) -> bool:
+        """Stop it and its kernels (SIGTERM, then SIGKILL); True once nothing of it is left."""
+        return not stop_servers([self], **timeouts)
+
+    def wait_ready(self, settings: Settings, timeout: float) -> str | None:
+        """None once it answers HTTP on its port; else why not (it exited, or timed out)."""
+        deadline = time.monotonic() + timeout
+        host = probe_host(settings.ip)
+        context = None
+        if https(settings):
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # only asking "do you answer?" of our own server
+        while True:
+            proc = self.process()
+            if proc is None:
+                return STOPPED_EARLY
+            if _answers(host, self.port, context) and _listens(proc, self.port):
+                return None
+            if time.monotonic() >= deadline:
+                return f"it did not answer on port {self.port} within {timeout:g} s"
+            time.sleep(READY_POLL)
 
 
-def _row_status(row) -> dict:
-    if row is None:
+def _answers(host: str, port: int, context: ssl.SSLContext | None) -> bool:
+    try:
+        if context is not None:
+            conn = http.client.HTTPSConnection(host, port, timeout=2, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=2)
+        try:
+            conn.request("GET", "/api")
+            conn.getresponse().read()
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException):
+        return False
+    return True
+
+
+def _listens(proc: psutil.Process, port: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return True
+    return False
+
+
+def stop_servers(
+    servers: Iterable[Server], extra: Iterable[psutil.Process] = (), **timeouts: float
+) -> set[int]:
+    """Stop ``servers`` (those still running) and ``extra`` together, one grace period
+    for all; the pids that survived SIGKILL (normally none)."""
+    procs = [proc for server in servers if (proc := server.process()) is not None]
+    return {p.pid for p in stop_processes(procs, extra, **timeouts)}
+
+
+def reap_children() -> None:
+    """Collect the exec-mode servers of ours that have exited (no zombie while the portal runs)."""
+    for pid, proc in list(_children.items()):
+        with contextlib.suppress(OSError):
+            if proc.poll() is not None:
+                del _children[pid]
+
+
+class Forker:
+    """The fork server while it works. Once it fails, ``spawn`` answers None (the server
+    is then started as a new program), and ``note`` tells the teacher why, once."""
+
+    def __init__(self, settings: Settings, note: Callable[[str], None]):
+        self.note = note
+        self.fork: ForkServer | None = None
+        try:  # it imports in the background while launch prepares the homes
+            self.fork = ForkServer.start(
+                settings.app,
+                python=server_python(),
+                log_path=str(log_dir(settings) / "forkserver.log"),
+            )
+        except ForkServerError as exc:
+            note(f"the fork server could not start ({exc}): starting each server by exec instead")
+
+    def wait_ready(self, timeout: float) -> None:
+        if self.fork is None:
+            return
+        try:
+            self.fork.wait_ready(timeout)
+        except ForkServerError as exc:
+            self.note(
+                f"the fork server did not start ({exc}): starting each server by exec instead"
+            )
+            self.close(timeout=1)
+
+    def spawn(self, username: str, uid: int, args: list[str], log: str) -> int | None:
+        """The forked server's pid; None when there is no fork server (any more).
+        ``ValueError``: this one request failed."""
+        if self.fork is None:
+            return None
+        try:
+            return self.fork.spawn(username, uid, args, log)
+        except ForkServerError as exc:
+            self.note(f"the fork server stopped ({exc}): starting the rest by exec instead")
+            self.close(timeout=1)
+            return None
+
+    def close(self, timeout: float = 5) -> None:
+        """Stop the fork server; the servers it forked keep running."""
+        if self.fork is not None:
+            self.fork.close(timeout=timeout)
+            self.fork = None
+
+
+# --- ports: a student keeps theirs from one launch to the next -----------------------------
+
+
+def previous_ports(state: State) -> dict[str, int]:
+    return {r["username"]: r["port"] for r in state.execute("SELECT * FROM ports")}
+
+
+def reserved_ports(state: State, settings: Settings) -> set[int]:
+    """Ports no new server may take: every student's, every recorded server's, the portal's."""
+    reserved = set(previous_ports(state).values()) | {settings.portal_port}
+    return reserved | {r["port"] for r in state.execute("SELECT port FROM servers")}
+
+
+def remember_ports(state: State, servers: Iterable[Server]) -> None:
+    if dry_run():
+        return
+    with state.transaction():
+        for server in servers:
+            state.execute(
+                "INSERT OR REPLACE INTO ports (username, port) VALUES (?, ?)",
+                (server.username, server.port),
+            )
+
+
+# --- what status, remove and the portal ask ------------------------------------------------
+
+
+def _status(server: Server | None) -> dict:
+    if server is None:
         return {"server": "stopped", "port": None, "pid": None, "url": None}
-    proc = find_process(row["pid"], row["start_time"], row["uid"])
-    if proc is None:
-        return {"server": "died", "port": row["port"], "pid": row["pid"], "url": None}
-    return {"server": "running", "port": row["port"], "pid": row["pid"], "url": row["url"]}
+    if server.poll() is not None:
+        return {"server": "died", "port": server.port, "pid": server.pid, "url": None}
+    return {"server": "running", "port": server.port, "pid": server.pid, "url": server.url}
 
 
 def server_status(course: Any, username: str) -> dict:
     """{'server': running|stopped|died, 'port', 'pid', 'url'} from the state and the process table."""
-    return _row_status(server_row(course.state, username))
+    return _status(Server.recorded(course.state, username))
 
 
 def running_servers(settings: Any) -> dict[str, dict]:
     """{username: {'port', 'url'}} of the servers running now; a fresh read-only look at the state."""
     state = State.peek(settings.state_dir)
     try:
-        rows = state.execute("SELECT * FROM servers").fetchall()
+        servers = Server.all_recorded(state)
     finally:
         state.close()
-    running = {}
-    for row in rows:
-        status = _row_status(row)
-        if status["server"] == "running":
-            running[row["username"]] = {"port": status["port"], "url": status["url"]}
-    return running
-
-
-def forget(course: Any, username: str, command: str, action: str, detail: dict) -> None:
-    with course.state.transaction():
-        course.state.execute("DELETE FROM servers WHERE username = ?", (username,))
-        course.state.record(command, username, action, detail)
+    return {s.username: {"port": s.port, "url": s.url} for s in servers if s.poll() is None}
 
 
 def forget_server(course: Any, username: str, stop: bool = True) -> None:
-    """Stop a student's recorded server (if any) and forget it (its port too)."""
-    row = server_row(course.state, username)
-    if row is not None and stop:
-        proc = find_process(row["pid"], row["start_time"], row["uid"])
-        if proc is not None:
-            stop_processes([proc])
-            with contextlib.suppress(StepFailed, KeyError):
-                post = hooks.parse(course.settings.post_stop, course.settings.config_file.parent)
-                home = pwd.getpwnam(username).pw_dir
-                run_hook(course, post, username, home, row["port"])
+    """Stop a student's recorded server (if any; its post_stop hook runs) and forget it,
+    its port too."""
+    server = Server.recorded(course.state, username)
+    if server is not None and stop and server.process() is not None:
+        server.stop()
+        with contextlib.suppress(ClassroomError, StepFailed, KeyError):
+            post = hooks.configured(course.settings, "post_stop")
+            home = pwd.getpwnam(username).pw_dir
+            hooks.run_for(course.settings, post, username, home, server.port)
     with course.state.transaction():
         course.state.execute("DELETE FROM servers WHERE username = ?", (username,))
         course.state.execute("DELETE FROM ports WHERE username = ?", (username,))
-        if row is not None:
-            course.state.record("shutdown", username, "server forgotten", {"port": row["port"]})
-
-
-def run_hook(
-    course: Any, hook: hooks.Hook | None, username: str, home: str, port: int | None
-) -> None:
-    s = course.settings
-    spawner = hooks.HookSpawner(user=hooks.HookUser(username), home=home, port=port, course=s.name)
-    hooks.run_hook(hook, spawner, timeout=s.hook_timeout, base=s.config_file.parent)
+        if server is not None:
+            course.state.record("shutdown", username, "server forgotten", {"port": server.port})

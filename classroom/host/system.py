@@ -23,6 +23,7 @@ from typing import Any
 
 from ..core.errors import StepFailed
 from ..core.secret import Secret
+from .identity import become, popen_identity, student_env
 
 log = logging.getLogger("classroom")
 
@@ -95,7 +96,7 @@ def run(
             cwd=cwd,
             close_fds=True,
             start_new_session=True,  # on a timeout, the whole group goes, not just argv[0]
-            **identity(user),
+            **popen_identity(user),
         )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
@@ -120,28 +121,22 @@ def run(
     return proc
 
 
-def identity(user: pwd.struct_passwd | None) -> dict[str, Any]:
-    """``Popen`` arguments that make a child ``user``: uid, gid and that user's groups only."""
-    if user is None:
-        return {}
-    return {
-        "user": user.pw_uid,
-        "group": user.pw_gid,
-        "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid),
-    }
-
-
 def spawn(
     argv: Sequence[str], *, env: dict[str, str], user: pwd.struct_passwd | None = None, **popen: Any
-) -> subprocess.Popen:
+) -> subprocess.Popen | None:
     """Start a long-running child (a student's server): logged, no shell, its own session.
 
     ``env`` is the child's whole environment; ``popen`` passes stdio, cwd and umask.
+    Under ``--dry-run`` nothing is started and the answer is None.
     """
     argv = [str(a) for a in argv]
-    log.debug("spawn%s: %s", f" as {user.pw_name}" if user else "", shlex.join(argv))
+    who = f" as {user.pw_name}" if user else ""
+    if _dry_run:
+        log.debug("dry run, not started%s: %s", who, shlex.join(argv))
+        return None
+    log.debug("spawn%s: %s", who, shlex.join(argv))
     return subprocess.Popen(
-        argv, env=env, close_fds=True, start_new_session=True, **identity(user), **popen
+        argv, env=env, close_fds=True, start_new_session=True, **popen_identity(user), **popen
     )
 
 
@@ -228,35 +223,6 @@ def login_defs(path: Path = LOGIN_DEFS) -> LoginDefs:
     )
 
 
-def drop_privileges(user: pwd.struct_passwd) -> None:
-    """In a child process: become ``user`` for good (groups, gid, uid), or die trying."""
-    if user.pw_uid == 0:
-        raise PermissionError("refusing to act as root on behalf of a student")
-    os.initgroups(user.pw_name, user.pw_gid)
-    os.setgid(user.pw_gid)
-    os.setuid(user.pw_uid)
-    try:
-        os.setuid(0)
-    except PermissionError:
-        pass
-    else:  # pragma: no cover - would mean the kernel let us back
-        os._exit(99)
-    if os.getuid() != user.pw_uid or os.geteuid() != user.pw_uid:
-        os._exit(99)
-
-
-def user_env(user: pwd.struct_passwd) -> dict[str, str]:
-    """A clean environment for ``user``: nothing of root's."""
-    return {
-        "HOME": user.pw_dir,
-        "USER": user.pw_name,
-        "LOGNAME": user.pw_name,
-        "SHELL": user.pw_shell or "/bin/sh",
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-    }
-
-
 def as_user(
     user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600
 ) -> Any:
@@ -280,9 +246,9 @@ def as_user(
             os.closerange(3, wfd)
             os.closerange(wfd + 1, 65536)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            drop_privileges(user)
+            become(user)
             os.environ.clear()
-            os.environ.update(user_env(user))
+            os.environ.update(student_env(user))
             os.umask(0o077)
             os.chdir("/")
             try:

@@ -1,0 +1,105 @@
+"""What launch decides before touching the host: each server's command line and port.
+
+The command line carries no secret (the password hash stays in the student's own
+``~/.jupyter``, written by setup). A student keeps their port while it is free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from .addresses import https
+from .errors import StepFailed
+from .settings import Settings
+
+APP_MODULES = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}
+TLS_DIR = ".jupyter/classroom-tls"  # the student's copies of the certificate and key
+
+
+def root_dir(settings: Settings, home: str) -> str:
+    """Where the server opens: HOME/FOLDER (``root = folder``) or HOME."""
+    if settings.root == "home":
+        return home
+    return str(Path(home) / settings.material_folder)
+
+
+def tls_paths(settings: Settings, home: str) -> tuple[str, str] | None:
+    """The student's copies of the certificate and key, when HTTPS is on."""
+    if not https(settings):
+        return None
+    folder = Path(home) / TLS_DIR
+    return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def server_args(settings: Settings, home: str, port: int) -> list[str]:
+    """The server's command-line settings. No secret: the password hash stays in ~/.jupyter."""
+    args = [
+        f"--ServerApp.ip={settings.ip}",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root_dir(settings, home)}",
+        "--ServerApp.open_browser=False",
+        # A password is set (setup); no token. Refuse to run at all without a password.
+        "--IdentityProvider.token=",
+        "--PasswordIdentityProvider.password_required=True",
+        "--PasswordIdentityProvider.allow_password_change=False",
+    ]
+    tls = tls_paths(settings, home)
+    if tls:
+        args += [f"--ServerApp.certfile={tls[0]}", f"--ServerApp.keyfile={tls[1]}"]
+    if settings.idle_timeout > 0:
+        t = settings.idle_timeout
+        interval = max(1, min(300, t // 4))
+        args += [
+            f"--MappingKernelManager.cull_idle_timeout={t}",
+            f"--MappingKernelManager.cull_interval={interval}",
+            "--MappingKernelManager.cull_connected=True",
+            f"--TerminalManager.cull_inactive_timeout={t}",
+            f"--TerminalManager.cull_interval={interval}",
+            f"--ServerApp.shutdown_no_activity_timeout={t}",
+        ]
+    return args
+
+
+def exec_argv(settings: Settings, args: list[str], python: str) -> list[str]:
+    """The whole command that starts a server as a new program with ``python``."""
+    return [python, "-m", APP_MODULES[settings.app], *args]
+
+
+def choose_port(
+    wanted: int | None, reserved: set[int], first: int, is_free: Callable[[int], bool]
+) -> int:
+    """The student's previous port if it is free, else the first free one from ``first`` up."""
+    if wanted and wanted not in reserved and is_free(wanted):
+        return wanted
+    port = max(first, 1024)
+    while port <= 65535:
+        if port not in reserved and is_free(port):
+            return port
+        port += 1
+    raise StepFailed(f"no free port from {first} upward: set [launch] first_port lower")
+
+
+def assign_ports(
+    usernames: Iterable[str],
+    previous: Mapping[str, int],
+    reserved: set[int],
+    settings: Settings,
+    is_free: Callable[[int], bool],
+) -> dict[str, int]:
+    """{username: port}: each keeps their previous port while it is free (and not the
+    portal's); the others, in the given (roster) order, get the first free ones from
+    ``first_port`` up, none of ``reserved``. Raises ``StepFailed`` when none is left."""
+    usernames = list(usernames)
+    ports: dict[str, int] = {}
+    for name in usernames:  # first: previous ports, so nobody takes another student's
+        wanted = previous.get(name)
+        if wanted and wanted != settings.portal_port and is_free(wanted):
+            ports[name] = wanted
+    taken = set(reserved)
+    for name in usernames:
+        if name not in ports:
+            ports[name] = choose_port(None, taken, settings.first_port, is_free)
+            taken.add(ports[name])
+    return ports

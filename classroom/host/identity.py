@@ -1,0 +1,72 @@
+"""Becoming a student: the one clean environment and the one change of identity.
+
+Every process that acts as a student (a Jupyter server in either start mode, a worker
+of send or retrieve, ``system.as_user``) gets its identity and environment from here,
+so they cannot drift apart.
+
+Standard library only: the fork server runs as ``python -I forkserver.py``, without
+the ``classroom`` package, and loads this file by its path.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+from typing import Any
+
+
+def server_python() -> str:
+    """The Python the students' servers run with: the tool's own (readable by students)."""
+    return sys.executable
+
+
+def student_env(pw: pwd.struct_passwd) -> dict[str, str]:
+    """The student's whole environment, nothing of root's: HOME, USER, LOGNAME, SHELL, PATH, LANG.
+
+    PATH starts with the servers' Python's folder, so kernels and terminals find
+    ``python`` and ``jupyter`` there, whichever way the process was started.
+    """
+    bindir = os.path.dirname(server_python())
+    return {
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "SHELL": pw.pw_shell or "/bin/sh",
+        "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+    }
+
+
+def become(pw: pwd.struct_passwd) -> None:
+    """In a child process: become ``pw`` for good (groups, gid, uid), checked.
+
+    Raises ``PermissionError`` for root, or when the ids did not all stick or root
+    could be regained; the caller must then exit, never carry on.
+    """
+    if pw.pw_uid == 0:
+        raise PermissionError("refusing to act as root on behalf of a student")
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise PermissionError("setuid(0) succeeded after dropping privileges")
+    if set(os.getresuid()) != {pw.pw_uid} or set(os.getresgid()) != {pw.pw_gid}:
+        raise PermissionError(f"{pw.pw_name}'s user and group ids did not stick")
+
+
+def popen_identity(pw: pwd.struct_passwd | None) -> dict[str, Any]:
+    """``Popen`` arguments that start a program as ``pw``: its uid, gid and groups only."""
+    if pw is None:
+        return {}
+    if pw.pw_uid == 0:
+        raise PermissionError("refusing to act as root on behalf of a student")
+    return {
+        "user": pw.pw_uid,
+        "group": pw.pw_gid,
+        "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid),
+    }
