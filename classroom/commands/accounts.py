@@ -29,7 +29,8 @@ from ..host import credentials
 from ..host.accounts import FOREIGN, MISSING, OK, Account, inspect
 from ..host.processes import kill_all, processes_of
 from ..host.state import now
-from ..host.system import as_user, login_defs, run, run_account_tool, sudo_caller
+from ..host.system import login_defs, run, run_account_tool, sudo_caller
+from ..host.workers import as_user
 from .course import Course, progress
 
 log = logging.getLogger("classroom")

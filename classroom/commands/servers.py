@@ -44,7 +44,8 @@ from ..host.server import (
     server_status,
 )
 from ..host.state import now
-from ..host.system import as_user, spawn
+from ..host.system import spawn
+from ..host.workers import as_user
 from .course import Course, Report
 
 log = logging.getLogger("classroom")
