@@ -145,13 +145,13 @@ def send(ctx, config, dry_run, only, yes, force, source, folder):
     Files the student edited are kept; the new version is written beside them
     and listed as a conflict (--force overwrites after a backup).
     """
-    from .commands import material
+    from .commands.send import send as send_material
 
     perform(
         ctx,
         config,
         "send",
-        lambda course: material.send(
+        lambda course: send_material(
             course, only=tuple(only), force=force, source=source, folder=folder
         ),
         changes=True,
@@ -220,14 +220,15 @@ def shutdown(ctx, config, dry_run, only, yes, all_jupyter):
 @click.pass_context
 def retrieve(ctx, config, dry_run, only, yes, deadline):
     """Collect every student's work into DESTINATION/USERNAME/TIMESTAMP/ (every version kept)."""
-    from .commands import collect
+    from .commands.retrieve import parse_deadline
+    from .commands.retrieve import retrieve as collect
 
-    deadline_at = collect.parse_deadline(deadline) if deadline else None
+    deadline_at = parse_deadline(deadline) if deadline else None
     perform(
         ctx,
         config,
         "retrieve",
-        lambda course: collect.retrieve(course, only=tuple(only), deadline=deadline_at),
+        lambda course: collect(course, only=tuple(only), deadline=deadline_at),
         changes=True,
         dry_run=dry_run,
         only=only,
