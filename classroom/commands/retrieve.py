@@ -24,7 +24,7 @@ from ..core.errors import InvalidInput
 from ..core.retrieverules import Caps, parse_deadline
 from ..host import records, snapshot
 from ..host.system import sudo_caller
-from .course import Course
+from .course import Course, Report
 from .homes import can_look_inside, each_home, enterable, report_each
 
 __all__ = ["owner_account", "parse_deadline", "retrieve"]
@@ -104,7 +104,8 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
     return report.finish()
 
 
-def _report(report, username: str, result: dict) -> None:
+def _report(report: Report, username: str, result: dict) -> None:
+    """One student's line: nothing to collect, unchanged, or a new snapshot."""
     if result["state"] == "nothing":
         skipped = retrieverules.detail({"skipped": result.get("skipped")})
         tail = f"; {skipped}" if skipped else ""

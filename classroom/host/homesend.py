@@ -150,6 +150,11 @@ class HomeSender:
         self.root_fd: int | None = None
         self.backup = Backup(self)
 
+    def sent_sha(self, rel: str) -> str | None:
+        """What the course last wrote as ``rel`` (None: never)."""
+        rec = self.sent.get(rel)
+        return rec.sha256 if rec else None
+
     def act(self, action: str, text: str) -> None:
         self.actions.setdefault(action, []).append(text)
 
@@ -255,9 +260,8 @@ class HomeSender:
 
     def file(self, dir_fd: int | None, name: str, f: SourceFile) -> None:
         """One file of the source: the table of ``core.sendrules``, then do it."""
-        rec = self.sent.get(f.rel)
         have, st = self.content(dir_fd, name, f.rel, f)
-        action = rules.decide(rec and rec.sha256, have, f.sha256, force=self.force)
+        action = rules.decide(self.sent_sha(f.rel), have, f.sha256, force=self.force)
         if action == rules.NOTHING:
             self.remember(f.rel, f, st)
         elif action == rules.CONFLICT:
@@ -284,9 +288,8 @@ class HomeSender:
         for n in range(1, rules.MAX_BESIDE + 1):
             bname = rules.beside_name(name, n)
             brel = f"{parent}/{bname}" if parent else bname
-            rec = self.sent.get(brel)
             have, st = self.content(dir_fd, bname, brel, f)
-            action = rules.decide_beside(rec and rec.sha256, have, f.sha256)
+            action = rules.decide_beside(self.sent_sha(brel), have, f.sha256)
             if action == rules.NEXT:
                 continue
             shown_as = f"{shown(f.rel)} (new version in {shown(bname)})"
@@ -390,7 +393,8 @@ def unchanged_by_stat(pw: pwd.struct_passwd, folder: str, src: Source, rows: lis
     fds: dict[str, int] = {}
     try:
         with safefs.open_home_folder(pw, folder) as home:
-            fds[""] = home.fd  # type: ignore[assignment]
+            assert home.fd is not None
+            fds[""] = home.fd
             for rel, _mode in sorted(src.dirs, key=lambda d: d[0].split("/")):
                 parent, _, name = rel.rpartition("/")
                 fds[rel] = safefs.open_dir(fds[parent], name, uid=pw.pw_uid, dev=home.dev)

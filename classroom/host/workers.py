@@ -227,10 +227,12 @@ def fork_map(
     """
     pending = list(tasks)
     pending.reverse()
-    # The children only read the parent's objects: keep the collector from walking (and so
-    # copying) the whole inherited heap in each of them.
-    gc.collect()
-    gc.freeze()
+    freeze = len(pending) > 1
+    if freeze:
+        # The children only read the parent's objects: keep the collector from walking (and
+        # so copying) the whole inherited heap in each of them.
+        gc.collect()
+        gc.freeze()
     pool = _Pool(idle_timeout, keep_fds)
     try:
         while pending or pool.running:
@@ -241,7 +243,8 @@ def fork_map(
             yield from pool.wait()
     finally:
         pool.close()
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def _as(user: pwd.struct_passwd, func: Callable[..., Any], args: tuple) -> Any:
