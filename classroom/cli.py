@@ -164,9 +164,9 @@ def send(course: Course, **options: Any) -> int:
     Files the student edited are kept; the new version is written beside them
     and listed as a conflict (--force overwrites after a backup).
     """
-    from .commands import material
+    from .commands.send import send as send_material
 
-    return material.send(course, **options)
+    return send_material(course, **options)
 
 
 @course_command()
@@ -195,9 +195,9 @@ def shutdown(course: Course, **options: Any) -> int:
 
 def deadline_value(ctx: click.Context, param: click.Parameter, value: str | None):
     """--deadline as a datetime, checked before the course is opened."""
-    from .commands import collect
+    from .core.retrieverules import parse_deadline
 
-    return collect.parse_deadline(value) if value else None
+    return parse_deadline(value) if value else None
 
 
 @course_command()
@@ -209,9 +209,9 @@ def deadline_value(ctx: click.Context, param: click.Parameter, value: str | None
 )
 def retrieve(course: Course, **options: Any) -> int:
     """Collect every student's work into DESTINATION/USERNAME/TIMESTAMP/ (every version kept)."""
-    from .commands import collect
+    from .commands.retrieve import retrieve as collect
 
-    return collect.retrieve(course, **options)
+    return collect(course, **options)
 
 
 @course_command()

@@ -222,7 +222,7 @@ def test_work_done_as_the_student_sees_the_servers_environment():
     server has in either start mode: one definition, the same PATH (it used to differ)."""
     import pwd
 
-    from classroom.host.system import as_user
+    from classroom.host.workers import as_user
 
     pw = pwd.getpwnam("nobody")
     seen = as_user(pw, lambda: dict(os.environ))

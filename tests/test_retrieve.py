@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from classroom.commands import collect
+from classroom.core import retrieverules
 from classroom.core.errors import InvalidInput
 
 
@@ -36,10 +36,10 @@ def du(path: Path) -> int:
 
 
 def test_parse_deadline():
-    d = collect.parse_deadline("2024-05-01 12:30")
+    d = retrieverules.parse_deadline("2024-05-01 12:30")
     assert (d.year, d.month, d.day, d.hour, d.minute) == (2024, 5, 1, 12, 30)
     with pytest.raises(InvalidInput):
-        collect.parse_deadline("tomorrow")
+        retrieverules.parse_deadline("tomorrow")
 
 
 @needs_root

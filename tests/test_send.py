@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import needs_root
 
-from classroom.commands import material
+from classroom.core import sendrules
 from classroom.host import safefs
 
 
@@ -25,10 +25,10 @@ def sent_files(folder: Path) -> set[str]:
 
 
 def test_beside_name():
-    assert material.beside_name("lesson.ipynb", 1) == "lesson.new.ipynb"
-    assert material.beside_name("lesson.ipynb", 3) == "lesson.new3.ipynb"
-    assert material.beside_name("Makefile", 1) == "Makefile.new"
-    assert material.beside_name(".bashrc", 1) == ".bashrc.new"
+    assert sendrules.beside_name("lesson.ipynb", 1) == "lesson.new.ipynb"
+    assert sendrules.beside_name("lesson.ipynb", 3) == "lesson.new3.ipynb"
+    assert sendrules.beside_name("Makefile", 1) == "Makefile.new"
+    assert sendrules.beside_name(".bashrc", 1) == ".bashrc.new"
 
 
 def test_patterns():
@@ -275,14 +275,14 @@ def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeyp
     import types
 
     from classroom.commands import course as course_mod
-    from classroom.commands import material
+    from classroom.commands import send
 
     c = ready_course
     a = c.usernames[0]
     pa = c.pw(a)
     fixed = dt.datetime(2030, 1, 2, 3, 4, 5)
     monkeypatch.setattr(
-        material, "dt", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: fixed))
+        send, "dt", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: fixed))
     )
 
     def send_force():
@@ -290,7 +290,7 @@ def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeyp
             c.config, "send", changes=True, yes=True, only=(a,), quiet=True
         )
         try:
-            return material.send(crs, only=(a,), force=True)
+            return send.send(crs, only=(a,), force=True)
         finally:
             crs.close()
 

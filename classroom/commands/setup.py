@@ -33,7 +33,8 @@ from ..host.accounts import (
 )
 from ..host.files import world_readable_chain, write_atomic
 from ..host.homefiles import write_student_files
-from ..host.system import as_user, dry_run, sudo_caller
+from ..host.system import dry_run, sudo_caller
+from ..host.workers import as_user
 from .course import Course, Report, progress
 
 STUDENT_FILES_TIMEOUT = 60  # seconds to write one student's Jupyter config and profile

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core.addresses import https
 from ..core.launchplan import TLS_DIR, root_dir
 from ..core.settings import Settings
-from .system import as_user
+from .workers import as_user
 
 TLS_FILES = ("cert.pem", "key.pem")
 

@@ -1,29 +1,27 @@
 """The one place that runs external commands and changes identity.
 
 Every external command is an argument list (never a shell), logged quoted,
-with any secret fed on stdin. ``as_user`` runs a function in a child process
-that has dropped to a student's uid, gid and groups.
+with any secret fed on stdin. (``workers.as_user`` runs a function in a child
+process that has dropped to a student's uid, gid and groups.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
 import shlex
 import signal
 import subprocess
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import StepFailed
 from ..core.secret import Secret
-from .identity import become, popen_identity, student_env
+from .identity import popen_identity
 
 log = logging.getLogger("classroom")
 
@@ -221,81 +219,3 @@ def login_defs(path: Path = LOGIN_DEFS) -> LoginDefs:
         encrypt_method=values.get("ENCRYPT_METHOD", "SHA512").upper(),
         values=tuple(sorted(values.items())),
     )
-
-
-def as_user(
-    user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600
-) -> Any:
-    """Run ``func(*args)`` in a child that has become ``user``; return its JSON-able result.
-
-    The child has the student's uid, gid and groups, a clean environment,
-    umask 077, cwd ``/`` and no inherited descriptor but its result pipe. An
-    exception in the child is raised here as ``StepFailed`` with its message; a
-    child still running after ``timeout`` seconds (a student's FIFO, say) is
-    killed and reported.
-    """
-    import select
-    import time
-
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        status = 0
-        try:
-            os.close(rfd)
-            os.closerange(3, wfd)
-            os.closerange(wfd + 1, 65536)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            become(user)
-            os.environ.clear()
-            os.environ.update(student_env(user))
-            os.umask(0o077)
-            os.chdir("/")
-            try:
-                payload = {"ok": func(*args)}
-            except Exception as exc:  # reported to the parent, never as a traceback
-                payload = {"error": f"{exc}", "type": type(exc).__name__}
-                if log.isEnabledFor(logging.DEBUG):
-                    payload["trace"] = traceback.format_exc()
-            data = json.dumps(payload).encode()
-            with os.fdopen(wfd, "wb") as out:
-                out.write(data)
-        except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(wfd)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    with os.fdopen(rfd, "rb", buffering=0) as inp:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([inp], [], [], left)
-            if not ready:
-                continue
-            chunk = inp.read(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    if timed_out:
-        raise StepFailed(
-            f"as {user.pw_name}: gave up after {timeout:.0f} s (a FIFO or a hung file?)"
-        )
-    try:
-        payload = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
-        payload = {}
-    if "ok" in payload:
-        return payload["ok"]
-    if "error" in payload:
-        if "trace" in payload:
-            log.debug("%s", payload["trace"])
-        raise StepFailed(f"as {user.pw_name}: {payload['error']}")
-    raise StepFailed(f"as {user.pw_name}: the helper process failed (status {status})")

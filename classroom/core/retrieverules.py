@@ -1,0 +1,281 @@
+"""retrieve's rules (SPEC §4): the caps, what is late, the manifest's rows and statuses.
+
+A retrieval of one student's folder is told, file by file, what is there; a
+``Tally`` keeps what it learns (the manifest entries, the counts, what the state
+must remember) and decides by these rules. A ``StillSame`` does the same for
+the repeat-run fast path, which only looks at metadata. No file is read here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+
+from .errors import InvalidInput
+from .paths import as_text, shown
+
+MANIFEST_HEADER = ["username", "snapshot", "path", "size", "mtime", "sha256", "status", "late"]
+SKIPPED = "skipped: "  # how a skipped file's reason is kept in the state, in place of a sha256
+STATUSES = ("new", "changed", "unchanged")
+
+
+def parse_deadline(text: str) -> dt.datetime:
+    """``--deadline "YYYY-MM-DD HH:MM"`` as a local time."""
+    try:
+        return dt.datetime.strptime(text.strip(), "%Y-%m-%d %H:%M").astimezone()
+    except ValueError:
+        raise InvalidInput(f'--deadline {text!r}: use "YYYY-MM-DD HH:MM"') from None
+
+
+def is_late(mtime_ns: int, deadline: float | None) -> bool:
+    """Modified after the deadline (epoch seconds; None: nothing is late)."""
+    return deadline is not None and mtime_ns / 1e9 > deadline
+
+
+def too_large(size: int, max_file: int) -> str | None:
+    """Why a file of ``size`` bytes is not collected, or None."""
+    return f"larger than max_file_size ({size} > {max_file} bytes)" if size > max_file else None
+
+
+def grew(max_file: int) -> str:
+    return f"grew past max_file_size ({max_file} bytes) while read"
+
+
+def over_total(max_total: int) -> str:
+    return f"over max_total_size ({max_total} bytes) for this retrieval"
+
+
+def iso(mtime_ns: int) -> str:
+    return dt.datetime.fromtimestamp(mtime_ns / 1e9).astimezone().isoformat(timespec="seconds")
+
+
+def split_rows(rows) -> tuple[dict[str, list], dict[str, list]]:
+    """The last snapshot's rows ``(path, snapshot, sha256, size, stat key)``, as
+    (rel -> [sha256, size, stat key] of its files, rel -> [reason, stat key] of what was skipped)."""
+    files: dict[str, list] = {}
+    skipped: dict[str, list] = {}
+    for path, _snap, sha, size, key in rows:
+        rel = os.fsdecode(bytes(path))
+        if sha.startswith(SKIPPED):
+            skipped[rel] = [sha[len(SKIPPED) :], key]
+        else:
+            files[rel] = [sha, size, key]
+    return files, skipped
+
+
+@dataclass(frozen=True)
+class Caps:
+    """The limits of one retrieval: ``max_file_size``, ``max_total_size``, ``--deadline``."""
+
+    max_file: int
+    max_total: int
+    deadline: float | None = None  # epoch seconds
+
+
+def unchanged_result(files: int, size: int, skipped: list[str], late: list[str]) -> dict:
+    """The result for a student whose folder is exactly as the last snapshot has it."""
+    return {
+        "state": "unchanged",
+        "counts": {"new": 0, "changed": 0, "unchanged": files, "skipped": len(skipped)},
+        "deleted": [],
+        "skipped": skipped,
+        "late": late,
+        "files": files,
+        "bytes": size,
+        "cache": [],
+    }
+
+
+@dataclass
+class StillSame:
+    """The repeat-run fast path: is every entry of the folder what the last snapshot recorded?
+
+    Fed each entry's metadata (``see``); the same files with the same dev:ino:size:
+    mtime:ctime mean the same content. What was skipped last time must be exactly
+    what is skipped now (the same paths; a regular file among them with the same stat).
+    """
+
+    prev_files: dict[str, list]
+    prev_skipped: dict[str, list]
+    caps: Caps
+    files: int = 0
+    size: int = 0
+    skipped: list[str] = field(default_factory=list)
+    late: list[str] = field(default_factory=list)
+
+    def see(self, rel: str, problem: bool, size: int, key: str, mtime_ns: int) -> bool:
+        """One entry (``problem``: it cannot be collected as it is); False when it differs."""
+        was = self.prev_skipped.get(rel)
+        if problem or too_large(size, self.caps.max_file):
+            if was is None:
+                return False  # newly skipped: recorded by a new snapshot
+            self.skipped.append(f"{shown(rel)}: {was[0]}")
+            return True
+        if was is not None:  # skipped last time (unreadable, say): the same file?
+            if was[1] != key:
+                return False
+            self.skipped.append(f"{shown(rel)}: {was[0]}")
+            return True
+        prev = self.prev_files.get(rel)
+        if prev is None or prev[2] != key:
+            return False
+        self.files += 1
+        self.size += size
+        if is_late(mtime_ns, self.caps.deadline):
+            self.late.append(shown(rel))
+        return True
+
+    def result(self) -> dict | None:
+        """The fast path's result once every entry was seen, or None: something went away."""
+        if self.files != len(self.prev_files) or len(self.skipped) != len(self.prev_skipped):
+            return None
+        return unchanged_result(self.files, self.size, self.skipped, self.late)
+
+
+@dataclass
+class Tally:
+    """What one retrieval learned of one student's folder, entry by entry, and what it decided."""
+
+    prev_files: dict[str, list]  # the last snapshot's: rel -> [sha256, size, stat key]
+    prev_skipped: dict[str, list]  # rel -> [reason, stat key]
+    caps: Caps
+    entries: list[dict] = field(default_factory=list)  # the manifest rows, in order
+    cache: dict[str, list] = field(default_factory=dict)  # rel -> [sha, size, key], collected
+    skip_cache: dict[str, list] = field(default_factory=dict)  # rel -> ["skipped: why", size, key]
+    seen: set[str] = field(default_factory=set)
+    folders: list[str] = field(default_factory=list)  # every folder: empty ones are kept too
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"new": 0, "changed": 0, "unchanged": 0, "skipped": 0}
+    )
+    skipped: list[str] = field(default_factory=list)  # "path: why", for the report
+    late: list[str] = field(default_factory=list)
+    total: int = 0
+    changed: bool = False
+
+    def refuse(self, size: int) -> str | None:
+        """Why a file of ``size`` bytes is not collected (the caps), or None."""
+        reason = too_large(size, self.caps.max_file)
+        if reason is None and self.total + size > self.caps.max_total:
+            reason = over_total(self.caps.max_total)
+        return reason
+
+    def skip(self, rel: str, why: str, size: int = 0, mtime: int = 0, key: str = "") -> None:
+        """``rel`` is not collected: a manifest row "skipped: why"."""
+        self.counts["skipped"] += 1
+        self.skip_cache[rel] = [SKIPPED + why, size, key]
+        self.skipped.append(f"{shown(rel)}: {why}")
+        self.entries.append(
+            {"rel": rel, "size": size, "mtime": mtime, "sha": "", "status": f"skipped: {why}"}
+        )
+
+    def add(self, rel: str, status: str, sha: str, size: int, key: str, mtime: int) -> None:
+        """``rel`` is in the snapshot: new, changed or unchanged."""
+        self.counts[status] += 1
+        self.total += size
+        if status != "unchanged":
+            self.changed = True
+        late = is_late(mtime, self.caps.deadline)
+        if late:
+            self.late.append(shown(rel))
+        self.entries.append(
+            {"rel": rel, "size": size, "mtime": mtime, "sha": sha, "status": status, "late": late}
+        )
+        self.cache[rel] = [sha, size, key]
+
+    def reported_same(self, rel: str, key: str, size: int, mtime: int) -> str | None:
+        """The reader says ``rel`` has the stat it had when last collected: its sha256, to
+        keep it as unchanged, or None (skipped: it is not so, or over the total)."""
+        self.seen.add(rel)
+        prev = self.prev_files.get(rel)
+        if prev is None or prev[2] != key:
+            self.skip(rel, "reported unchanged, but is not", size, mtime)
+            return None
+        if self.total + size > self.caps.max_total:
+            self.skip(rel, over_total(self.caps.max_total), size, mtime)
+            return None
+        return prev[0]
+
+    def status(self, rel: str) -> str:
+        return "changed" if rel in self.prev_files else "new"
+
+    def lost(self, rel: str) -> None:
+        """The previous snapshot's copy of unchanged ``rel`` is gone: it is not in this one."""
+        self.cache.pop(rel, None)
+        for e in self.entries:
+            if e["rel"] == rel:
+                e.update(sha="", status="skipped: the previous copy is missing; retrieve again")
+        self.skipped.append(f"{shown(rel)}: the previous copy is missing from the destination")
+
+    def result(self) -> dict:
+        """What was found. ``state``: "nothing" to collect, "unchanged", or "collected" (then
+        the snapshot is to be made; ``rows`` and ``cache`` come with its name)."""
+        deleted = sorted(set(self.prev_files) - self.seen)
+        if deleted or set(self.skip_cache) != set(self.prev_skipped):
+            # What cannot be collected is part of the record too: a file that became (or
+            # stopped being) unreadable, too large, a link... makes a new snapshot.
+            self.changed = True
+        result = {
+            "counts": self.counts,
+            "deleted": [shown(r) for r in deleted],
+            "skipped": self.skipped,
+            "late": self.late,
+            "files": len(self.cache),
+            "bytes": self.total,
+        }
+        if not self.cache and not self.prev_files:
+            n = len(self.skipped)
+            why = "no files in the folder" + (f" ({n} skipped)" if n else "")
+            return {**result, "state": "nothing", "why": why}
+        if not self.changed:  # only the files whose stat changed need their cache entry refreshed
+            no = [None, None, None]
+            fresh = [
+                [r, *v] for r, v in self.cache.items() if self.prev_files.get(r, no)[2] != v[2]
+            ]
+            fresh += [
+                [r, *v] for r, v in self.skip_cache.items() if self.prev_skipped[r][1] != v[2]
+            ]
+            return {**result, "state": "unchanged", "cache": fresh}
+        return {**result, "state": "collected"}
+
+    def rows(self, username: str, snapshot: str) -> list[list]:
+        """The manifest rows of a new snapshot (columns of ``MANIFEST_HEADER``)."""
+        return [
+            [
+                username,
+                snapshot,
+                as_text(e["rel"]),
+                e["size"],
+                iso(e["mtime"]) if e["mtime"] else "",
+                e["sha"],
+                e["status"],
+                "late" if e.get("late") else "",
+            ]
+            for e in self.entries
+        ]
+
+    def remembered(self) -> list[list]:
+        """What the state keeps of a new snapshot: [rel, sha or "skipped: why", size, key]."""
+        return [[rel, *v] for rel, v in (*self.cache.items(), *self.skip_cache.items())]
+
+
+def detail(result: dict, limit: int = 5) -> str:
+    """One student's retrieval, in a report line."""
+    parts = []
+    counts = result.get("counts", {})
+    if result.get("snapshot"):
+        parts.append(f"snapshot {result['snapshot']}")
+    nums = [f"{counts[k]} {k}" for k in STATUSES if counts.get(k)]
+    if result.get("deleted"):
+        nums.append(f"{len(result['deleted'])} deleted")
+    if nums and result.get("state") == "collected":
+        parts.append(", ".join(nums))
+    late = result.get("late") or []
+    if late:
+        more = " ..." if len(late) > limit else ""
+        parts.append(f"{len(late)} late: " + ", ".join(late[:limit]) + more)
+    skipped = result.get("skipped") or []
+    if skipped:
+        more = f"; ... {len(skipped) - limit} more" if len(skipped) > limit else ""
+        parts.append(f"{len(skipped)} skipped: " + "; ".join(skipped[:limit]) + more)
+    return "; ".join(parts)

@@ -1,0 +1,280 @@
+"""Forked workers: one protocol for running a function in a child and getting its result.
+
+A worker is a forked child that keeps no descriptor of its parent's but its result
+pipe (and those it is told to keep), runs ``func(*args)`` and writes one JSON object
+to the pipe: ``{"ok": result}`` or ``{"error": message}``. While it works it may call
+``beat()``, which writes a dot, so that the parent knows it is not stuck; a worker
+silent for ``idle_timeout`` seconds is killed. ``fork_map`` runs many workers (send,
+retrieve); ``as_user`` runs one that has become a student and returns its result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import pwd
+import resource
+import select
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.errors import StepFailed
+from .identity import become as become_student
+from .identity import student_env
+
+log = logging.getLogger("classroom")
+
+_beat_fd: int | None = None
+_last_beat = 0.0
+
+
+def beat() -> None:
+    """In a worker: tell the parent it is still making progress (at most twice a second)."""
+    global _last_beat
+    now = time.monotonic()
+    if _beat_fd is not None and now - _last_beat > 0.5:
+        _last_beat = now
+        with contextlib.suppress(OSError):
+            os.write(_beat_fd, b".")
+
+
+def become(user: pwd.struct_passwd, *, umask: int = 0o077) -> None:
+    """In a worker: become ``user`` for good (uid, gid, groups), with a clean environment and cwd /."""
+    become_student(user)
+    os.environ.clear()
+    os.environ.update(student_env(user))
+    os.umask(umask)
+    os.chdir("/")
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """In a child: close every inherited descriptor but ``keep``; 0, 1, 2 become /dev/null."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        if std not in keep:
+            os.dup2(null, std)
+    keep = keep | {0, 1, 2}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Make room for ``needed`` more open descriptors (the source files are kept open)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 256
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+    except (ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def workers_for(n_tasks: int) -> int:
+    """How many workers to run at once: enough to keep the disks and CPUs busy."""
+    wanted = os.environ.get("CLASSROOM_WORKERS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return min(n_tasks, int(wanted))
+    return max(1, min(n_tasks, max(8, 2 * (os.cpu_count() or 2)), 16))
+
+
+def fork_child(body: Callable[[], None], keep_fds: set[int]) -> int:
+    """Fork a child that runs ``body()`` with only ``keep_fds`` open, then exits; return its pid.
+
+    The child never returns into the parent's code: it exits 0 when ``body`` returns
+    and 1 on any exception.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        gc.disable()  # the child only reads the parent's objects: no copying of the heap
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        close_fds_except(keep_fds)
+        body()
+    except BaseException:  # noqa: BLE001 - a child never returns into the parent
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _run_and_report(wfd: int, func: Callable[..., Any], args: tuple) -> None:
+    """The worker's body: ``func(*args)``, its result or error as JSON on ``wfd``."""
+    global _beat_fd
+    _beat_fd = wfd
+    try:
+        payload: dict[str, Any] = {"ok": func(*args)}
+    except Exception as exc:  # reported to the parent, never as a traceback
+        payload = {"error": str(exc) or type(exc).__name__}
+        if log.isEnabledFor(logging.DEBUG):
+            payload["trace"] = traceback.format_exc()
+    view = memoryview(json.dumps(payload).encode())
+    while view:
+        view = view[os.write(wfd, view) :]
+
+
+def _payload(raw: bytes) -> dict:
+    """The worker's JSON (after its beats), or {} when it wrote none."""
+    raw = raw.lstrip(b".")
+    try:
+        payload = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if "trace" in payload:
+        log.debug("%s", payload.pop("trace"))
+    return payload if "ok" in payload or "error" in payload else {}
+
+
+@dataclass
+class _Worker:
+    pid: int
+    key: str
+    chunks: list[bytes] = field(default_factory=list)
+    last: float = field(default_factory=time.monotonic)
+
+
+class _Pool:
+    """The running workers, by the read end of their pipe."""
+
+    def __init__(self, idle_timeout: float, keep_fds: Sequence[int]):
+        self.idle_timeout = idle_timeout
+        self.keep_fds = set(keep_fds)
+        self.running: dict[int, _Worker] = {}
+        self.exited: list[int] = []  # pids that reported: reaped without waiting for them
+        self.poller = select.poll()
+
+    def start(self, key: str, func: Callable[..., Any], args: tuple) -> None:
+        rfd, wfd = os.pipe()
+        pid = fork_child(lambda: _run_and_report(wfd, func, args), {wfd, *self.keep_fds})
+        os.close(wfd)
+        self.running[rfd] = _Worker(pid, key)
+        self.poller.register(rfd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def _forget(self, fd: int) -> _Worker:
+        self.poller.unregister(fd)
+        os.close(fd)
+        return self.running.pop(fd)
+
+    def wait(self) -> Iterator[tuple[str, dict]]:
+        """Read what the workers wrote for up to a second; yield those that ended or were stopped."""
+        for fd, _event in self.poller.poll(1000):
+            worker = self.running[fd]
+            data = os.read(fd, 1 << 16)
+            worker.last = time.monotonic()
+            if data:
+                worker.chunks.append(data)
+                continue
+            self._forget(fd)
+            payload = _payload(b"".join(worker.chunks))
+            if payload:
+                self.exited.append(worker.pid)
+            else:
+                _, status = os.waitpid(worker.pid, 0)
+                payload = {"error": f"the worker process died (status {status})", "status": status}
+            yield worker.key, payload
+        now = time.monotonic()
+        for fd, worker in list(self.running.items()):
+            if now - worker.last > self.idle_timeout:
+                _kill(worker.pid)
+                self._forget(fd)
+                stopped = f"no progress for {self.idle_timeout:.0f} s: stopped"
+                yield worker.key, {"error": stopped, "timeout": self.idle_timeout}
+        self.exited[:] = [pid for pid in self.exited if os.waitpid(pid, os.WNOHANG)[0] == 0]
+
+    def close(self) -> None:
+        for fd, worker in list(self.running.items()):
+            _kill(worker.pid)
+            with contextlib.suppress(OSError):
+                self._forget(fd)
+        for pid in self.exited:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def fork_map(
+    tasks: Sequence[tuple[str, Callable[..., Any], Any]],
+    *,
+    workers: int,
+    idle_timeout: float = 300.0,
+    keep_fds: Sequence[int] = (),
+) -> Iterator[tuple[str, dict]]:
+    """Run each ``(key, func, args)`` as ``func(*args)`` in its own worker.
+
+    ``args`` may be a function returning them, called just before the fork. At most
+    ``workers`` run at once. Yields ``(key, payload)`` as each one ends: ``{"ok": result}``
+    (the JSON-able return value) or ``{"error": message}`` (with ``"timeout"`` when it
+    was stopped for making no progress, ``"status"`` when it died without a word).
+    The workers inherit ``keep_fds`` and no other descriptor.
+    """
+    pending = list(tasks)
+    pending.reverse()
+    freeze = len(pending) > 1
+    if freeze:
+        # The children only read the parent's objects: keep the collector from walking (and
+        # so copying) the whole inherited heap in each of them.
+        gc.collect()
+        gc.freeze()
+    pool = _Pool(idle_timeout, keep_fds)
+    try:
+        while pending or pool.running:
+            while pending and len(pool.running) < max(1, workers):
+                key, func, args = pending.pop()
+                # built now, so the parent holds one job's data at a time
+                pool.start(key, func, args() if callable(args) else args)
+            yield from pool.wait()
+    finally:
+        pool.close()
+        if freeze:
+            gc.unfreeze()
+
+
+def _as(user: pwd.struct_passwd, func: Callable[..., Any], args: tuple) -> Any:
+    become(user)
+    return func(*args)
+
+
+def as_user(
+    user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600
+) -> Any:
+    """Run ``func(*args)`` in a worker that has become ``user``; return its JSON-able result.
+
+    The worker has the student's uid, gid and groups, a clean environment, umask
+    077, cwd ``/`` and no inherited descriptor but its result pipe. An exception in
+    it is raised here as ``StepFailed`` with its message; a worker still running
+    after ``timeout`` seconds without progress (a student's FIFO, say) is killed
+    and reported.
+    """
+    ((_, payload),) = list(
+        fork_map([(user.pw_name, _as, (user, func, args))], workers=1, idle_timeout=timeout)
+    )
+    if "ok" in payload:
+        return payload["ok"]
+    if "timeout" in payload:
+        raise StepFailed(
+            f"as {user.pw_name}: gave up after {timeout:.0f} s (a FIFO or a hung file?)"
+        )
+    if "status" in payload:
+        raise StepFailed(
+            f"as {user.pw_name}: the helper process failed (status {payload['status']})"
+        )
+    raise StepFailed(f"as {user.pw_name}: {payload['error']}")
