@@ -150,6 +150,14 @@ def home_folder(value: str, base: Path) -> str:
     return value.strip("/")
 
 
+def link_name(value: str, base: Path) -> str:
+    """One name in the home (``shared``): no folder, no '..'."""
+    name = value.strip()
+    if not safe_folder(name) or "/" in name:
+        raise ValueError(f"{value!r} must be one name (HOME/NAME), without '/' or '..'")
+    return name
+
+
 def words(fallback: tuple[str, ...] = ()) -> Parser:
     """A comma (or line) separated list; ``fallback`` when it is empty."""
     return lambda value, base: parse_list(value) or fallback
@@ -207,6 +215,13 @@ KEYS: tuple[Key, ...] = (
         lambda value, base: parse_columns(value),
         "",
         "FIELD:HEADER pairs for headers the roster does not know",
+    ),
+    Key(
+        "course",
+        "staff_group",
+        matching(GROUP_NAME, "{!r} is not a valid group name"),
+        "",
+        "default: COURSE-staff; the assistants, who write the shared folder",
     ),
     Key("accounts", "home_base", path("/home"), "/home", "homes are HOME_BASE/USERNAME"),
     Key("accounts", "shell", shell, "/bin/bash", "the students' login shell"),
@@ -274,6 +289,19 @@ KEYS: tuple[Key, ...] = (
     Key("hooks", "pre_spawn", text(), "", "an executable, or module:function"),
     Key("hooks", "post_stop", text(), "", "an executable, or module:function"),
     Key("hooks", "timeout", positive, "60", "seconds a hook gets", field="hook_timeout"),
+    Key(
+        "shared",
+        "folder",
+        path(),
+        "",
+        "the class's shared folder; empty: none",
+        field="shared_folder",
+    ),
+    Key(
+        "shared", "link", link_name, "shared", "each home gets HOME/LINK to it", field="shared_link"
+    ),
+    Key("return", "source", path("feedback"), "feedback", "DIR/USERNAME/", field="return_source"),
+    Key("return", "folder", home_folder, "feedback", "HOME/FOLDER", field="return_folder"),
     Key("remove", "archive", lambda v, b: parse_bool(v), "yes", "tar.gz of each home first"),
     Key("remove", "archive_dir", path(), "", "default: STATE_DIR/archive"),
 )
@@ -289,6 +317,7 @@ DERIVED: dict[str, Callable[[Any], Any]] = {
     "roster": lambda s: s.config_file.parent / "students.csv",
     "group": lambda s: s.name,
     "state_dir": lambda s: STATE_BASE / (s.name or "course"),
+    "staff_group": lambda s: f"{s.name}-staff",
     "title": lambda s: s.name,
     "archive_dir": lambda s: s.state_dir / "archive",
 }
@@ -395,6 +424,27 @@ def load(path: Path | str) -> Settings:
     return _validate(path, parser, _key_lines(text))
 
 
+def _shared_problems(values: dict[str, Any]) -> list[str]:
+    """The shared folder is never where the students' homes are (they could change it), and
+    its link does not take the place of the folders send and return fill."""
+    shared = values.get("shared_folder")
+    if shared is None:
+        return []
+    problems = []
+    home_base = values.get("home_base") or Path(DEFAULTS["accounts"]["home_base"])
+    if shared == home_base or home_base in shared.parents or shared in home_base.parents:
+        problems.append(
+            f"[shared] folder {shared} is in or around home_base {home_base}, where the "
+            "students' homes are; choose a folder outside it (e.g. /srv/classroom/COURSE)"
+        )
+    link = values.get("shared_link") or DEFAULTS["shared"]["link"]
+    for section, key in (("material", "material_folder"), ("return", "return_folder")):
+        folder = values.get(key) or DEFAULTS[section]["folder"]
+        if folder.split("/")[0] == link:
+            problems.append(f"[shared] link {link!r} is where [{section}] folder goes; rename one")
+    return problems
+
+
 def _validate(
     path: Path, parser: configparser.ConfigParser, lines: dict[tuple[str, str], int]
 ) -> Settings:
@@ -433,6 +483,7 @@ def _validate(
         problems.append(
             f"{at('launch', 'certfile')}: [launch] certfile and keyfile go together: set both or neither"
         )
+    problems += [f"{at('shared', 'folder')}: {p}" for p in _shared_problems(values)]
     if problems:
         raise InvalidInput(
             problems,
