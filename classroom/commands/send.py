@@ -8,15 +8,17 @@ was sent is remembered by ``host.records``.
 from __future__ import annotations
 
 import datetime as dt
+import pwd
 from pathlib import Path
 
 import click
 
 from ..core import sendrules
 from ..core.errors import InvalidInput
+from ..core.roster import Student
 from ..core.settings import Settings, safe_folder
 from ..host import homesend, records
-from .course import Course
+from .course import Course, Report
 from .homes import can_look_inside, each_home, enterable, report_each
 
 EMPTY = {"actions": {}, "skipped": [], "records": []}
@@ -45,9 +47,18 @@ def source_folder(s: Settings, source: str | None) -> Path:
     return root
 
 
-def send(course: Course, *, only=(), force=False, source=None, folder=None) -> int:
-    """Send the material to each selected student (see the module docstring); return the exit status."""
+def send(course: Course, *, only=(), force=False, source=None, folder=None, shared=False) -> int:
+    """Send the material to each selected student (see the module docstring); return the exit status.
+
+    ``shared``: into the class's shared folder instead, once (see ``commands.shared``).
+    """
     s = course.settings
+    if shared:
+        from .shared import send_shared
+
+        if only or folder:
+            raise InvalidInput("send --shared: --only and --folder do not apply (one folder)")
+        return send_shared(course, source_folder(s, source), force=force)
     folder = target_folder(folder or s.material_folder)
     root = source_folder(s, source)
     course.state.ensure(records.SEND_SQL)
@@ -55,47 +66,80 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
     report = course.report("send")
     if not can_look_inside():
         click.echo("  (not root: the homes cannot be looked into; showing what would be sent)")
-    src = homesend.scan_source(
-        root,
-        exclude=s.material_exclude,
-        known=records.source_hashes(course.state),
-        where=s.where("material", "source"),
-    )
+    src = open_source(course, root, where=s.where("material", "source"))
     try:
-        records.save_source_hashes(course.state, src.fresh)
         for line in src.skipped:
             report.note(f"  source: skipped {line}")
-        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-        sent = records.sent_rows(course.state, folder)
-        tasks = []
-        results: dict[str, dict] = {}
         n = len(src.files)
         homes = enterable(
             course, report, students, "sent", lambda _, pw: f"{n} file(s) into {pw.pw_dir}/{folder}"
         )
-        for st, pw in homes:
-            rows = sent.pop(st.username, [])
-            if homesend.unchanged_by_stat(pw, folder, src, rows):
-                results[st.username] = {"ok": EMPTY}
-            else:
-                job = homesend.SendJob(pw, folder, src, rows, force, stamp)
-                tasks.append((st.username, homesend.send_to_home, (job,)))
-        for username, payload in each_home(tasks, "send", idle_timeout=600, keep_fds=src.fds()):
-            results[username] = payload
-            if "ok" in payload:
-                records.record_sent(course.state, username, folder, payload["ok"])
+        results = hand_out(course, [(st, pw, src) for st, pw in homes], folder, force=force)
     finally:
         src.close()
-
-    def ok(username: str, result: dict) -> None:
-        names = report.dry_run  # a dry run says exactly what would be done
-        limit = 20 if names else 5
-        detail = sendrules.detail(result["actions"], result["skipped"], limit=limit, names=names)
-        outcome = sendrules.outcome(result["actions"])
-        if outcome:
-            report.done(username, outcome, detail)
-        else:
-            report.unchanged(username, detail)
-
-    report_each(report, students, results, ok)
+    report_each(report, students, results, lambda username, r: report_sent(report, username, r))
     return report.finish()
+
+
+def open_source(course: Course, root: Path, *, where: str) -> homesend.Source:
+    """A source folder, opened (``homesend.scan_source``); new sha256s remembered."""
+    src = homesend.scan_source(
+        root,
+        exclude=course.settings.material_exclude,
+        known=records.source_hashes(course.state),
+        where=where,
+    )
+    try:
+        records.save_source_hashes(course.state, src.fresh)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def hand_out(
+    course: Course,
+    jobs: list[tuple[Student, pwd.struct_passwd, homesend.Source]],
+    folder: str,
+    *,
+    force: bool,
+    table: str = records.SENT,
+    label: str = "send",
+) -> dict[str, dict]:
+    """send's engine: each (student, account, source) into HOME/FOLDER by the table of
+    ``core.sendrules``, recorded in ``table``; the workers' payloads by username.
+
+    A student whose folder is exactly what was last written there needs no worker. Each
+    worker keeps only its own source's descriptors open.
+    """
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    sent = records.sent_rows(course.state, folder, table)
+    tasks = []
+    results: dict[str, dict] = {}
+    fds: set[int] = set()
+    for st, pw, src in jobs:
+        rows = sent.pop(st.username, [])
+        if homesend.unchanged_by_stat(pw, folder, src, rows):
+            results[st.username] = {"ok": EMPTY}
+        else:
+            fds.update(src.fds())
+            job = homesend.SendJob(pw, folder, src, rows, force, stamp)
+            tasks.append((st.username, homesend.send_to_home, (job, fds)))
+    keep = sorted(fds)
+    for username, payload in each_home(tasks, label, idle_timeout=600, keep_fds=keep):
+        results[username] = payload
+        if "ok" in payload:
+            records.record_sent(course.state, username, folder, payload["ok"], table)
+    return results
+
+
+def report_sent(report: Report, username: str, result: dict) -> None:
+    """One student's line: what send's engine did there, or unchanged."""
+    names = report.dry_run  # a dry run says exactly what would be done
+    limit = 20 if names else 5
+    detail = sendrules.detail(result["actions"], result["skipped"], limit=limit, names=names)
+    outcome = sendrules.outcome(result["actions"])
+    if outcome:
+        report.done(username, outcome, detail)
+    else:
+        report.unchanged(username, detail)

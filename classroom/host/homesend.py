@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,19 @@ class SendJob:
     sent_rows: list  # (path, sha256, size, stat key), raw from the state
     force: bool
     stamp: str  # this run's TIMESTAMP, for .backup/TIMESTAMP
+    # The class's shared folder (``pw`` stands for root, with the folder's parent as its
+    # home): acted on as root, files and folders writable by their group (the staff).
+    shared: bool = False
+
+    def file_mode(self, mode: int) -> int:
+        if self.shared:
+            return (stat.S_IMODE(mode) & 0o750) | 0o660
+        return (stat.S_IMODE(mode) & 0o755) | 0o600
+
+    def dir_mode(self, mode: int) -> int:
+        if self.shared:
+            return (stat.S_IMODE(mode) & 0o750) | 0o2770  # setgid: the group is inherited
+        return (stat.S_IMODE(mode) & 0o755) | 0o700
 
 
 # --- the worker: runs as the student --------------------------------------------------------------
@@ -159,7 +173,10 @@ class HomeSender:
         self.actions.setdefault(action, []).append(text)
 
     def run(self) -> dict:
-        workers.become(self.job.pw, umask=0o022)
+        if self.job.shared:
+            os.umask(0o007)
+        else:
+            workers.become(self.job.pw, umask=0o022)
         home = self._open_folder()
         with home:
             self.dev, self.root_fd = home.dev, home.fd
@@ -203,7 +220,7 @@ class HomeSender:
             if isinstance(pfd, str):
                 dir_fds[rel] = pfd
                 continue
-            dir_fds[rel] = self.subfolder(pfd, rel, name, (stat.S_IMODE(mode) & 0o755) | 0o700)
+            dir_fds[rel] = self.subfolder(pfd, rel, name, self.job.dir_mode(mode))
         return dir_fds
 
     def subfolder(self, parent_fd: int | None, rel: str, name: str, mode: int) -> int | None | str:
@@ -310,7 +327,7 @@ class HomeSender:
             dir_fd,
             name,
             lambda fd: safefs.copy_fd(f.fd, fd, f.size, workers.beat),
-            mode=(stat.S_IMODE(f.mode) & 0o755) | 0o600,
+            mode=self.job.file_mode(f.mode),
             times_ns=(f.atime_ns, f.mtime_ns),
         )
         if st is not None:
@@ -374,8 +391,14 @@ def _exists(dir_fd: int, path: str) -> bool:
     return True
 
 
-def send_to_home(job: SendJob) -> dict:
-    """The worker: become the student, apply the table in HOME/FOLDER; what was done (JSON-able)."""
+def send_to_home(job: SendJob, others: Sequence[int] = ()) -> dict:
+    """The worker: become the student, apply the table in HOME/FOLDER; what was done (JSON-able).
+
+    ``others``: descriptors of other students' sources (``return``), closed first: a
+    worker holds only what it hands to its own student.
+    """
+    for fd in set(others) - set(job.src.fds()):
+        os.close(fd)
     return HomeSender(job).run()
 
 

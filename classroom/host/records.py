@@ -2,7 +2,10 @@
 
 send keeps, per student and folder, what it wrote to each path (so an edit is
 told from an old version) and the sha256 of each source file by its stat (so
-an unchanged source is not read again). retrieve keeps, per student and
+an unchanged source is not read again). ``return`` applies send's rules with
+its own record of what it wrote (table ``returned``), so that neither mistakes
+the other's files for its own; the sha256 cache of source files is shared (it
+is only content). The shared folder's record is send's, under the username "". retrieve keeps, per student and
 destination, the last snapshot's files (to link what did not change) and one
 row per snapshot. A dry run's state is read-only: nothing is recorded then.
 """
@@ -32,6 +35,23 @@ CREATE TABLE IF NOT EXISTS source_hashes (
     sha256 TEXT NOT NULL
 );
 """
+
+RETURN_SQL = """
+CREATE TABLE IF NOT EXISTS returned (   -- as ``sent``, for what return wrote
+    username TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    path BLOB NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    stat_key TEXT,
+    sent_at TEXT NOT NULL,
+    PRIMARY KEY (username, folder, path)
+);
+"""
+
+# What send's engine wrote: table -> the command that records its events.
+SENT, RETURNED = "sent", "returned"
+EVENTS = {SENT: "send", RETURNED: "return"}
 
 RETRIEVE_SQL = """
 CREATE TABLE IF NOT EXISTS retrieved (
@@ -99,24 +119,29 @@ def save_source_hashes(state: State, fresh: list[tuple[bytes, str, str]]) -> Non
         )
 
 
-def sent_rows(state: State, folder: str) -> dict[str, list]:
-    """What was sent into ``folder``: username -> [(path, sha256, size, stat key)]."""
+def sent_rows(state: State, folder: str, table: str = SENT) -> dict[str, list]:
+    """What was sent (``table``: or returned) into ``folder``: username -> [(path, sha256,
+    size, stat key)]."""
+    assert table in EVENTS
     return _by_user(
         state,
-        "SELECT username, path, sha256, size, stat_key FROM sent WHERE folder = ?",
+        f"SELECT username, path, sha256, size, stat_key FROM {table} WHERE folder = ?",  # noqa: S608 - a table of EVENTS
         (folder,),
     )
 
 
-def record_sent(state: State, username: str, folder: str, result: dict) -> None:
-    """What was written to this student, in the state, before it counts as done."""
+def record_sent(state: State, username: str, folder: str, result: dict, table: str = SENT) -> None:
+    """What was written to this student (``table``: by send or return), in the state,
+    before it counts as done."""
+    assert table in EVENTS
     what = sendrules.outcome(result["actions"])
     if state.readonly or (not result["records"] and not what):
         return
     at = now()
     with state.transaction():
         state.conn.executemany(
-            "INSERT OR REPLACE INTO sent (username, folder, path, sha256, size, stat_key, sent_at) "
+            f"INSERT OR REPLACE INTO {table} "  # noqa: S608 - a table of EVENTS
+            "(username, folder, path, sha256, size, stat_key, sent_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
                 (username, folder, os.fsencode(rel), sha, size, key, at)
@@ -125,7 +150,7 @@ def record_sent(state: State, username: str, folder: str, result: dict) -> None:
         )
         if what:
             counts = {k: len(v) for k, v in result["actions"].items() if v}
-            state.record("send", username, what, {"folder": folder, **counts})
+            state.record(EVENTS[table], username or None, what, {"folder": folder, **counts})
 
 
 # --- retrieve ----------------------------------------------------------------------------------
