@@ -75,6 +75,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
       launch    start one Jupyter server per student, and the portal page
       shutdown  stop the students' servers
       retrieve  collect the students' work for grading (every version kept)
+      return    hand each student's feedback back into their home
       remove    archive and delete the accounts at the end of term
       status    what exists and what runs;   check   is the config and roster valid
 
@@ -90,7 +91,10 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 
 
 def course_command(
-    *, changes: bool = True, precheck: Callable[[Settings], None] | None = None
+    *,
+    changes: bool = True,
+    precheck: Callable[[Settings], None] | None = None,
+    name: str | None = None,
 ) -> Callable[[Callable[..., int]], click.Command]:
     """A command run on the opened course: CONFIG, then --dry-run, --only, --yes if it ``changes``.
 
@@ -120,7 +124,7 @@ def course_command(
             ctx.exit(code)
 
         command = change_options(command) if changes else only_option(command)
-        return cli.command(epilog=CONFIG_HELP)(config_argument(command))
+        return cli.command(name, epilog=CONFIG_HELP)(config_argument(command))
 
     return decorate
 
@@ -158,6 +162,9 @@ def setup(course: Course, **options: Any) -> int:
     "--source", type=click.Path(file_okay=False, path_type=Path), help="Send this folder instead."
 )
 @click.option("--folder", metavar="NAME", help="Into HOME/NAME instead of [material] folder.")
+@click.option(
+    "--shared", is_flag=True, help="Into the class's shared folder instead of into every home."
+)
 def send(course: Course, **options: Any) -> int:
     """Copy the tutorial material into every student's home, never losing an edit.
 
@@ -167,6 +174,26 @@ def send(course: Course, **options: Any) -> int:
     from .commands.send import send as send_material
 
     return send_material(course, **options)
+
+
+@course_command(name="return")
+@click.option(
+    "--force", is_flag=True, help="Overwrite edited files (the student's version is backed up)."
+)
+@click.option(
+    "--source",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Return DIR/USERNAME/ from this folder instead of [return] source.",
+)
+@click.option("--folder", metavar="NAME", help="Into HOME/NAME instead of [return] folder.")
+def return_(course: Course, **options: Any) -> int:
+    """Hand each student's feedback (DIR/USERNAME/) back into their home, by send's rules.
+
+    A student with no folder in DIR is unchanged; edits are kept as with send.
+    """
+    from .commands.returns import return_feedback
+
+    return return_feedback(course, **options)
 
 
 @course_command()
