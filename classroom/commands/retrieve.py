@@ -4,6 +4,8 @@ Every version is kept: a snapshot is only made when something changed, files
 unchanged since the previous snapshot are hard links to it, ``latest`` points
 at the newest, and DESTINATION/manifest.csv gets one row per file of each new
 snapshot (username, snapshot, path, size, mtime, sha256, status, late).
+Each real run also writes DESTINATION/summary.csv and summary.html, one row per
+student (``core.summary``, with pandas, imported here only).
 
 The rules (caps, late, statuses) are ``core.retrieverules``; reading the home
 as the student is ``host.homeread``; building the snapshot as root is
@@ -15,12 +17,14 @@ when collected, nothing changed and no worker is started.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import pwd
 
 import click
 
 from ..core import retrieverules
 from ..core.errors import InvalidInput
+from ..core.paths import as_text
 from ..core.retrieverules import Caps, parse_deadline
 from ..host import records, snapshot
 from ..host.system import sudo_caller
@@ -101,7 +105,35 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
                 snapshot.append_manifest(dest, result["rows"], owner)
             records.record_retrieved(course.state, username, str(dest), folder, result)
     report_each(report, students, results, lambda username, r: _report(report, username, r))
+    if not report.dry_run:
+        write_summary(course, owner)
     return report.finish()
+
+
+def write_summary(course: Course, owner: pwd.struct_passwd) -> None:
+    """DESTINATION/summary.csv and summary.html (SPEC §6.8): every student of the roster,
+    from the manifest and what send handed out. A summary that cannot be made is a warning:
+    the snapshots are made and recorded already."""
+    from ..core import summary
+
+    s = course.settings
+    dest = s.retrieve_destination
+    course.state.ensure(records.SEND_SQL)
+    handed = {
+        username: {as_text(os.fsdecode(bytes(path))): sha for path, sha, *_ in rows}
+        for username, rows in records.sent_rows(course.state, s.material_folder).items()
+    }
+    students = [(st.username, st.full_name) for st in course.roster.students]
+    try:
+        table = summary.summarize(snapshot.read_manifest(dest), handed, students)
+        title = f"{s.title or s.name}: {dest}"
+        snapshot.write_summary(
+            dest,
+            owner,
+            {"summary.csv": summary.to_csv(table), "summary.html": summary.to_html(table, title)},
+        )
+    except (ValueError, OSError, InvalidInput) as exc:
+        click.echo(f"warning: {dest}/summary.csv and summary.html not written: {exc}", err=True)
 
 
 def _report(report: Report, username: str, result: dict) -> None:

@@ -26,14 +26,19 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.addresses import USERNAME
 from ..core.errors import InvalidInput
 from ..core.retrieverules import MANIFEST_HEADER, Caps, StillSame, Tally, grew, split_rows
 from . import safefs, workers
+from .files import write_atomic
 from .homeread import HomeReader, unchanged_by_stat
 from .safefs import Unsafe
 from .system import dry_run
+
+if TYPE_CHECKING:
+    import pandas
 
 READ_TIMEOUT = 300.0
 
@@ -229,6 +234,31 @@ def append_manifest(dest: Path, rows: list[list], owner: pwd.struct_passwd) -> N
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+def read_manifest(dest: Path) -> pandas.DataFrame:
+    """DESTINATION/manifest.csv as text columns (``MANIFEST_HEADER``); empty if there is none."""
+    import pandas as pd
+
+    path = dest / "manifest.csv"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return pd.DataFrame(columns=MANIFEST_HEADER, dtype=str)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidInput(f"{path} is not a regular file")
+        table = pd.read_csv(
+            f, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace"
+        )
+    return table.reindex(columns=MANIFEST_HEADER, fill_value="")
+
+
+def write_summary(dest: Path, owner: pwd.struct_passwd, files: dict[str, str]) -> None:
+    """DESTINATION/NAME for each NAME: text, written atomically, owned like the manifest (0640);
+    not in a dry run."""
+    for name, text in files.items():
+        write_atomic(dest / name, text, mode=0o640, owner=(owner.pw_uid, owner.pw_gid))
 
 
 # --- one student -------------------------------------------------------------------------------
