@@ -165,12 +165,17 @@ def setup(course: Course, **options: Any) -> int:
 @click.option(
     "--shared", is_flag=True, help="Into the class's shared folder instead of into every home."
 )
-def send(course: Course, **options: Any) -> int:
+def send(course: Course, shared: bool, **options: Any) -> int:
     """Copy the tutorial material into every student's home, never losing an edit.
 
     Files the student edited are kept; the new version is written beside them
-    and listed as a conflict (--force overwrites after a backup).
+    and listed as a conflict (--force overwrites after a backup). --shared copies
+    it once into the class's shared folder ([shared] folder) instead.
     """
+    if shared:
+        from .commands.shared import send_shared
+
+        return send_shared(course, **options)
     from .commands.send import send as send_material
 
     return send_material(course, **options)

@@ -47,18 +47,9 @@ def source_folder(s: Settings, source: str | None) -> Path:
     return root
 
 
-def send(course: Course, *, only=(), force=False, source=None, folder=None, shared=False) -> int:
-    """Send the material to each selected student (see the module docstring); return the exit status.
-
-    ``shared``: into the class's shared folder instead, once (see ``commands.shared``).
-    """
+def send(course: Course, *, only=(), force=False, source=None, folder=None) -> int:
+    """Send the material to each selected student (see the module docstring); return the exit status."""
     s = course.settings
-    if shared:
-        from .shared import send_shared
-
-        if only or folder:
-            raise InvalidInput("send --shared: --only and --folder do not apply (one folder)")
-        return send_shared(course, source_folder(s, source), force=force)
     folder = target_folder(folder or s.material_folder)
     root = source_folder(s, source)
     course.state.ensure(records.SEND_SQL)
@@ -105,15 +96,19 @@ def hand_out(
     force: bool,
     table: str = records.SENT,
     label: str = "send",
+    record_as: str | None = None,
+    shared: bool = False,
 ) -> dict[str, dict]:
     """send's engine: each (student, account, source) into HOME/FOLDER by the table of
     ``core.sendrules``, recorded in ``table``; the workers' payloads by username.
 
     A student whose folder is exactly what was last written there needs no worker. Each
-    worker keeps only its own source's descriptors open.
+    worker keeps only its own source's descriptors open. ``record_as``: the folder's name
+    in the records, when not FOLDER; ``shared``: the shared folder (``SendJob.shared``).
     """
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    sent = records.sent_rows(course.state, folder, table)
+    key = record_as or folder
+    sent = records.sent_rows(course.state, key, table)
     tasks = []
     results: dict[str, dict] = {}
     fds: set[int] = set()
@@ -123,13 +118,13 @@ def hand_out(
             results[st.username] = {"ok": EMPTY}
         else:
             fds.update(src.fds())
-            job = homesend.SendJob(pw, folder, src, rows, force, stamp)
+            job = homesend.SendJob(pw, folder, src, rows, force, stamp, shared=shared)
             tasks.append((st.username, homesend.send_to_home, (job, fds)))
     keep = sorted(fds)
     for username, payload in each_home(tasks, label, idle_timeout=600, keep_fds=keep):
         results[username] = payload
         if "ok" in payload:
-            records.record_sent(course.state, username, folder, payload["ok"], table)
+            records.record_sent(course.state, username, key, payload["ok"], table)
     return results
 
 

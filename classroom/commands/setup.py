@@ -35,6 +35,7 @@ from ..host.files import world_readable_chain, write_atomic
 from ..host.homefiles import write_student_files
 from ..host.system import dry_run, sudo_caller
 from ..host.workers import as_user
+from . import shared
 from .course import Course, Report, progress
 
 STUDENT_FILES_TIMEOUT = 60  # seconds to write one student's Jupyter config and profile
@@ -57,6 +58,7 @@ def precheck(settings: Settings) -> None:
             f"(it is uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}); other users could "
             "plant a home there"
         )
+    shared.precheck(settings)
 
 
 def make_home_base(course: Course) -> None:
@@ -132,6 +134,9 @@ def setup(
         ) from None
     changed, need_password = make_accounts(course, report, accounts, reset_passwords)
     give_passwords(course, report, need_password, profile)
+    for username, what in shared.ensure(course, report, accounts).items():
+        if changed.get(username) != ["created"]:  # a new account comes with its link
+            changed.setdefault(username, []).append(what)
     for username, changes in changed.items():
         if username in report.failures:
             continue
@@ -166,6 +171,7 @@ def show_plan(
         report.note(f"would write the handout to {handout}")
     if new_group:
         click.echo(f"  would run: groupadd -- {course.settings.group}")
+    linked = shared.ensure(course, report, accounts)
     for acc in accounts:
         try:
             if acc.kind == FOREIGN:
@@ -175,6 +181,7 @@ def show_plan(
                 report.done(acc.username, "created", shlex.join(argv))
             else:
                 changes = [c.what for c in alignment(course, acc)]
+                changes += [linked[acc.username]] if acc.username in linked else []
                 if needs_password(course, acc, reset_passwords):
                     changes.append("new password")
                 if changes:
