@@ -195,6 +195,9 @@ def test_shared_folder_in_a_bad_place_is_refused(course, place):
         with pytest.raises(KeyError):
             grp.getgrnam(c.name)  # nothing was made
     assert list(open_parent.iterdir()) == [] and list(taken.iterdir()) == []
+    c.write_config(shared={"folder": str(open_parent / "data")})
+    checked = c.run("check", "--json")
+    assert checked.returncode == 2 and "not root's alone" in checked.stdout, checked.stdout
 
     c.write_config(shared={"folder": ""})
     r = c.run("send", "--shared", "--yes")

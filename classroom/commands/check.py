@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..core import settings as settings_mod
 from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
 from ..core.roster import Roster
 from ..core.settings import Settings
+from ..host import sharedfolder
 from ..host.files import world_readable_chain
 from ..host.ports import port_free
 from ..host.system import CommandFailed, is_root, login_defs, run
@@ -79,6 +81,11 @@ def check_paths(s: Settings, found: Findings) -> None:
         found.problems.append(
             f"{s.where('accounts', 'home_base')}: {blocked} does not "
             "let other users through (o+x): students could not reach their homes"
+        )
+    found.problems += sharedfolder.problems(s)  # what setup and send --shared refuse
+    if s.shared_folder is not None and not shutil.which("setfacl"):
+        found.problems.append(
+            f"{s.where('shared', 'folder')}: setfacl is missing: install Debian's acl package"
         )
     for key, hook in (("pre_spawn", s.pre_spawn), ("post_stop", s.post_stop)):
         if hook and ":" not in hook and not os.access(hook, os.X_OK):
