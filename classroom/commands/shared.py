@@ -142,9 +142,9 @@ def remove_shared(course: Course, report: Report, only: Sequence[str]) -> None:
     """remove's part, once every account is gone: the folder the course made, archived like a
     home (``[remove] archive``) and deleted. One it did not make is left alone."""
     s = course.settings
+    if only or not course.state_readable:
+        return  # the class goes on; or (a dry run without root) who made it is unknown
     made = course.state.meta(MADE)
-    if only:
-        return  # the class goes on
     if not made:
         if s.shared_folder is not None and s.shared_folder.exists():
             report.note(f"shared folder {s.shared_folder} kept: the course did not make it")

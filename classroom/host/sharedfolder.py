@@ -142,12 +142,15 @@ def ensure_folder(s: Settings) -> list[str]:
 
 
 def link_state(pw: pwd.struct_passwd, link: str, target: Path) -> str:
-    """HOME/LINK: "ok" (the link to ``target``), "missing", or "other" (something else)."""
+    """HOME/LINK: "ok" (the link to ``target``), "missing", "other" (something else), or
+    "unknown" (the home cannot be looked into: a dry run without root)."""
     path = Path(pw.pw_dir) / link
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return "missing"
+    except PermissionError:
+        return "unknown"
     except OSError:
         return "other"
     if stat.S_ISLNK(st.st_mode) and os.readlink(path) == str(target) and st.st_uid == pw.pw_uid:
