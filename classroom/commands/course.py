@@ -43,7 +43,7 @@ class Report:
             tail = f" ({detail})" if detail else ""
             would = ""
             if self.dry_run:
-                would = "would be " if outcome.endswith(("ed", "ing")) else "would "
+                would = "would be " if _participle(outcome) else "would "
             click.echo(f"  {username}: {would}{outcome}{tail}")
 
     def unchanged(self, username: str, detail: str = "") -> None:
@@ -83,6 +83,15 @@ class Report:
                 click.echo(f"  {user}: {reason}", err=True)
         click.echo(self.summary())
         return EXIT_PARTIAL if self.failures else EXIT_OK
+
+
+IRREGULAR_PARTICIPLES = ("sent", "made", "kept", "set", "run", "begun", "shown", "done")
+
+
+def _participle(outcome: str) -> bool:
+    """'created', 'sent', 'kept beside': read as 'would be ...' in a dry run."""
+    first = outcome.split(" ", 1)[0]
+    return first.endswith(("ed", "ing")) or first in IRREGULAR_PARTICIPLES
 
 
 def progress(items: Iterable[T], label: str, length: int | None = None) -> Iterator[T]:
