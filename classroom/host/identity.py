@@ -10,10 +10,31 @@ the ``classroom`` package, and loads this file by its path.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import platform
 import pwd
 import sys
 from typing import Any
+
+# keyctl(2)'s system call number, by machine (there is no libc wrapper without libkeyutils).
+_KEYCTL = {
+    "x86_64": 250,
+    "aarch64": 219,
+    "arm64": 219,
+    "riscv64": 219,
+    "loongarch64": 219,
+    "i386": 288,
+    "i686": 288,
+    "armv7l": 311,
+    "armv6l": 311,
+    "ppc64le": 280,
+    "ppc64": 280,
+    "s390x": 280,
+}
+KEYCTL_JOIN_SESSION_KEYRING = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def server_python() -> str:
@@ -57,10 +78,29 @@ def become(pw: pwd.struct_passwd) -> None:
         raise PermissionError("setuid(0) succeeded after dropping privileges")
     if set(os.getresuid()) != {pw.pw_uid} or set(os.getresgid()) != {pw.pw_gid}:
         raise PermissionError(f"{pw.pw_name}'s user and group ids did not stick")
+    new_session_keyring()
+
+
+def new_session_keyring() -> None:
+    """Leave the inherited session keyring (root's: Kerberos tickets, ecryptfs and AFS
+    keys of the teacher's login) for a new, empty one owned by the current user.
+
+    Call it after the change of identity (``become`` does; ``popen_identity`` has it
+    run in the child), before any student code. Raises ``OSError`` when it fails; a
+    kernel without keyrings (or a sandbox that forbids them all) has nothing to leak.
+    """
+    number = _KEYCTL.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, f"keyctl: unknown machine {platform.machine()!r}")
+    if _libc.syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None) == -1:
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EPERM):
+            raise OSError(code, f"cannot join a new session keyring: {os.strerror(code)}")
 
 
 def popen_identity(pw: pwd.struct_passwd | None) -> dict[str, Any]:
-    """``Popen`` arguments that start a program as ``pw``: its uid, gid and groups only."""
+    """``Popen`` arguments that start a program as ``pw``: its uid, gid and groups only,
+    and a session keyring of its own."""
     if pw is None:
         return {}
     if pw.pw_uid == 0:
@@ -69,4 +109,7 @@ def popen_identity(pw: pwd.struct_passwd | None) -> dict[str, Any]:
         "user": pw.pw_uid,
         "group": pw.pw_gid,
         "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid),
+        # runs in the child after the ids changed, before the program: it must not
+        # inherit the session keyring of the root process that started it
+        "preexec_fn": new_session_keyring,
     }

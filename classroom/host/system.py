@@ -100,6 +100,8 @@ def run(
         )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
+    except subprocess.SubprocessError as exc:  # the change of identity failed in the child
+        raise CommandFailed(argv, 126, f"cannot start it as {_who(user)}: {exc}") from None
     try:
         stdout, stderr = child.communicate(data, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -135,9 +137,16 @@ def spawn(
         log.debug("dry run, not started%s: %s", who, shlex.join(argv))
         return None
     log.debug("spawn%s: %s", who, shlex.join(argv))
-    return subprocess.Popen(
-        argv, env=env, close_fds=True, start_new_session=True, **popen_identity(user), **popen
-    )
+    try:
+        return subprocess.Popen(
+            argv, env=env, close_fds=True, start_new_session=True, **popen_identity(user), **popen
+        )
+    except subprocess.SubprocessError as exc:  # the change of identity failed in the child
+        raise OSError(f"cannot start it as {_who(user)}: {exc}") from None
+
+
+def _who(user: pwd.struct_passwd | None) -> str:
+    return user.pw_name if user else "root"
 
 
 def run_account_tool(
