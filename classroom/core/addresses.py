@@ -153,6 +153,53 @@ def server_url(settings: Any, port: int) -> str:
     return url(settings, port)
 
 
+def listen_address(ip: str) -> str:
+    """What a server of the class binds for ``[launch] ip``: '' (every address of both
+    IPv4 and IPv6, as tornado reads it) for a wildcard, else the address itself.
+
+    Holding both stacks is what keeps a student from binding ``[::]:PORT`` (IPv6 only)
+    on a class port and answering a browser that comes over IPv6 (SPEC §6.11 rule 12).
+    """
+    return "" if ip in WILDCARD_IPS else ip.strip("[]")
+
+
+def stacks(ip: str) -> str:
+    """How the class listens for ``[launch] ip``, in the teacher's words (``check`` says it)."""
+    if ip in WILDCARD_IPS:
+        return "IPv4 and IPv6 (every address): no student can take a class port on either"
+    try:
+        version = ipaddress.ip_address(ip.strip("[]")).version
+    except ValueError:
+        return f"the addresses of {ip} only"
+    return f"IPv{version} on {ip} only: students are sent to that address, never another"
+
+
+def redirect_host(ip: str, host: str) -> str:
+    """The host to send a browser to, given the one it asked for (``host``).
+
+    Where ``ip`` is one address, the class holds the port on that address alone: an
+    address literal other than it (``[::1]``, ``127.0.0.1``) or ``localhost`` could
+    reach a student's socket, so the browser is sent to ``ip`` instead. Other names
+    pass (they are the teacher's DNS), and so does anything when ``ip`` is a wildcard.
+    """
+    if ip in WILDCARD_IPS:
+        return host
+    try:
+        mine = ipaddress.ip_address(ip.strip("[]"))
+    except ValueError:
+        return host  # a name
+    if host == "localhost" or host.endswith(".localhost"):
+        asked = None
+    else:
+        try:
+            asked = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return host
+    if asked == mine:
+        return host
+    return f"[{mine.compressed}]" if mine.version == 6 else str(mine)
+
+
 def probe_host(ip: str) -> str:
     """Where the tool itself knocks to see a server on ``ip`` answer."""
     if ip in ("", "*", "0.0.0.0"):

@@ -39,8 +39,10 @@ from ..core.addresses import (
     host_from_header,
     host_from_setting,
     https,
+    listen_address,
     portal_url,
     probe_host,
+    redirect_host,
     socket_host,
 )
 from ..core.errors import EXIT_PARTIAL, ClassroomError, InvalidInput
@@ -144,7 +146,7 @@ class Handler(tornado.web.RequestHandler):
             return self.portal.fixed_host
         host = host_from_header(self.request.headers.get("Host"))
         if host:
-            return host
+            return redirect_host(self.portal.settings.ip, host)
         with contextlib.suppress(Exception):
             host = socket_host(self.request.connection.stream.socket.getsockname())  # type: ignore[union-attr]
         return host or "localhost"
@@ -366,7 +368,7 @@ def serve(
     settings: Settings = course.settings
     app = make_app(settings, lookup)
     context = tls_context(settings)
-    address = None if settings.ip in ("", "*") else settings.ip.strip("[]")
+    address = listen_address(settings.ip) or None  # a wildcard: IPv4 and IPv6
     try:
         sockets = tornado.netutil.bind_sockets(settings.portal_port, address=address)
     except OSError as exc:
