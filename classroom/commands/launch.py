@@ -263,7 +263,7 @@ def _wait_all(
         if retry_ports and problem == STOPPED_EARLY and not port_free(s.ip, server.port):
             retry.append(server)
         else:
-            report.failed(server.username, failure(s, server.username, problem))
+            report.failed(server.username, failure(s, server.username, problem, server.log_offset))
     return retry
 
 

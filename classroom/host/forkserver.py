@@ -44,9 +44,10 @@ def _sibling(name: str):
 
 
 if __package__:
-    from . import identity
+    from . import identity, logwriter
 else:  # ``python -I forkserver.py``: no package, and its folder is not on sys.path
     identity = _sibling("identity")
+    logwriter = _sibling("logwriter")
 
 APPS = {
     "lab": ("jupyterlab.labapp", "LabApp", "jupyter-lab"),
@@ -199,22 +200,27 @@ def spawn(app: str, request: dict) -> int:
     sys.stderr.flush()
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # intermediate: fork the server, tell its pid once it is the student, vanish
+    if pid == 0:  # intermediate: start the log writer, fork the server, tell its pid, vanish
         code = 1
         try:
             os.close(rfd)
+            output = log_output(log_path)
             became_r, became_w = os.pipe()
             server = os.fork()
             if server == 0:
                 os.close(wfd)
                 os.close(became_r)
-                become_server(app, pw, args, log_path, became_w)  # never returns
+                become_server(app, pw, args, output, became_w)  # never returns
             os.close(became_w)
+            os.close(output)
             if read_all(became_r) == BECAME:
                 os.write(wfd, str(server).encode())
             else:
                 os.write(wfd, b"!")
             code = 0
+        except BaseException as exc:  # noqa: BLE001 - told to the fork server, never raised here
+            with contextlib.suppress(Exception):
+                os.write(wfd, f"?{type(exc).__name__}: {exc}".encode()[:500])
         finally:
             os._exit(code)
     os.close(wfd)
@@ -224,7 +230,21 @@ def spawn(app: str, request: dict) -> int:
         raise RuntimeError("fork failed")
     if data == b"!":
         raise RuntimeError(f"the server stopped before it became {username} (see its log)")
+    if data.startswith(b"?"):
+        raise RuntimeError(data[1:].decode(errors="replace"))
     return int(data)
+
+
+def log_output(log_path: str) -> int:
+    """The write end of a pipe into a new log writer that appends to ``log_path``."""
+    log_fd = os.open(
+        log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    try:
+        _, output = logwriter.spawn_writer(sys.executable, log_fd)
+    finally:
+        os.close(log_fd)
+    return output
 
 
 def read_all(fd: int) -> bytes:
@@ -239,19 +259,19 @@ def read_all(fd: int) -> bytes:
 
 
 def become_server(
-    app: str, pw: pwd.struct_passwd, args: list[str], log_path: str, became: int
+    app: str, pw: pwd.struct_passwd, args: list[str], output: int, became: int
 ) -> None:
-    """In the child: drop everything of root's, become the student, run the server. Never returns.
+    """In the child: drop everything of root's, become the student, run the server with
+    stdout and stderr on ``output`` (the log writer's pipe). Never returns.
 
     Once it is the student it writes ``BECAME`` to ``became`` (and closes it), so the pid
     launch records is never that of a process still running as root.
     """
     try:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
         os.dup2(became, BECAME_FD)
         os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
         os.setsid()
