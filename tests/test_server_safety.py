@@ -26,9 +26,18 @@ import uuid
 import psutil
 import pytest
 import requests
-from conftest import NOTEBOOKS, PYTHON, login, needs_root, proc_env, status, write_as
+from conftest import (
+    NOTEBOOKS,
+    PYTHON,
+    login,
+    needs_root,
+    proc_env,
+    server_rows,
+    status,
+    write_as,
+)
 
-from classroom.core.addresses import listen_address, redirect_host
+from classroom.core.addresses import listen_address
 from classroom.core.text import printable
 from classroom.host import logwriter
 from classroom.host.ports import ipv6_available, port_free
@@ -315,12 +324,6 @@ def test_wildcard_ip_listens_on_both_stacks():
     for ip in ("0.0.0.0", "", "*", "::", "[::]"):
         assert listen_address(ip) == "", ip
     assert listen_address("[fd00::2]") == "fd00::2" and listen_address("10.1.2.3") == "10.1.2.3"
-    # where the class holds one address, a browser is never sent to another literal
-    assert redirect_host("0.0.0.0", "[::1]") == "[::1]"
-    assert redirect_host("10.1.2.3", "[::1]") == "10.1.2.3"
-    assert redirect_host("10.1.2.3", "localhost") == "10.1.2.3"
-    assert redirect_host("10.1.2.3", "class.example.org") == "class.example.org"
-    assert redirect_host("fd00::2", "127.0.0.1") == "[fd00::2]"
 
 
 @needs_ipv6
@@ -428,3 +431,100 @@ def test_check_says_which_addresses_the_class_holds(tmp_path):
         r = run_cli("check", str(cfg), "--json")
         notes = json.loads(r.stdout)["notes"]
         assert any(expected in note for note in notes), notes
+
+
+# --- rule 14: one student who stops their own helpers stalls no one else ------------------------
+
+STOPPER = r"""
+import os, signal, time
+print("ready", flush=True)
+while True:
+    try:
+        os.kill(-1, signal.SIGSTOP)  # every process of mine but this one, as soon as it appears
+    except ProcessLookupError:
+        pass
+    time.sleep(0.0005)
+"""
+
+
+@needs_root
+def test_launch_is_not_held_up_by_a_student_who_stops_the_preparation(ready_course):
+    course = ready_course
+    staller, other = course.usernames  # the staller comes first in the roster
+    course.write_config(launch={"app": "server", "start_timeout": "20", "start_mode": "fork"})
+    stopper = as_student(course, staller, STOPPER)
+    try:
+        assert stopper.stdout is not None and stopper.stdout.readline().strip() == b"ready"
+        # before: each student was prepared in turn, with 600 s for each
+        r = subprocess.run(
+            [PYTHON, str(NOTEBOOKS), "launch", str(course.config), "--no-portal"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "CLASSROOM_STUDENT_DEADLINE": "5"},
+            timeout=120,
+            check=False,
+        )
+        assert r.returncode == 1, r.stdout + r.stderr
+        # Whichever of the staller's processes it stopped first (the helper that prepares
+        # the home, or the fork server's child on its way to the server), the staller
+        # fails alone: the other student's server starts, from the fork server.
+        assert re.search(rf"^  {staller}: FAILED", r.stdout, re.M), r.stdout
+        rows = status(course)
+        assert rows[other]["server"] == "running", rows
+        assert rows[staller]["server"] == "stopped", rows
+        assert server_rows(course)[other]["mode"] == "fork", r.stdout + r.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stopper.pid, signal.SIGKILL)
+        stopper.wait()
+        for p in psutil.process_iter(["uids"]):
+            if p.info["uids"] and p.info["uids"].real == course.pw(staller).pw_uid:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        course.run("shutdown")
+
+
+STOPPED_CHILD = r"""
+import json, os, pwd, signal, sys, time
+from classroom.host import forkserver
+forkserver.BECOME_TIMEOUT = 2
+def stopped(app, pw, args, output, became):  # a child the student stopped once it was theirs
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)
+forkserver.become_server = stopped
+pw = pwd.getpwnam(sys.argv[1])
+request = {"username": pw.pw_name, "uid": pw.pw_uid, "argv": [], "log": sys.argv[2]}
+try:
+    forkserver.spawn("server", request)
+except RuntimeError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+@needs_root
+def test_fork_server_gives_up_on_a_child_the_student_stopped(ready_course, tmp_path):
+    """The fork server waits for each child to say it is the student; a stopped child is
+    that student's failure (and is killed), not a fork server that hangs for everyone."""
+    u = ready_course.usernames[0]
+    r = subprocess.run(
+        [PYTHON, "-c", STOPPED_CHILD, u, str(tmp_path / "u.log")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(NOTEBOOKS.parent),
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "stopped before it became" in json.loads(r.stdout)["error"]
+    uid = ready_course.pw(u).pw_uid
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        left = [
+            p
+            for p in psutil.process_iter(["uids", "status"])
+            if p.info["uids"] and p.info["uids"].real == uid and p.info["status"] != "zombie"
+        ]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, "the stopped child was left behind"

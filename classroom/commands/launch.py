@@ -30,13 +30,15 @@ from ..host.server import (
     server_status,
     stop_servers,
 )
-from ..host.serverhome import prepare_home, read_tls
+from ..host.serverhome import prepare_homes, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
+from ..host.system import student_deadline
 from .course import Course, Report
 from .shutdown import shutdown
 
 PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on another
 FAILED_START = {"polite": 2, "term": 2, "kill": 2}  # timeouts for a server that did not answer
+PREPARE_DEADLINE = 60  # seconds for one student's home to be made ready (a few small files)
 
 
 def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
@@ -157,7 +159,8 @@ def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn)
 
 
 def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> list[Server]:
-    """As each student (before any thread exists here): the root folder, the TLS copies."""
+    """As each student, all at once (before any thread exists here): the root folder, the
+    TLS copies; a student whose part takes longer than the deadline fails alone."""
     try:
         tls = read_tls(course.settings)
     except OSError as exc:
@@ -172,14 +175,13 @@ def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> lis
             "(it runs as the student); see README, 'Security'"
         )
     ready = []
-    for server in servers:
-        assert server.pw is not None
-        try:
-            prepare_home(course.settings, server.pw, tls)
-        except StepFailed as exc:
-            report.failed(server.username, f"preparing the home failed: {exc}")
-            continue
-        ready.append(server)
+    pws = [server.pw for server in servers]
+    errors = prepare_homes(course.settings, pws, tls, student_deadline(PREPARE_DEADLINE))
+    for server, error in zip(servers, errors, strict=True):
+        if error:
+            report.failed(server.username, f"preparing the home failed: {error}")
+        else:
+            ready.append(server)
     return ready
 
 

@@ -171,33 +171,11 @@ def stacks(ip: str) -> str:
         version = ipaddress.ip_address(ip.strip("[]")).version
     except ValueError:
         return f"the addresses of {ip} only"
-    return f"IPv{version} on {ip} only: students are sent to that address, never another"
-
-
-def redirect_host(ip: str, host: str) -> str:
-    """The host to send a browser to, given the one it asked for (``host``).
-
-    Where ``ip`` is one address, the class holds the port on that address alone: an
-    address literal other than it (``[::1]``, ``127.0.0.1``) or ``localhost`` could
-    reach a student's socket, so the browser is sent to ``ip`` instead. Other names
-    pass (they are the teacher's DNS), and so does anything when ``ip`` is a wildcard.
-    """
-    if ip in WILDCARD_IPS:
-        return host
-    try:
-        mine = ipaddress.ip_address(ip.strip("[]"))
-    except ValueError:
-        return host  # a name
-    if host == "localhost" or host.endswith(".localhost"):
-        asked = None
-    else:
-        try:
-            asked = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return host
-    if asked == mine:
-        return host
-    return f"[{mine.compressed}]" if mine.version == 6 else str(mine)
+    return (
+        f"IPv{version} on {ip} only: a browser that reaches this host another way (IPv6 "
+        "to a name with an AAAA record, localhost) could meet a student's socket on a class "
+        "port; a wildcard ip holds them all"
+    )
 
 
 def probe_host(ip: str) -> str:

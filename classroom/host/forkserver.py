@@ -130,6 +130,7 @@ PRELOAD = (
 BECAME_FD = 3  # the child's end of the pipe that says "I am the student now" (then closed)
 FIRST_FD = 4  # every descriptor from here up is closed in the child
 BECAME = b"ok"
+BECOME_TIMEOUT = 10  # seconds a child gets from fork to "I am the student now"
 # The fork server's environment carries this padding so that each child can write its own
 # (clean) environment over the block the kernel shows as /proc/PID/environ.
 ENV_PAD = "CLASSROOM_ENV_PAD"
@@ -213,9 +214,13 @@ def spawn(app: str, request: dict) -> int:
                 become_server(app, pw, args, output, became_w)  # never returns
             os.close(became_w)
             os.close(output)
-            if read_all(became_r) == BECAME:
+            # Once it is the student's the student can stop it before it says so: give up
+            # then, or one student would hold up the fork server and every student after.
+            if read_all(became_r, BECOME_TIMEOUT) == BECAME:
                 os.write(wfd, str(server).encode())
             else:
+                with contextlib.suppress(OSError):
+                    os.kill(server, signal.SIGKILL)
                 os.write(wfd, b"!")
             code = 0
         except BaseException as exc:  # noqa: BLE001 - told to the fork server, never raised here
@@ -247,11 +252,19 @@ def log_output(log_path: str) -> int:
     return output
 
 
-def read_all(fd: int) -> bytes:
-    """Everything until EOF; the descriptor is closed."""
+def read_all(fd: int, timeout: float | None = None) -> bytes:
+    """Everything until EOF, or what came within ``timeout`` seconds; the descriptor is closed."""
     data = b""
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while chunk := os.read(fd, 64):
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    break
+            chunk = os.read(fd, 64)
+            if not chunk:
+                break
             data += chunk
     finally:
         os.close(fd)

@@ -42,7 +42,6 @@ from ..core.addresses import (
     listen_address,
     portal_url,
     probe_host,
-    redirect_host,
     socket_host,
 )
 from ..core.errors import EXIT_PARTIAL, ClassroomError, InvalidInput
@@ -146,7 +145,7 @@ class Handler(tornado.web.RequestHandler):
             return self.portal.fixed_host
         host = host_from_header(self.request.headers.get("Host"))
         if host:
-            return redirect_host(self.portal.settings.ip, host)
+            return host
         with contextlib.suppress(Exception):
             host = socket_host(self.request.connection.stream.socket.getsockname())  # type: ignore[union-attr]
         return host or "localhost"

@@ -34,7 +34,7 @@ from ..core.launchplan import exec_argv, server_args
 from ..core.settings import Settings
 from . import hooks, logwriter
 from .forkserver import ForkServer, ForkServerError
-from .identity import server_python, student_env
+from .identity import launcher_argv, server_python, student_env
 from .processes import find_process, stop_processes
 from .serverlogs import log_dir, log_path, open_log
 from .state import State, now
@@ -153,19 +153,21 @@ class Server:
     def _exec(self, settings: Settings, args: list[str], log_fd: int) -> int | None:
         assert self.pw is not None
         with log_pipe(log_fd) as output:
+            # Started as root through identity.py, which becomes the student and executes
+            # the server: nothing here waits on a process the student could stop.
             proc = spawn(
-                exec_argv(settings, args, server_python()),
+                launcher_argv(self.pw, exec_argv(settings, args, server_python())),
                 env=student_env(self.pw),
-                user=self.pw,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
-                cwd=self.pw.pw_dir,
+                cwd="/",
                 umask=0o077,
             )
         if proc is None:  # dry run
             return None
         _children[proc.pid] = proc
+        _wait_became(proc, self.pw)
         return proc.pid
 
     def process(self) -> psutil.Process | None:
@@ -202,6 +204,23 @@ class Server:
             if time.monotonic() >= deadline:
                 return f"it did not answer on port {self.port} within {timeout:g} s"
             time.sleep(READY_POLL)
+
+
+def _wait_became(proc: subprocess.Popen, pw: pwd.struct_passwd, timeout: float = 30) -> None:
+    """Until the launcher is ``pw`` (or has ended): a pid is only recorded with its uid.
+
+    Until then it is root's, which no student can stop; ``timeout`` is for a host too
+    busy to start Python. Raises ``OSError`` (the launcher killed) when it runs out.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(proc.pid).uids().real == pw.pw_uid:
+                return
+        if time.monotonic() >= deadline:
+            proc.kill()
+            raise OSError(f"it did not become {pw.pw_name} within {timeout:g} s")
+        time.sleep(0.005)
 
 
 @contextlib.contextmanager

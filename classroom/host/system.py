@@ -232,6 +232,19 @@ def login_defs(path: Path = LOGIN_DEFS) -> LoginDefs:
     )
 
 
+DEADLINE_ENV = "CLASSROOM_STUDENT_DEADLINE"
+
+
+def student_deadline(default: float) -> float:
+    """Seconds each student's part of a step may take overall (SPEC §6.11 rule 14):
+    ``default``, or ``$CLASSROOM_STUDENT_DEADLINE`` when set to a positive number."""
+    try:
+        value = float(os.environ.get(DEADLINE_ENV, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
 def as_user(
     user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600
 ) -> Any:
@@ -240,12 +253,70 @@ def as_user(
     The child has the student's uid, gid and groups, a clean environment,
     umask 077, cwd ``/`` and no inherited descriptor but its result pipe. An
     exception in the child is raised here as ``StepFailed`` with its message; a
-    child still running after ``timeout`` seconds (a student's FIFO, say) is
-    killed and reported.
+    child still running after ``timeout`` seconds (a student's FIFO, say, or the
+    student stopped it) is killed and reported.
+    """
+    (result,) = as_users([(user, func, args)], timeout=timeout)
+    if isinstance(result, StepFailed):
+        raise result
+    return result
+
+
+def as_users(
+    jobs: Sequence[tuple[pwd.struct_passwd, Callable[..., Any], tuple]],
+    *,
+    timeout: float = 600,
+    workers: int = 16,
+) -> list[Any]:
+    """Run each ``(user, func, args)`` as ``as_user`` does, up to ``workers`` at once.
+
+    Each job has its own overall deadline, ``timeout`` seconds from its start: one
+    student who stops their child delays no one past it. Returns, in the order of
+    ``jobs``, each result, or the ``StepFailed`` that ``as_user`` would have raised.
+    Call it from a single thread (it forks).
     """
     import select
     import time
 
+    results: list[Any] = [None] * len(jobs)
+    pending = list(enumerate(jobs))
+    pending.reverse()
+    running: dict[int, tuple[int, int, list[bytes], float]] = {}  # fd: index, pid, chunks, end
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, workers):
+                index, (user, func, args) = pending.pop()
+                rfd, pid = _start_as(user, func, args)
+                running[rfd] = (index, pid, [], time.monotonic() + timeout)
+            wait = min(end for _, _, _, end in running.values()) - time.monotonic()
+            ready, _, _ = select.select(list(running), [], [], max(0.0, wait))
+            for fd in ready:
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    running[fd][2].append(chunk)
+                    continue
+                index, pid, chunks, _ = running.pop(fd)
+                os.close(fd)
+                _, status = os.waitpid(pid, 0)
+                results[index] = _outcome(jobs[index][0], b"".join(chunks), status)
+            now = time.monotonic()
+            for fd, (index, pid, _, end) in list(running.items()):
+                if now >= end:
+                    del running[fd]
+                    _kill_child(pid, fd)
+                    results[index] = StepFailed(
+                        f"as {jobs[index][0].pw_name}: gave up after {timeout:.0f} s "
+                        "(the helper was stopped, or hung on a FIFO or a file)"
+                    )
+    finally:
+        for fd, (_, pid, _, _) in running.items():
+            _kill_child(pid, fd)
+    return results
+
+
+def _start_as(user: pwd.struct_passwd, func: Callable[..., Any], args: tuple) -> tuple[int, int]:
+    """Fork a child that becomes ``user`` and writes ``func(*args)``'s outcome as JSON
+    into a pipe; (the pipe's read end, its pid)."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -274,31 +345,12 @@ def as_user(
         finally:
             os._exit(status)
     os.close(wfd)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    with os.fdopen(rfd, "rb", buffering=0) as inp:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([inp], [], [], left)
-            if not ready:
-                continue
-            chunk = inp.read(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    if timed_out:
-        raise StepFailed(
-            f"as {user.pw_name}: gave up after {timeout:.0f} s (a FIFO or a hung file?)"
-        )
+    return rfd, pid
+
+
+def _outcome(user: pwd.struct_passwd, data: bytes, status: int) -> Any:
     try:
-        payload = json.loads(b"".join(chunks) or b"{}")
+        payload = json.loads(data or b"{}")
     except ValueError:
         payload = {}
     if "ok" in payload:
@@ -306,5 +358,14 @@ def as_user(
     if "error" in payload:
         if "trace" in payload:
             log.debug("%s", payload["trace"])
-        raise StepFailed(f"as {user.pw_name}: {payload['error']}")
-    raise StepFailed(f"as {user.pw_name}: the helper process failed (status {status})")
+        return StepFailed(f"as {user.pw_name}: {payload['error']}")
+    return StepFailed(f"as {user.pw_name}: the helper process failed (status {status})")
+
+
+def _kill_child(pid: int, fd: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        os.close(fd)
