@@ -15,6 +15,7 @@ import psutil
 
 from ..core.errors import ClassroomError, Refused, StepFailed
 from ..core.launchplan import assign_ports, exec_argv, server_args
+from ..core.text import printable
 from ..host import accounts, hooks
 from ..host.identity import server_python
 from ..host.ports import port_free
@@ -179,7 +180,7 @@ def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> lis
     errors = prepare_homes(course.settings, pws, tls, student_deadline(PREPARE_DEADLINE))
     for server, error in zip(servers, errors, strict=True):
         if error:
-            report.failed(server.username, f"preparing the home failed: {error}")
+            report.failed(server.username, f"preparing the home failed: {printable(error)}")
         else:
             ready.append(server)
     return ready
@@ -233,7 +234,9 @@ def _spawn_all(
         try:
             server.start(course.settings, forker)
         except (OSError, ValueError, psutil.Error) as exc:
-            report.failed(server.username, f"the server could not be started: {exc}")
+            report.failed(
+                server.username, f"the server could not be started: {printable(str(exc))}"
+            )
             continue
         server.save(course.state)
         spawned.append(server)
