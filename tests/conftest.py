@@ -335,6 +335,21 @@ def proc_fds(pid: int) -> dict[int, str]:
     return fds
 
 
+def log_writer_of(pid: int) -> int | None:
+    """The root process that reads ``pid``'s stdout pipe (its log writer), or None."""
+    import psutil
+
+    out = proc_fds(pid).get(1, "")
+    if not out.startswith("pipe:"):
+        return None
+    for proc in psutil.process_iter(["uids"]):
+        if proc.pid != pid and proc.info["uids"] and proc.info["uids"].real == 0:
+            with contextlib.suppress(OSError):
+                if proc_fds(proc.pid).get(0) == out:
+                    return proc.pid
+    return None
+
+
 def write_as(course, username: str, relpath: str, text: str) -> Path:
     """Put a file in a student's home, owned by the student (0600)."""
     pw = course.pw(username)

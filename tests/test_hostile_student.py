@@ -536,7 +536,8 @@ except OSError as exc:
 for args in (["show", "@s"], ["print", "%user:{desc}"]):
     try:
         r = subprocess.run(["{keyctl}", *args], capture_output=True, text=True, timeout=20)
-        out.append(r.stdout + r.stderr)
+        # only what keyctl found: its error for a missing key names the key it looked for
+        out.append(r.stdout if r.returncode == 0 else f"keyctl {{args[0]}}: not found")
     except Exception as exc:
         out.append(repr(exc))
 with open(os.path.join(os.path.expanduser("~"), "keyring-probe.txt"), "w") as f:

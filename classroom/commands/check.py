@@ -14,12 +14,13 @@ import click
 
 from ..core import roster as roster_mod
 from ..core import settings as settings_mod
+from ..core.addresses import WILDCARD_IPS, stacks
 from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
 from ..core.roster import Roster
 from ..core.settings import Settings
 from ..host import sharedfolder
 from ..host.files import world_readable_chain
-from ..host.ports import port_free
+from ..host.ports import ipv6_available, port_free
 from ..host.system import CommandFailed, is_root, login_defs, run
 
 PROBE_TIMEOUT = 120  # seconds for the servers' Python to import Jupyter as nobody
@@ -29,6 +30,7 @@ PROBE_TIMEOUT = 120  # seconds for the servers' Python to import Jupyter as nobo
 class Findings:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how things are, for the teacher to know
 
 
 def students_can_run_python(python: Path) -> str | None:
@@ -112,6 +114,17 @@ def check_ports(s: Settings, roster: Roster | None, found: Findings) -> None:
         )
 
 
+def check_stacks(s: Settings, found: Findings) -> None:
+    """Say which addresses the class holds (a student cannot squat a port there)."""
+    how = stacks(s.ip)
+    if s.ip in WILDCARD_IPS and not ipv6_available():
+        how = "IPv4 and IPv6 (every address; this host has no IPv6 now)"
+    found.notes.append(
+        f"{s.where('launch', 'ip')}: ip = {s.ip or repr('')}: the portal and the servers "
+        f"listen on {how}"
+    )
+
+
 def check_system_accounts(roster: Roster, found: Findings) -> None:
     """Students whose name is an existing system account: setup will refuse them."""
     defs = login_defs()
@@ -140,6 +153,7 @@ def check(config_path: Path, as_json: bool = False) -> int:
     if settings is not None:
         check_paths(settings, found)
         check_ports(settings, roster, found)
+        check_stacks(settings, found)
         reason = students_can_run_python(Path(sys.executable))
         if reason:
             found.problems.append(f"servers' Python: {reason}")
@@ -149,8 +163,11 @@ def check(config_path: Path, as_json: bool = False) -> int:
     n = len(roster) if roster else 0
     if as_json:
         report = {"ok": ok, "problems": found.problems, "warnings": found.warnings, "students": n}
+        report["notes"] = found.notes
         click.echo(json.dumps(report, indent=2))
     else:
+        for note in found.notes:
+            click.echo(f"note: {note}")
         for p in found.problems:
             click.echo(f"problem: {p}")
         for w in found.warnings:

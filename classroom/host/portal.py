@@ -39,6 +39,7 @@ from ..core.addresses import (
     host_from_header,
     host_from_setting,
     https,
+    listen_address,
     portal_url,
     probe_host,
     socket_host,
@@ -366,7 +367,7 @@ def serve(
     settings: Settings = course.settings
     app = make_app(settings, lookup)
     context = tls_context(settings)
-    address = None if settings.ip in ("", "*") else settings.ip.strip("[]")
+    address = listen_address(settings.ip) or None  # a wildcard: IPv4 and IPv6
     try:
         sockets = tornado.netutil.bind_sockets(settings.portal_port, address=address)
     except OSError as exc:

@@ -98,6 +98,8 @@ def run(
         )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
+    except subprocess.SubprocessError as exc:  # the change of identity failed in the child
+        raise CommandFailed(argv, 126, f"cannot start it as {_who(user)}: {exc}") from None
     try:
         stdout, stderr = child.communicate(data, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -133,9 +135,16 @@ def spawn(
         log.debug("dry run, not started%s: %s", who, shlex.join(argv))
         return None
     log.debug("spawn%s: %s", who, shlex.join(argv))
-    return subprocess.Popen(
-        argv, env=env, close_fds=True, start_new_session=True, **popen_identity(user), **popen
-    )
+    try:
+        return subprocess.Popen(
+            argv, env=env, close_fds=True, start_new_session=True, **popen_identity(user), **popen
+        )
+    except subprocess.SubprocessError as exc:  # the change of identity failed in the child
+        raise OSError(f"cannot start it as {_who(user)}: {exc}") from None
+
+
+def _who(user: pwd.struct_passwd | None) -> str:
+    return user.pw_name if user else "root"
 
 
 def run_account_tool(
@@ -219,3 +228,16 @@ def login_defs(path: Path = LOGIN_DEFS) -> LoginDefs:
         encrypt_method=values.get("ENCRYPT_METHOD", "SHA512").upper(),
         values=tuple(sorted(values.items())),
     )
+
+
+DEADLINE_ENV = "CLASSROOM_STUDENT_DEADLINE"
+
+
+def student_deadline(default: float) -> float:
+    """Seconds each student's part of a step may take overall (SPEC §6.11 rule 14):
+    ``default``, or ``$CLASSROOM_STUDENT_DEADLINE`` when set to a positive number."""
+    try:
+        value = float(os.environ.get(DEADLINE_ENV, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default

@@ -264,17 +264,42 @@ def as_user(
     after ``timeout`` seconds without progress (a student's FIFO, say) is killed
     and reported.
     """
-    ((_, payload),) = list(
-        fork_map([(user.pw_name, _as, (user, func, args))], workers=1, idle_timeout=timeout)
-    )
+    (result,) = as_users([(user, func, args)], timeout=timeout)
+    if isinstance(result, StepFailed):
+        raise result
+    return result
+
+
+def as_users(
+    jobs: Sequence[tuple[pwd.struct_passwd, Callable[..., Any], tuple]],
+    *,
+    timeout: float = 600,
+    workers: int = 16,
+) -> list[Any]:
+    """Run each ``(user, func, args)`` as ``as_user`` does, up to ``workers`` at once.
+
+    ``func`` never reports progress, so ``timeout`` is each job's overall deadline: one
+    student who stops their worker delays no one past it. Returns, in the order of
+    ``jobs``, each result, or the ``StepFailed`` that ``as_user`` would have raised.
+    """
+    tasks = [(str(i), _as, (user, func, args)) for i, (user, func, args) in enumerate(jobs)]
+    results: list[Any] = [None] * len(jobs)
+    for key, payload in fork_map(tasks, workers=workers, idle_timeout=timeout):
+        user = jobs[int(key)][0]
+        results[int(key)] = _as_result(user, payload, timeout)
+    return results
+
+
+def _as_result(user: pwd.struct_passwd, payload: dict, timeout: float) -> Any:
     if "ok" in payload:
         return payload["ok"]
     if "timeout" in payload:
-        raise StepFailed(
-            f"as {user.pw_name}: gave up after {timeout:.0f} s (a FIFO or a hung file?)"
+        return StepFailed(
+            f"as {user.pw_name}: gave up after {timeout:.0f} s "
+            "(the helper was stopped, or hung on a FIFO or a file)"
         )
     if "status" in payload:
-        raise StepFailed(
+        return StepFailed(
             f"as {user.pw_name}: the helper process failed (status {payload['status']})"
         )
-    raise StepFailed(f"as {user.pw_name}: {payload['error']}")
+    return StepFailed(f"as {user.pw_name}: {payload['error']}")
