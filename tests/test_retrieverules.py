@@ -27,10 +27,10 @@ def test_late_is_after_the_deadline():
 def test_caps():
     t = tally(max_file=1000, max_total=1500)
     assert t.refuse(1000) is None
-    assert t.refuse(1001) == "larger than max_file_size (1001 > 1000 bytes)"
+    assert t.refuse(1001) == "larger than max_file_size (1001 bytes > 1000 bytes)"
     t.add("a", "new", SHA_A, 1000, K1, BEFORE)
     assert t.refuse(500) is None
-    assert t.refuse(501) == "over max_total_size (1500 bytes) for this retrieval"
+    assert t.refuse(501) == "over max_total_size (1.5 KB) for this retrieval"
     assert r.grew(1000) == "grew past max_file_size (1000 bytes) while read"
 
 
@@ -70,7 +70,7 @@ def test_first_snapshot_rows_statuses_late():
     assert early["mtime"].startswith("2024-05-01T11:59:00")
     assert dict(zip(header, rows["late.py"], strict=True))["late"] == "late"
     big = dict(zip(header, rows["big.py"], strict=True))
-    assert big["status"] == "skipped: larger than max_file_size (5000 > 1000 bytes)"
+    assert big["status"] == "skipped: larger than max_file_size (4.9 KB > 1000 bytes)"
     assert big["sha256"] == ""
     assert sorted(x[0] for x in t.remembered()) == ["big.py", "early.py", "late.py"]
 
@@ -175,3 +175,14 @@ def test_detail():
     assert r.detail({**result, "state": "unchanged", "snapshot": None}) == (
         "6 late: f0, f1, f2, f3, f4 ...; 1 skipped: a: a FIFO"
     )
+
+
+def test_sizes_are_human():
+    from classroom.core.units import human_size
+
+    assert human_size(20 << 20) == "20 MB"
+    assert human_size(200 << 20) == "200 MB"
+    assert human_size(1536) == "1.5 KB"
+    assert human_size(512) == "512 bytes"
+    assert human_size((1 << 20) - 1) == "1 MB"  # never "1024 KB"
+    assert r.too_large(25 << 20, 20 << 20) == "larger than max_file_size (25 MB > 20 MB)"

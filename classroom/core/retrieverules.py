@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidInput
 from .paths import as_text, shown
+from .units import human_size
 
 MANIFEST_HEADER = ["username", "snapshot", "path", "size", "mtime", "sha256", "status", "late"]
 SKIPPED = "skipped: "  # how a skipped file's reason is kept in the state, in place of a sha256
@@ -35,15 +36,17 @@ def is_late(mtime_ns: int, deadline: float | None) -> bool:
 
 def too_large(size: int, max_file: int) -> str | None:
     """Why a file of ``size`` bytes is not collected, or None."""
-    return f"larger than max_file_size ({size} > {max_file} bytes)" if size > max_file else None
+    if size <= max_file:
+        return None
+    return f"larger than max_file_size ({human_size(size)} > {human_size(max_file)})"
 
 
 def grew(max_file: int) -> str:
-    return f"grew past max_file_size ({max_file} bytes) while read"
+    return f"grew past max_file_size ({human_size(max_file)}) while read"
 
 
 def over_total(max_total: int) -> str:
-    return f"over max_total_size ({max_total} bytes) for this retrieval"
+    return f"over max_total_size ({human_size(max_total)}) for this retrieval"
 
 
 def iso(mtime_ns: int) -> str:
