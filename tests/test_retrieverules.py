@@ -186,3 +186,23 @@ def test_sizes_are_human():
     assert human_size(512) == "512 bytes"
     assert human_size((1 << 20) - 1) == "1 MB"  # never "1024 KB"
     assert r.too_large(25 << 20, 20 << 20) == "larger than max_file_size (25 MB > 20 MB)"
+
+
+def test_deadline_date_alone_is_the_end_of_that_day():
+    d = r.parse_deadline("2024-05-01")
+    assert (d.year, d.month, d.day, d.hour, d.minute, d.second) == (2024, 5, 1, 23, 59, 59)
+    assert r.parse_deadline(" 2024-05-01  12:30 ") == r.parse_deadline("2024-05-01 12:30")
+    assert r.parse_deadline("2024-05-01T12:30").hour == 12
+
+
+def test_what_send_handed_out_is_never_late():
+    handed_out = {"lesson.ipynb": SHA_A, "data.csv": SHA_A}
+    t = Tally({}, {}, Caps(1000, 3000, DEADLINE), handed_out)
+    t.add("lesson.ipynb", "new", SHA_A, 5, K1, AFTER)  # touched, as sent: not late
+    t.add("data.csv", "new", SHA_B, 5, K1, AFTER)  # edited after the deadline: late
+    t.add("answer.py", "new", SHA_A, 5, K1, AFTER)  # the student's own: late
+    assert t.late == ["data.csv", "answer.py"]
+    prev = {"lesson.ipynb": [SHA_A, 5, K1], "data.csv": [SHA_B, 5, K1]}
+    s = StillSame(prev, {}, Caps(1000, 3000, DEADLINE), handed_out)
+    assert s.see("lesson.ipynb", False, 5, K1, AFTER) and s.see("data.csv", False, 5, K1, AFTER)
+    assert s.late == ["data.csv"]

@@ -57,6 +57,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
     dest = s.retrieve_destination
     snapshot.ensure_destination(dest, owner)
     course.state.ensure(records.RETRIEVE_SQL)
+    course.state.ensure(records.SEND_SQL)
     report = course.report("retrieve")
     students = course.students(only)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
@@ -65,6 +66,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
     if not can_look_inside():
         click.echo("  (not root: the homes cannot be looked into; showing what would be collected)")
     prev = records.retrieved_rows(course.state, str(dest))
+    sent = records.handed_out(course.state, folder)
     tasks = []
     results: dict[str, dict] = {}
     homes = enterable(
@@ -86,6 +88,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
             caps,
             stamp,
             prev.pop(st.username, []),
+            handed_out=sent.pop(st.username, {}),
         )
         quick = snapshot.quick_check(job)
         if quick is not None:

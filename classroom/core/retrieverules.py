@@ -8,6 +8,7 @@ the repeat-run fast path, which only looks at metadata. No file is read here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -21,17 +22,35 @@ SKIPPED = "skipped: "  # how a skipped file's reason is kept in the state, in pl
 STATUSES = ("new", "changed", "unchanged")
 
 
+DEADLINE_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S")
+
+
 def parse_deadline(text: str) -> dt.datetime:
-    """``--deadline "YYYY-MM-DD HH:MM"`` as a local time."""
+    """``--deadline "YYYY-MM-DD HH:MM"`` as a local time; a date alone is the end of that day."""
+    text = " ".join(text.split())
+    for fmt in DEADLINE_FORMATS:
+        with contextlib.suppress(ValueError):
+            return dt.datetime.strptime(text, fmt).astimezone()
     try:
-        return dt.datetime.strptime(text.strip(), "%Y-%m-%d %H:%M").astimezone()
+        day = dt.datetime.strptime(text, "%Y-%m-%d")
     except ValueError:
-        raise InvalidInput(f'--deadline {text!r}: use "YYYY-MM-DD HH:MM"') from None
+        raise InvalidInput(
+            f'--deadline {text!r}: use "YYYY-MM-DD HH:MM", or "YYYY-MM-DD" (the end of that day)'
+        ) from None
+    return dt.datetime.combine(day.date(), dt.time.max).astimezone()
 
 
 def is_late(mtime_ns: int, deadline: float | None) -> bool:
     """Modified after the deadline (epoch seconds; None: nothing is late)."""
     return deadline is not None and mtime_ns / 1e9 > deadline
+
+
+def late_work(
+    rel: str, sha: str, mtime_ns: int, deadline: float | None, handed_out: dict[str, str]
+) -> bool:
+    """Is ``rel`` (content ``sha``) the student's work after the deadline? Modified after it,
+    and not what send handed out there (``handed_out``: rel -> sha256), whatever its mtime."""
+    return is_late(mtime_ns, deadline) and handed_out.get(rel) != sha
 
 
 def too_large(size: int, max_file: int) -> str | None:
@@ -102,6 +121,7 @@ class StillSame:
     prev_files: dict[str, list]
     prev_skipped: dict[str, list]
     caps: Caps
+    handed_out: dict[str, str] = field(default_factory=dict)  # rel -> sha256 send last wrote
     files: int = 0
     size: int = 0
     skipped: list[str] = field(default_factory=list)
@@ -125,7 +145,7 @@ class StillSame:
             return False
         self.files += 1
         self.size += size
-        if is_late(mtime_ns, self.caps.deadline):
+        if late_work(rel, prev[0], mtime_ns, self.caps.deadline, self.handed_out):
             self.late.append(shown(rel))
         return True
 
@@ -143,6 +163,7 @@ class Tally:
     prev_files: dict[str, list]  # the last snapshot's: rel -> [sha256, size, stat key]
     prev_skipped: dict[str, list]  # rel -> [reason, stat key]
     caps: Caps
+    handed_out: dict[str, str] = field(default_factory=dict)  # rel -> sha256 send last wrote
     entries: list[dict] = field(default_factory=list)  # the manifest rows, in order
     cache: dict[str, list] = field(default_factory=dict)  # rel -> [sha, size, key], collected
     skip_cache: dict[str, list] = field(default_factory=dict)  # rel -> ["skipped: why", size, key]
@@ -178,7 +199,7 @@ class Tally:
         self.total += size
         if status != "unchanged":
             self.changed = True
-        late = is_late(mtime, self.caps.deadline)
+        late = late_work(rel, sha, mtime, self.caps.deadline, self.handed_out)
         if late:
             self.late.append(shown(rel))
         self.entries.append(

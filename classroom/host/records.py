@@ -108,6 +108,14 @@ def sent_rows(state: State, folder: str) -> dict[str, list]:
     )
 
 
+def handed_out(state: State, folder: str) -> dict[str, dict[str, str]]:
+    """What send last wrote into ``folder``: username -> {path: sha256} (for what is late)."""
+    return {
+        username: {os.fsdecode(bytes(path)): sha for path, sha, _size, _key in rows}
+        for username, rows in sent_rows(state, folder).items()
+    }
+
+
 def record_sent(state: State, username: str, folder: str, result: dict) -> None:
     """What was written to this student, in the state, before it counts as done."""
     what = sendrules.outcome(result["actions"])

@@ -24,7 +24,7 @@ import shutil
 import signal
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.addresses import USERNAME
@@ -249,10 +249,11 @@ class RetrieveJob:
     stamp: str
     prev_rows: list  # the last snapshot's (path, snapshot, sha256, size, stat key), from the state
     read_timeout: float = READ_TIMEOUT
+    handed_out: dict[str, str] = field(default_factory=dict)  # rel -> sha256 send last wrote
 
     def still_same(self, prev_files: dict, prev_skipped: dict) -> dict | None:
         """The fast path's result, if the folder is exactly as the last snapshot has it."""
-        still = StillSame(prev_files, prev_skipped, self.caps)
+        still = StillSame(prev_files, prev_skipped, self.caps, self.handed_out)
         return unchanged_by_stat(self.pw, self.folder, self.include, self.exclude, still)
 
 
@@ -287,7 +288,7 @@ def collect_home(job: RetrieveJob) -> dict:
         quick = job.still_same(prev_files, prev_skipped)
         if quick is not None:
             return quick
-    tally = Tally(prev_files, prev_skipped, job.caps)
+    tally = Tally(prev_files, prev_skipped, job.caps, job.handed_out)
     prev_keys = {rel: v[2] for rel, v in prev_files.items()}
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     reader = HomeReader(child_sock, prev_keys, job.caps.max_file)
