@@ -304,3 +304,25 @@ def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeyp
     kept = sorted((p / "lesson.ipynb").read_text() for p in backup.iterdir())
     assert kept == ["first answers", "second answers"]
     assert sorted(p.name for p in backup.iterdir()) == ["2030-01-02_030405", "2030-01-02_030405.2"]
+
+
+@needs_root
+def test_send_removes_what_a_cut_off_send_left(ready_course):
+    """A temporary file of an interrupted send goes at the next send, even one with nothing to
+    send (the fast path would not start a worker); a student's look-alike files stay."""
+    c = ready_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    folder = c.home(a) / "tutorial"
+    left = folder / "data" / ".classroom-0123456789ab.tmp"
+    mine = folder / ".classroom-mine.tmp"
+    for p in (left, mine):
+        p.write_bytes(b"half a copy")
+        own(p, pa)
+    r = c.run("send", "--yes", "--only", a)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not left.exists(), "the temporary file of a cut-off send is still there"
+    assert mine.read_bytes() == b"half a copy"
+    again = c.run("send", "--yes", "--only", a)
+    assert "send: 1 unchanged, 0 failed" in again.stdout, again.stdout

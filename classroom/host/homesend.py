@@ -204,6 +204,9 @@ class HomeSender:
                 dir_fds[rel] = pfd
                 continue
             dir_fds[rel] = self.subfolder(pfd, rel, name, (stat.S_IMODE(mode) & 0o755) | 0o700)
+        for fd in dir_fds.values():
+            if isinstance(fd, int):
+                safefs.remove_leftovers(fd)  # what a send that was cut off left behind
         return dir_fds
 
     def subfolder(self, parent_fd: int | None, rel: str, name: str, mode: int) -> int | None | str:
@@ -383,7 +386,8 @@ def unchanged_by_stat(pw: pwd.struct_passwd, folder: str, src: Source, rows: lis
     """The repeat-run fast path: True if every file is exactly what was last sent and is current.
 
     Only metadata is looked at (folders opened with O_NOFOLLOW, owned by the
-    student; files lstat'ed, never opened), so root may do it without a worker.
+    student; files lstat'ed, never opened; folders listed for what a send that was cut off
+    left), so root may do it without a worker.
     A file's dev:ino:size:mtime:ctime equal to what it was when the course
     wrote it means it was not touched since. Any doubt: False, and the worker decides.
     """
@@ -398,6 +402,8 @@ def unchanged_by_stat(pw: pwd.struct_passwd, folder: str, src: Source, rows: lis
             for rel, _mode in sorted(src.dirs, key=lambda d: d[0].split("/")):
                 parent, _, name = rel.rpartition("/")
                 fds[rel] = safefs.open_dir(fds[parent], name, uid=pw.pw_uid, dev=home.dev)
+            if any(safefs.leftovers(fd) for fd in fds.values()):
+                return False  # a send was cut off: its worker cleans up
             for f in src.files:
                 rec = sent.get(f.rel)
                 if rec is None or rec[0] != f.sha256:

@@ -107,6 +107,9 @@ def user_dir(dest_fd: int, username: str, owner: tuple[int, int]) -> int | None:
     return fd
 
 
+LEFTOVERS = (".partial-", ".latest-")  # what a run that was cut off can leave
+
+
 def remove_leftovers(user_fd: int) -> None:
     """What a run that was cut off left in DESTINATION/USERNAME (not under a dry run)."""
     if dry_run():
@@ -117,6 +120,14 @@ def remove_leftovers(user_fd: int) -> None:
                 shutil.rmtree(name, dir_fd=user_fd)
             elif name.startswith(".latest-"):
                 os.unlink(name, dir_fd=user_fd)
+
+
+def has_leftovers(user_dir: Path) -> bool:
+    """Did a run that was cut off leave something in DESTINATION/USERNAME?"""
+    try:
+        return any(name.startswith(LEFTOVERS) for name in os.listdir(user_dir))
+    except OSError:
+        return False
 
 
 class Snapshot:
@@ -267,6 +278,8 @@ def quick_check(job: RetrieveJob) -> dict | None:
             return None
     except OSError:
         return None
+    if has_leftovers(job.dest / job.username):
+        return None  # the worker removes them
     return job.still_same(*split_rows(job.prev_rows))
 
 
