@@ -144,6 +144,7 @@ class HomeSender:
         self.force = job.force
         self.sent = {os.fsdecode(bytes(p)): Sent(*rest) for p, *rest in job.sent_rows}
         self.records: list[list] = []  # [rel, sha, size, stat_key] of what is now right there
+        self.forgotten: list[str] = []  # rels the course wrote before and removed now
         self.actions: dict[str, list[str]] = {}
         self.skipped: list[str] = []
         self.dev = 0
@@ -181,7 +182,12 @@ class HomeSender:
                 for fd in {fd for fd in dir_fds.values() if isinstance(fd, int)} - {home.fd}:
                     os.close(fd)
                 self.backup.close()
-        return {"actions": self.actions, "skipped": self.skipped, "records": self.records}
+        return {
+            "actions": self.actions,
+            "skipped": self.skipped,
+            "records": self.records,
+            "forgotten": self.forgotten,
+        }
 
     def _open_folder(self) -> safefs.HomeFolder:
         """HOME/FOLDER, made if missing; a link or a file on the way fails this student."""
@@ -270,9 +276,11 @@ class HomeSender:
         elif action == rules.CONFLICT:
             self.beside(dir_fd, name, f)
         elif action == rules.OVERWRITE:
-            self.act(action, f"{shown(f.rel)} (yours moved to {self.backup.where(f.rel)})")
+            where = self.backup.where(f.rel)
             self.backup.keep(dir_fd, f.rel, name)
             self.write(dir_fd, name, f.rel, f)
+            gone = "".join(f"; {shown(b)} removed" for b in self.drop_beside(dir_fd, name, f))
+            self.act(action, f"{shown(f.rel)} (yours moved to {where}{gone})")
         else:
             self.act(action, shown(f.rel))
             self.write(dir_fd, name, f.rel, f)
@@ -306,6 +314,24 @@ class HomeSender:
         self.skipped.append(
             f"{shown(f.rel)}: edited, and no free name for the new version beside it"
         )
+
+    def drop_beside(self, dir_fd: int | None, name: str, f: SourceFile) -> list[str]:
+        """After ``--force`` wrote ``name``: remove the new versions an earlier send put beside
+        it, each only if it is still exactly what the course wrote there; their names."""
+        parent = f.rel.rpartition("/")[0]
+        dropped = []
+        for n in range(1, rules.MAX_BESIDE + 1):
+            bname = rules.beside_name(name, n)
+            brel = f"{parent}/{bname}" if parent else bname
+            sent = self.sent_sha(brel)
+            if sent is None or dir_fd is None:
+                continue
+            have, _ = self.content(dir_fd, bname, brel, f)
+            if have == sent:
+                safefs.unlink(dir_fd, bname)
+                self.forgotten.append(brel)
+                dropped.append(bname)
+        return dropped
 
     def write(self, dir_fd: int | None, name: str, rel: str, f: SourceFile) -> None:
         """A copy of ``f`` as ``name`` in ``dir_fd``, whole or not at all; recorded."""

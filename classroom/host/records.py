@@ -119,10 +119,15 @@ def handed_out(state: State, folder: str) -> dict[str, dict[str, str]]:
 def record_sent(state: State, username: str, folder: str, result: dict) -> None:
     """What was written to this student, in the state, before it counts as done."""
     what = sendrules.outcome(result["actions"])
-    if state.readonly or (not result["records"] and not what):
+    forgotten = result.get("forgotten") or []
+    if state.readonly or (not result["records"] and not what and not forgotten):
         return
     at = now()
     with state.transaction():
+        state.conn.executemany(
+            "DELETE FROM sent WHERE username = ? AND folder = ? AND path = ?",
+            [(username, folder, os.fsencode(rel)) for rel in forgotten],
+        )
         state.conn.executemany(
             "INSERT OR REPLACE INTO sent (username, folder, path, sha256, size, stat_key, sent_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -218,6 +218,15 @@ def replace_file(
         os.close(fd)
 
 
+def unlink(dir_fd: int, name: str) -> None:
+    """Delete the name ``name`` of ``dir_fd`` (a link is removed, never followed); nothing under
+    ``--dry-run``; nothing if it is gone already."""
+    if dry_run():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
 def leftovers(dir_fd: int) -> list[str]:
     """The temporary files of ``replace_file`` in ``dir_fd`` (left by a run that was cut off):
     regular files with exactly the tool's temporary names, nothing else."""
@@ -234,12 +243,10 @@ def remove_leftovers(dir_fd: int | None) -> int:
     Nothing under ``--dry-run``."""
     if dry_run() or dir_fd is None:
         return 0
-    removed = 0
-    for name in leftovers(dir_fd):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
-            removed += 1
-    return removed
+    names = leftovers(dir_fd)
+    for name in names:
+        unlink(dir_fd, name)
+    return len(names)
 
 
 def move(from_fd: int, name: str, to_fd: int | None) -> None:
