@@ -363,3 +363,25 @@ def test_send_force_removes_only_its_own_untouched_new_versions(ready_course):
     assert c.run("send", "--yes", "--only", a).returncode == 0
     assert (fa / "lesson.new.ipynb").read_text() == "lesson v2\n"
     assert (fa / "lesson.new2.ipynb").read_text() == "lesson v3\n"
+
+
+@needs_root
+def test_send_says_how_many_students_have_a_running_server(ready_course):
+    """While servers run, send says how many, and what the students see and should click."""
+    c = ready_course
+    a, b = c.usernames
+    assert c.run("send", "--yes").returncode == 0
+    try:
+        r = c.run("launch", "--yes", "--no-portal", "--only", a, timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (c.base / "tutorial" / "lesson.ipynb").write_text("lesson v2")
+        r = c.run("send", "--yes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "1 of these students have a running server (1 got a file changed in place)" in (
+            r.stdout
+        ), r.stdout
+        assert '"File Changed"' in r.stdout and '"Revert"' in r.stdout, r.stdout
+        r = c.run("send", "--yes", "--only", b)
+        assert "running server" not in r.stdout, r.stdout
+    finally:
+        c.run("shutdown", "--yes", timeout=240)

@@ -16,6 +16,7 @@ from ..core import sendrules
 from ..core.errors import InvalidInput
 from ..core.settings import Settings, safe_folder
 from ..host import homesend, records
+from ..host.server import running_servers
 from .course import Course
 from .homes import can_look_inside, each_home, enterable, report_each
 
@@ -98,4 +99,30 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
             report.unchanged(username, detail)
 
     report_each(report, students, results, ok)
+    note = servers_note(course, students, results)
+    if note:
+        report.note(note)
     return report.finish()
+
+
+IN_PLACE = (sendrules.UPDATE, sendrules.OVERWRITE)  # what an open notebook sees change on disk
+
+
+def servers_note(course: Course, students: list, results: dict[str, dict]) -> str:
+    """How many of the students have a running server, and what they see ("File Changed" in
+    JupyterLab for an open file that send changed in place) and should click; or ""."""
+    running = set(running_servers(course.settings)) & {st.username for st in students}
+    if not running:
+        return ""
+    changed = [
+        u
+        for u in running
+        if any(results.get(u, {}).get("ok", EMPTY)["actions"].get(a) for a in IN_PLACE)
+    ]
+    return (
+        f"  note: {len(running)} of these students have a running server"
+        f" ({len(changed)} got a file changed in place). Whoever has such a file open sees"
+        ' "File Changed" when saving: "Revert" loads the new version (what they typed since'
+        ' their last save is lost), "Overwrite" keeps theirs (the new version then comes'
+        " beside it at the next send)."
+    )
