@@ -206,3 +206,16 @@ def test_what_send_handed_out_is_never_late():
     s = StillSame(prev, {}, Caps(1000, 3000, DEADLINE), handed_out)
     assert s.see("lesson.ipynb", False, 5, K1, AFTER) and s.see("data.csv", False, 5, K1, AFTER)
     assert s.late == ["data.csv"]
+
+
+def test_printable_leaves_nothing_a_terminal_acts_on():
+    import unicodedata
+
+    from classroom.core.text import printable
+
+    hostile = "\x1b]0;pwned\x07\x1b[2K\x1b[1A started\u009b31m\x7f\u202e\u2028\udcff\n\t"
+    shown = printable(hostile.replace(" ", "") + " ok é")
+    assert not [ch for ch in shown if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Cs")]
+    assert shown.startswith("\\x1b]0;pwned\\x07\\x1b[2K") and shown.endswith("\\n\\t ok é")
+    assert printable("lesson.ipynb") == "lesson.ipynb"
+    assert printable(printable(hostile)) == printable(hostile)  # what it prints is printable

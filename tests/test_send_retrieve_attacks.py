@@ -300,3 +300,59 @@ def test_race_swapping_folder_for_symlink(sent_course):
     r = c.run("retrieve", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert (dest / a / "latest" / "data" / "f39.csv").read_text() == "student file 39\n"
+
+
+# --- SPEC §6.11 rule 15: a student's file names reach the teacher's terminal without controls ---
+
+HOSTILE_NAMES = ["\x1b]0;pwned\x07title.txt", "\x1b[2K\x1b[1A started.py", "csi\u009b31mred.txt"]
+
+
+def control_chars(text: str) -> list[str]:
+    """What a terminal would act on: C0 controls but newline and tab, DEL, C1, bidi controls."""
+    import unicodedata
+
+    return sorted(
+        {
+            f"U+{ord(ch):04X}"
+            for ch in text
+            if ch not in "\n\t" and unicodedata.category(ch) in "CcCf"
+        }
+    )
+
+
+@needs_root
+def test_retrieve_shows_file_names_without_control_characters(sent_course):
+    c = sent_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    folder = c.home(a) / "tutorial"
+    for name in HOSTILE_NAMES:
+        (folder / name).write_text("x\n")
+        own(folder / name, pa)
+        (folder / f"link-{name}").symlink_to("/etc/passwd")  # skipped, and named
+        own(folder / f"link-{name}", pa)
+    r = c.run("retrieve", "--yes", "--deadline", "2000-01-01 00:00")  # every new file late
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "late" in r.stdout and "skipped" in r.stdout, r.stdout
+    assert "\\x1b]0;pwned\\x07title.txt" in r.stdout, r.stdout
+    assert not control_chars(r.stdout + r.stderr), repr(r.stdout + r.stderr)
+
+
+@needs_root
+def test_send_shows_file_names_without_control_characters(ready_course):
+    c = ready_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    for name in HOSTILE_NAMES:
+        (c.base / "tutorial" / name).write_text("v1\n")
+    first = c.run("send", "--yes")
+    assert first.returncode == 0, first.stdout + first.stderr
+    for name in HOSTILE_NAMES:  # the student edits them, the teacher changes them: conflicts
+        (c.home(a) / "tutorial" / name).write_text("mine\n")
+        own(c.home(a) / "tutorial" / name, pa)
+        (c.base / "tutorial" / name).write_text("v2\n")
+    second = c.run("send", "--yes")
+    assert second.returncode in (0, 1), second.stdout + second.stderr
+    assert "conflict" in second.stdout, second.stdout
+    for r in (first, second):
+        assert not control_chars(r.stdout + r.stderr), repr(r.stdout + r.stderr)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..core.roster import Student
+from ..core.text import printable
 from ..host import accounts, workers
 from ..host.system import is_root
 from .course import Course, Report
@@ -93,6 +94,6 @@ def report_each(
         if payload is None:
             continue
         if "error" in payload:
-            report.failed(st.username, f"{payload['error']}")
+            report.failed(st.username, printable(f"{payload['error']}"))
         else:
             ok(st.username, payload["ok"])
