@@ -10,11 +10,15 @@ write or chown anything outside the student's own files, hang, or fill the disk.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
+import re
+import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -356,3 +360,136 @@ def test_send_shows_file_names_without_control_characters(ready_course):
     assert "conflict" in second.stdout, second.stdout
     for r in (first, second):
         assert not control_chars(r.stdout + r.stderr), repr(r.stdout + r.stderr)
+
+
+# --- SPEC §6.11 rule 14: a student who stops their own worker or reader stalls no one else -------
+#
+# Each student's part has an overall deadline, ``workers.STUDENT_DEADLINE`` (300 s and more):
+# these tests lower it to 5 s in the command's own process (``DEADLINE_5S``) and fail if the
+# command still runs well after it. The student SIGSTOPs every process of theirs as soon as it
+# appears, and lets them run for a moment every 2 s (which once reset the reader's timeout).
+
+DEADLINE_5S = (
+    "import sys; from classroom.host import workers; workers.STUDENT_DEADLINE = 5.0; "
+    "from classroom.cli import main; main(sys.argv[1:])"
+)
+
+STOPPER = r"""
+import os, signal, sys, time
+pulse = float(sys.argv[1])
+print("ready", flush=True)
+last = time.monotonic()
+while True:
+    try:
+        os.kill(-1, signal.SIGSTOP)  # every process of mine but this one
+    except ProcessLookupError:
+        pass
+    if pulse and time.monotonic() - last > pulse:  # a moment of progress now and then
+        os.kill(-1, signal.SIGCONT)
+        time.sleep(0.001)
+        last = time.monotonic()
+    time.sleep(0.0005)
+"""
+
+KILL_UID = """
+import os, signal, sys
+os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[1]))
+for _ in range(50):
+    os.kill(-1, signal.SIGKILL)  # every process of the student's (stopped ones too)
+"""
+
+
+def run_with_short_deadline(c, *args: str, bound: float = 60) -> subprocess.CompletedProcess:
+    """``notebooks.py ARGS CONFIG --yes`` with each student's deadline at 5 s; fails the test if it
+    still runs after ``bound`` seconds: one student held up the class."""
+    from conftest import PYTHON, ROOT
+
+    command = [PYTHON, "-c", DEADLINE_5S, args[0], str(c.config), *args[1:], "--yes"]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers
+        out, err = proc.communicate()
+        pytest.fail(f"`{' '.join(args)}` still ran after {bound} s: {out}{err}")
+    assert "Traceback" not in err, err
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def stopper(c, username: str, pulse: float = 0.0):
+    """As the student: SIGSTOP every other process of theirs, as soon as it appears."""
+    from conftest import PYTHON
+
+    pw = c.pw(username)
+    proc = subprocess.Popen(
+        [PYTHON, "-c", STOPPER, str(pulse)],
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=[],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run([PYTHON, "-c", KILL_UID, str(pw.pw_uid), str(pw.pw_gid)], check=True)
+
+
+def failed_line(text: str, username: str) -> bool:
+    return re.search(rf"^\s*{re.escape(username)}: FAILED", text, re.M) is not None
+
+
+@needs_root
+def test_send_is_not_stalled_by_a_student_who_stops_the_worker(ready_course):
+    c = ready_course
+    staller, other = c.usernames
+    many = c.base / "tutorial" / "many"
+    many.mkdir()
+    for i in range(3000):  # a worker that takes a while
+        (many / f"n{i:05d}.txt").write_text(f"{i}\n")
+    with stopper(c, staller):
+        r = run_with_short_deadline(c, "send")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert failed_line(r.stdout, staller), r.stdout
+    assert "not done within 5 s" in r.stdout, r.stdout
+    assert (c.home(other) / "tutorial" / "many" / "n02999.txt").exists()
+
+
+@needs_root
+def test_retrieve_is_not_stalled_by_a_student_who_stops_the_reader(sent_course):
+    c = sent_course
+    staller, other = c.usernames
+    c.write_config(retrieve={"max_total_size": "1M"})  # the deadline grows with it
+    pw = c.pw(staller)
+    many = c.home(staller) / "tutorial" / "many"
+    many.mkdir()
+    own(many, pw)
+    for i in range(5000):  # a reader that takes a while
+        (many / f"n{i:05d}.txt").write_text(f"{i}\n")
+        own(many / f"n{i:05d}.txt", pw)
+    answer = c.home(other) / "tutorial" / "answer.py"
+    answer.write_text("print(42)\n")
+    own(answer, c.pw(other))
+    with stopper(c, staller, pulse=2.0):
+        r = run_with_short_deadline(c, "retrieve")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert failed_line(r.stdout, staller), r.stdout
+    assert re.search(rf"^\s*{other}: collected", r.stdout, re.M), r.stdout
+    dest = c.base / "submissions"
+    assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
+    assert not (dest / staller).exists() or not [
+        p for p in (dest / staller).iterdir() if p.name.startswith(".partial-")
+    ], "the failed student's half-built snapshot was left"

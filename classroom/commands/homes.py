@@ -63,15 +63,21 @@ def each_home(
     label: str,
     *,
     idle_timeout: float,
+    deadline: float,
     keep_fds: Sequence[int] = (),
 ) -> Iterator[tuple[str, dict]]:
     """Run the tasks (one per student) in workers, with a progress bar on a terminal;
-    yield ``(username, payload)`` as each ends (see ``workers.fork_map``)."""
+    yield ``(username, payload)`` as each ends (see ``workers.fork_map``). A student's
+    worker still running after ``deadline`` seconds fails that student only."""
     bar = None
     if len(tasks) > 1 and sys.stderr.isatty():
         bar = click.progressbar(length=len(tasks), label=label, file=sys.stderr)
     results = workers.fork_map(
-        tasks, workers=workers.workers_for(len(tasks)), keep_fds=keep_fds, idle_timeout=idle_timeout
+        tasks,
+        workers=workers.workers_for(len(tasks)),
+        keep_fds=keep_fds,
+        idle_timeout=idle_timeout,
+        deadline=deadline,
     )
     for username, payload in results:
         yield username, payload

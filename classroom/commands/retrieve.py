@@ -22,7 +22,7 @@ import click
 from ..core import retrieverules
 from ..core.errors import InvalidInput
 from ..core.retrieverules import Caps, parse_deadline
-from ..host import records, snapshot
+from ..host import records, snapshot, workers
 from ..host.system import sudo_caller
 from .course import Course, Report
 from .homes import can_look_inside, each_home, enterable, report_each
@@ -65,6 +65,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
     caps = Caps(s.max_file_size, s.max_total_size, deadline.timestamp() if deadline else None)
     if not can_look_inside():
         click.echo("  (not root: the homes cannot be looked into; showing what would be collected)")
+    time_limit = workers.student_deadline(s.max_total_size)
     prev = records.retrieved_rows(course.state, str(dest))
     sent = records.handed_out(course.state, folder)
     tasks = []
@@ -89,6 +90,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
             stamp,
             prev.pop(st.username, []),
             handed_out=sent.pop(st.username, {}),
+            time_limit=time_limit,
         )
         quick = snapshot.quick_check(job)
         if quick is not None:
@@ -96,7 +98,9 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
         else:
             tasks.append((st.username, snapshot.collect_home, (job,)))
     idle = snapshot.READ_TIMEOUT + 60
-    for username, payload in each_home(tasks, "retrieve", idle_timeout=idle):
+    # The root worker stops its student at time_limit; the pool's deadline is a backstop.
+    backstop = time_limit + 60
+    for username, payload in each_home(tasks, "retrieve", idle_timeout=idle, deadline=backstop):
         results[username] = payload
         if "ok" in payload:
             result = payload["ok"]

@@ -15,7 +15,7 @@ import click
 from ..core import sendrules
 from ..core.errors import InvalidInput
 from ..core.settings import Settings, safe_folder
-from ..host import homesend, records
+from ..host import homesend, records, workers
 from ..host.server import running_servers
 from .course import Course
 from .homes import can_look_inside, each_home, enterable, report_each
@@ -81,7 +81,9 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
             else:
                 job = homesend.SendJob(pw, folder, src, rows, force, stamp)
                 tasks.append((st.username, homesend.send_to_home, (job,)))
-        for username, payload in each_home(tasks, "send", idle_timeout=600, keep_fds=src.fds()):
+        deadline = workers.student_deadline(sum(f.size for f in src.files))
+        work = each_home(tasks, "send", idle_timeout=600, deadline=deadline, keep_fds=src.fds())
+        for username, payload in work:
             results[username] = payload
             if "ok" in payload:
                 records.record_sent(course.state, username, folder, payload["ok"])

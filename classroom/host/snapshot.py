@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +197,15 @@ class Snapshot:
         except OSError:
             return False
 
+    def abandon(self) -> None:
+        """Delete the half-built snapshot (this student failed)."""
+        if self.fd is None or self.user_fd is None:
+            return
+        os.close(self.fd)
+        self.fd = None
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.partial, dir_fd=self.user_fd)
+
     def finish(self) -> str:
         """Rename into place under a new TIMESTAMP name and point ``latest`` at it."""
         if self.fd is None or self.user_fd is None:
@@ -207,6 +217,7 @@ class Snapshot:
         os.fchmod(self.fd, 0o755)
         os.rename(self.partial, name, src_dir_fd=self.user_fd, dst_dir_fd=self.user_fd)
         os.close(self.fd)
+        self.fd = None  # in place: nothing to abandon
         tmp = f".latest-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=self.user_fd)
@@ -259,7 +270,8 @@ class RetrieveJob:
     caps: Caps
     stamp: str
     prev_rows: list  # the last snapshot's (path, snapshot, sha256, size, stat key), from the state
-    read_timeout: float = READ_TIMEOUT
+    read_timeout: float = READ_TIMEOUT  # the longest wait for one message of the reader
+    time_limit: float = workers.STUDENT_DEADLINE  # the longest the whole retrieval may take
     handed_out: dict[str, str] = field(default_factory=dict)  # rel -> sha256 send last wrote
 
     def still_same(self, prev_files: dict, prev_skipped: dict) -> dict | None:
@@ -309,9 +321,13 @@ def collect_home(job: RetrieveJob) -> dict:
         lambda: reader.run(job.pw, job.folder, job.include, job.exclude), {child_sock.fileno()}
     )
     child_sock.close()
-    parent_sock.settimeout(job.read_timeout)
+    collector = Collector(job, user_fd, prev_fd, tally)
     try:
-        return Collector(job, user_fd, prev_fd, tally).run(parent_sock)
+        return collector.run(parent_sock)
+    except BaseException:
+        if collector.snap is not None:
+            collector.snap.abandon()
+        raise
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -351,15 +367,31 @@ class Collector:
         else:
             self.pending_links.append(rel)
 
-    def run(self, sock: socket.socket) -> dict:
-        """Every message up to ``end``; then the snapshot, if anything changed."""
-        while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
-            except TimeoutError:
+    def receive_one(self, sock: socket.socket, end: float) -> tuple[bytes, list[int]]:
+        """The reader's next message, within ``read_timeout`` and before ``end`` (monotonic):
+        a reader the student stops, or slows to a trickle, fails this student only."""
+        left = end - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(
+                f"the student's folder was not read within {self.job.time_limit:.0f} s "
+                "(its reader was stopped or too slow); retrieve again"
+            )
+        sock.settimeout(min(self.job.read_timeout, left))
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+        except TimeoutError:
+            if time.monotonic() < end:
                 raise RuntimeError(
                     "the student's folder could not be read in time (stopped)"
                 ) from None
+            return self.receive_one(sock, end)  # says why
+        return data, fds
+
+    def run(self, sock: socket.socket) -> dict:
+        """Every message up to ``end``; then the snapshot, if anything changed."""
+        end = time.monotonic() + self.job.time_limit
+        while True:
+            data, fds = self.receive_one(sock, end)
             if not data:
                 raise RuntimeError("the reader process ended unexpectedly")
             msg = json.loads(data)
