@@ -219,3 +219,71 @@ def test_printable_leaves_nothing_a_terminal_acts_on():
     assert shown.startswith("\\x1b]0;pwned\\x07\\x1b[2K") and shown.endswith("\\n\\t ok é")
     assert printable("lesson.ipynb") == "lesson.ipynb"
     assert printable(printable(hostile)) == printable(hostile)  # what it prints is printable
+
+
+def flood(t: Tally, links: int, folders: int) -> None:
+    """What the reader reports of a flooded folder, in walk order: folders, links, two files."""
+    for i in range(folders):
+        t.folder(f"f{i:06d}")
+    for i in range(links):
+        t.saw(f"deep/l{i:06d}")
+        t.skip(f"deep/l{i:06d}", "a symlink", 11, BEFORE, f"1:{i}:11:0:0")
+    for rel, sha in (("lesson.ipynb", SHA_A), ("zz/answer.py", SHA_B)):
+        t.saw(rel)
+        assert t.refuse(5, rel) is None
+        t.add(rel, "unchanged" if rel in t.prev_files else "new", sha, 5, K1, BEFORE)
+
+
+def as_state(t: Tally) -> list[tuple]:
+    """What the state keeps of a snapshot, as ``split_rows`` reads it back."""
+    return [(rel.encode(), "S1", sha, size, key) for rel, sha, size, key in t.remembered()]
+
+
+def test_a_flood_is_bounded_and_the_same_flood_is_no_change():
+    t = tally(max_total=10**9)
+    flood(t, links=25_000, folders=12_000)
+    result = t.result()
+    assert result["state"] == "collected" and result["counts"]["skipped"] == 25_000
+    rows = t.rows("u", "S1")
+    assert len(rows) == r.MAX_ROWS + 1
+    assert {"lesson.ipynb", "zz/answer.py"} <= {row[2] for row in rows}  # files first
+    assert rows[-1][2] == "" and "15,002 more entries, not listed" in rows[-1][6]
+    assert len(t.remembered()) == r.REMEMBERED_SKIPS + 2 + 1  # + the files + the summary
+    assert len(result["skipped"]) <= r.REPORTED
+    assert "25000 skipped: deep/l000000: a symlink" in r.detail(result)
+    folders = t.snapshot_folders()
+    assert len(folders) == r.MAX_FOLDERS and "zz" in folders and "deep" not in folders
+
+    prev_files, prev_skipped = r.split_rows(as_state(t))
+    again = Tally(prev_files, prev_skipped, Caps(1000, 10**9))
+    flood(again, links=25_000, folders=12_000)
+    assert again.result()["state"] == "unchanged"
+
+    still = StillSame(prev_files, prev_skipped, Caps(1000, 10**9))
+    for i in range(25_000):
+        assert still.see(f"deep/l{i:06d}", True, 11, f"1:{i}:11:0:0", BEFORE)
+    for rel in ("lesson.ipynb", "zz/answer.py"):
+        assert still.see(rel, False, 5, K1, BEFORE)
+    fast = still.result()
+    assert fast is not None and fast["counts"]["skipped"] == 25_000
+
+    one_more = Tally(prev_files, prev_skipped, Caps(1000, 10**9))
+    flood(one_more, links=25_001, folders=0)
+    assert one_more.result()["state"] == "collected"  # a new skipped entry is a change
+    still = StillSame(prev_files, prev_skipped, Caps(1000, 10**9))
+    for i in range(25_001):
+        still.see(f"deep/l{i:06d}", True, 11, "", BEFORE)
+    assert still.result() is None
+
+
+def test_files_past_the_caps_of_rows_and_folders_are_skipped():
+    t = tally(max_total=10**9)
+    for i in range(r.MAX_ROWS):
+        assert t.refuse(1, f"f{i}.txt") is None
+        t.add(f"f{i}.txt", "new", SHA_A, 1, K1, BEFORE)
+    assert t.refuse(1, "one-more.txt") == "over the 10,000 files of one retrieval"
+    t = tally(max_total=10**9)
+    deep = "/".join(f"d{i}" for i in range(r.MAX_FOLDERS))
+    assert t.refuse(1, f"{deep}/file") is None
+    assert t.refuse(1, "other/file") == "in a folder over the 10,000 folders of one retrieval"
+    assert t.refuse(1, "top-level-file") is None

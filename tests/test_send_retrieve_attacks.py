@@ -15,6 +15,7 @@ import csv
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -493,3 +494,108 @@ def test_retrieve_is_not_stalled_by_a_student_who_stops_the_reader(sent_course):
     assert not (dest / staller).exists() or not [
         p for p in (dest / staller).iterdir() if p.name.startswith(".partial-")
     ], "the failed student's half-built snapshot was left"
+
+
+# --- SPEC §6.11 rule 14: what a home can make retrieve write is bounded ---------------------------
+
+FLOOD = r"""
+import os, sys
+links, folders = int(sys.argv[1]), int(sys.argv[2])
+base = os.path.join(os.path.expanduser("~"), "tutorial")
+fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+for i in range(folders):  # many empty folders
+    os.mkdir(f"f{i:06d}", dir_fd=fd)
+for depth in range(15):  # 15 nested folders with 255-character names
+    name = (f"{depth:02d}" + "d" * 255)[:255]
+    os.mkdir(name, dir_fd=fd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+for i in range(links):  # at the bottom, many symlinks: each one is a skipped entry
+    os.symlink("/etc/passwd", f"l{i:06d}", dir_fd=fd)
+with open(os.path.join(base, "lesson.ipynb"), "a") as f:  # and one real edit
+    f.write("\n# my answer\n")
+"""
+
+
+def user_rows(dest: Path, username: str) -> list[dict]:
+    csv.field_size_limit(1 << 24)
+    return [row for row in manifest_rows(dest) if row["username"] == username]
+
+
+def snapshot_names(dest: Path, username: str) -> list[str]:
+    return sorted(
+        p.name
+        for p in (dest / username).iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
+
+
+MEASURED = """
+import json, resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"code": r.returncode, "out": r.stdout, "err": r.stderr, "peak": peak}))
+"""
+
+
+def retrieve_measured(c) -> tuple[subprocess.CompletedProcess, int]:
+    """``retrieve --yes``, and the largest resident size any of its processes reached (bytes)."""
+    import json
+
+    from conftest import NOTEBOOKS, PYTHON
+
+    command = [PYTHON, str(NOTEBOOKS), "retrieve", str(c.config), "--yes"]
+    wrapper = subprocess.run(
+        [PYTHON, "-c", MEASURED, *command], capture_output=True, text=True, timeout=600, check=True
+    )
+    got = json.loads(wrapper.stdout)
+    return subprocess.CompletedProcess(command, got["code"], got["out"], got["err"]), got["peak"]
+
+
+@needs_root
+def test_retrieve_flood_is_bounded_and_not_repeated(sent_course):
+    """15 nested 255-character folders, 20,000 symlinks, 10,500 empty folders, one edit: at
+    most 10,000 manifest rows (and a summary row) and 10,000 folders, a small state, bounded
+    memory, and the same home again makes no new snapshot and no new row."""
+    from conftest import PYTHON
+
+    c = sent_course
+    flooder, other = c.usernames
+    dest = c.base / "submissions"
+    pw = c.pw(flooder)
+    subprocess.run(
+        [PYTHON, "-c", FLOOD, "20000", "10500"],
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=[],
+        env={"HOME": pw.pw_dir},
+        check=True,
+        timeout=300,
+    )
+    answer = c.home(other) / "tutorial" / "answer.py"
+    answer.write_text("print(42)\n")
+    own(answer, c.pw(other))
+    try:
+        r, peak = retrieve_measured(c)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert peak < 400 << 20, f"a process of retrieve used {peak >> 20} MB"
+        rows = user_rows(dest, flooder)
+        assert 0 < len(rows) <= 10_001, f"{len(rows)} manifest rows for one student"
+        summary = [row for row in rows if row["path"] == ""]
+        assert len(summary) == 1 and "not listed" in summary[0]["status"], summary
+        assert {"lesson.ipynb", "data/numbers.csv"} <= {row["path"] for row in rows}
+        (snap,) = snapshot_names(dest, flooder)
+        folders = sum(len(d) for _, d, _ in os.walk(dest / flooder / snap))
+        assert folders <= 10_000, f"{folders} folders in one snapshot"
+        assert (dest / flooder / "latest" / "lesson.ipynb").read_text().endswith("# my answer\n")
+        assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
+        state_db = c.state_dir / "state.db"
+        assert state_db.stat().st_size < 16 << 20, f"state.db: {state_db.stat().st_size} bytes"
+        size = (dest / "manifest.csv").stat().st_size
+
+        again = c.run("retrieve", "--yes", timeout=600)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert snapshot_names(dest, flooder) == [snap], "the same skipped entries: a new snapshot"
+        assert (dest / "manifest.csv").stat().st_size == size, "nothing changed, yet new rows"
+        assert "retrieve: 2 unchanged" in again.stdout, again.stdout
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

@@ -87,6 +87,13 @@ def each_home(
         bar.render_finish()
 
 
+def drop_bulk(result: dict, *keys: str) -> None:
+    """Once a student's result is written down (manifest, state), keep only what the report
+    needs: the command's memory then grows with the workers running, not with the class."""
+    for key in keys:
+        result.pop(key, None)
+
+
 def report_each(
     report: Report,
     students: Sequence[Student],

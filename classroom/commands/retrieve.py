@@ -25,7 +25,7 @@ from ..core.retrieverules import Caps, parse_deadline
 from ..host import records, snapshot, workers
 from ..host.system import sudo_caller
 from .course import Course, Report
-from .homes import can_look_inside, each_home, enterable, report_each
+from .homes import can_look_inside, drop_bulk, each_home, enterable, report_each
 
 __all__ = ["owner_account", "parse_deadline", "retrieve"]
 
@@ -107,6 +107,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
             if result["state"] == "collected":
                 snapshot.append_manifest(dest, result["rows"], owner)
             records.record_retrieved(course.state, username, str(dest), folder, result)
+            drop_bulk(result, "rows", "cache")
     report_each(report, students, results, lambda username, r: _report(report, username, r))
     return report.finish()
 
@@ -114,7 +115,8 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
 def _report(report: Report, username: str, result: dict) -> None:
     """One student's line: nothing to collect, unchanged, or a new snapshot."""
     if result["state"] == "nothing":
-        skipped = retrieverules.detail({"skipped": result.get("skipped")})
+        counts = {"skipped": result.get("counts", {}).get("skipped", 0)}
+        skipped = retrieverules.detail({"skipped": result.get("skipped"), "counts": counts})
         tail = f"; {skipped}" if skipped else ""
         report.unchanged(username, f"nothing to collect: {result['why']}{tail}")
     elif result["state"] == "unchanged":

@@ -18,7 +18,7 @@ from ..core.settings import Settings, safe_folder
 from ..host import homesend, records, workers
 from ..host.server import running_servers
 from .course import Course
-from .homes import can_look_inside, each_home, enterable, report_each
+from .homes import can_look_inside, drop_bulk, each_home, enterable, report_each
 
 EMPTY = {"actions": {}, "skipped": [], "records": []}
 
@@ -87,6 +87,7 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
             results[username] = payload
             if "ok" in payload:
                 records.record_sent(course.state, username, folder, payload["ok"])
+                drop_bulk(payload["ok"], "records")
     finally:
         src.close()
 

@@ -412,14 +412,15 @@ class Collector:
     def receive(self, msg: dict, fd: int | None) -> None:
         t = self.tally
         if msg["t"] == "same":
-            t.folders.extend(msg.get("dirs", ()))
+            for rel in msg.get("dirs", ()):
+                t.folder(rel)
             for rel, key, size, mtime in msg["items"]:
                 sha = t.reported_same(rel, key, size, mtime)
                 if sha is not None:
                     self.unchanged(rel, sha, size, key, mtime)
             return
         rel = msg["rel"]
-        t.seen.add(rel)
+        t.saw(rel)
         if msg["t"] == "skip":
             t.skip(rel, msg["why"], msg["size"], msg["mtime"], msg.get("key", ""))
         elif fd is None:
@@ -432,7 +433,7 @@ class Collector:
         t, max_file = self.tally, self.job.caps.max_file
         fst = os.fstat(fd)
         size, mtime, key = fst.st_size, fst.st_mtime_ns, safefs.stat_key(fst)
-        why = safefs.kind(fst) if not stat.S_ISREG(fst.st_mode) else t.refuse(size)
+        why = safefs.kind(fst) if not stat.S_ISREG(fst.st_mode) else t.refuse(size, rel)
         if why:
             return t.skip(rel, why, size, mtime, key)
         prev = t.prev_files.get(rel)
@@ -456,7 +457,7 @@ class Collector:
         if result["state"] != "collected":
             return result
         snap = self.snapshot()
-        for rel in self.tally.folders:
+        for rel in self.tally.snapshot_folders():
             snap.parent(f"{rel}/-")
         name = snap.finish()
         return {
