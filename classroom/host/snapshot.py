@@ -370,21 +370,20 @@ class Collector:
     def receive_one(self, sock: socket.socket, end: float) -> tuple[bytes, list[int]]:
         """The reader's next message, within ``read_timeout`` and before ``end`` (monotonic):
         a reader the student stops, or slows to a trickle, fails this student only."""
+        too_long = (
+            f"the student's folder was not read within {self.job.time_limit:.0f} s "
+            "(its reader was stopped or too slow); retrieve again"
+        )
         left = end - time.monotonic()
         if left <= 0:
-            raise RuntimeError(
-                f"the student's folder was not read within {self.job.time_limit:.0f} s "
-                "(its reader was stopped or too slow); retrieve again"
-            )
+            raise RuntimeError(too_long)
         sock.settimeout(min(self.job.read_timeout, left))
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
         except TimeoutError:
-            if time.monotonic() < end:
-                raise RuntimeError(
-                    "the student's folder could not be read in time (stopped)"
-                ) from None
-            return self.receive_one(sock, end)  # says why
+            if time.monotonic() >= end:
+                raise RuntimeError(too_long) from None
+            raise RuntimeError("the student's folder could not be read in time (stopped)") from None
         return data, fds
 
     def run(self, sock: socket.socket) -> dict:
