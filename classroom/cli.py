@@ -237,7 +237,7 @@ def deadline_value(ctx: click.Context, param: click.Parameter, value: str | None
     "--deadline",
     metavar='"YYYY-MM-DD HH:MM"',
     callback=deadline_value,
-    help="Mark files modified after it as late.",
+    help="Mark files the student changed after it as late (a date alone: the end of that day).",
 )
 def retrieve(course: Course, **options: Any) -> int:
     """Collect every student's work into DESTINATION/USERNAME/TIMESTAMP/ (every version kept)."""

@@ -292,3 +292,22 @@ def test_retrieve_keeps_empty_folders(ready_course):
     assert {str(p.relative_to(home)) for p in home.rglob("*")} == {
         str(p.relative_to(snap)) for p in snap.rglob("*")
     }
+
+
+@needs_root
+def test_retrieve_removes_what_a_cut_off_retrieve_left(ready_course):
+    """A half-built snapshot of an interrupted retrieve goes at the next retrieve, even when the
+    student changed nothing since (the fast path would start no worker)."""
+    c = ready_course
+    a = c.usernames[0]
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    assert c.run("retrieve", "--yes", "--only", a).returncode == 0
+    dest = c.base / "submissions"
+    partial = dest / a / ".partial-2030-01-01_000000-12345"
+    partial.mkdir()
+    (partial / "lesson.ipynb").write_text("half")
+    (dest / a / ".latest-12345").symlink_to(partial.name)
+    r = c.run("retrieve", "--yes", "--only", a)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "retrieve: 1 unchanged" in r.stdout, r.stdout
+    assert sorted(p.name for p in (dest / a).iterdir() if p.name.startswith(".")) == []

@@ -108,3 +108,34 @@ def test_a_dry_run_changes_nothing(home, dry):
         os.close(to)
     assert sorted(str(p) for p in home.rglob("*")) == before
     assert (home / "f").read_text() == "old"
+
+
+def test_leftovers_are_only_the_tools_own_temporary_files(home, tmp_path):
+    (home / ".classroom-0123456789ab.tmp").write_text("half a copy")
+    (home / ".classroom-notmine.tmp").write_text("a student's")
+    (home / ".classroom-ba9876543210.tmp").mkdir()  # a folder of that name: not the tool's
+    (home / ".classroom-aaaaaaaaaaaa.tmp").symlink_to(tmp_path / "victim")
+    (tmp_path / "victim").write_text("kept")
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert safefs.leftovers(fd) == [".classroom-0123456789ab.tmp"]
+        assert safefs.remove_leftovers(fd) == 1
+        assert safefs.leftovers(fd) == []
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in home.iterdir()) == [
+        ".classroom-aaaaaaaaaaaa.tmp",
+        ".classroom-ba9876543210.tmp",
+        ".classroom-notmine.tmp",
+    ]
+    assert (tmp_path / "victim").read_text() == "kept"
+
+
+def test_a_dry_run_removes_no_leftover(home, dry):
+    (home / ".classroom-0123456789ab.tmp").write_text("half a copy")
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert safefs.remove_leftovers(fd) == 0
+    finally:
+        os.close(fd)
+    assert (home / ".classroom-0123456789ab.tmp").exists()

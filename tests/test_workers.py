@@ -77,6 +77,30 @@ def test_a_silent_worker_is_stopped_a_busy_one_is_not():
     assert got["busy"] == {"ok": "done"}
 
 
+def freeze() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSTOP)  # what a student can do to their own worker
+
+
+def test_a_worker_past_its_deadline_is_stopped_the_others_go_on():
+    """A frozen worker, and one that trickles progress forever, each fail at the deadline."""
+    tasks = [("frozen", freeze, ()), ("trickle", busy, (60,))]
+    tasks += [(str(n), square, (n,)) for n in range(4)]
+    got = run_all(tasks, idle_timeout=120, deadline=2, workers=2)
+    stopped = {"error": "not done within 2 s: stopped (the others went on)", "timeout": 2}
+    assert got["frozen"] == stopped and got["trickle"] == stopped
+    assert {k: v for k, v in got.items() if k.isdigit()} == {
+        str(n): {"ok": n * n} for n in range(4)
+    }
+
+
+def test_the_deadline_grows_with_the_data(monkeypatch):
+    monkeypatch.setattr(workers, "STUDENT_DEADLINE", 5.0)
+    assert workers.student_deadline() == 5.0
+    assert workers.student_deadline(10 * workers.SLOWEST_RATE) == 15.0
+
+
 def test_only_the_kept_descriptors_are_inherited():
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..core.roster import Student
+from ..core.text import escaped
 from ..host import accounts, workers
 from ..host.system import is_root
 from .course import Course, Report
@@ -62,15 +63,21 @@ def each_home(
     label: str,
     *,
     idle_timeout: float,
+    deadline: float,
     keep_fds: Sequence[int] = (),
 ) -> Iterator[tuple[str, dict]]:
     """Run the tasks (one per student) in workers, with a progress bar on a terminal;
-    yield ``(username, payload)`` as each ends (see ``workers.fork_map``)."""
+    yield ``(username, payload)`` as each ends (see ``workers.fork_map``). A student's
+    worker still running after ``deadline`` seconds fails that student only."""
     bar = None
     if len(tasks) > 1 and sys.stderr.isatty():
         bar = click.progressbar(length=len(tasks), label=label, file=sys.stderr)
     results = workers.fork_map(
-        tasks, workers=workers.workers_for(len(tasks)), keep_fds=keep_fds, idle_timeout=idle_timeout
+        tasks,
+        workers=workers.workers_for(len(tasks)),
+        keep_fds=keep_fds,
+        idle_timeout=idle_timeout,
+        deadline=deadline,
     )
     for username, payload in results:
         yield username, payload
@@ -78,6 +85,13 @@ def each_home(
             bar.update(1)
     if bar:
         bar.render_finish()
+
+
+def drop_bulk(result: dict, *keys: str) -> None:
+    """Once a student's result is written down (manifest, state), keep only what the report
+    needs: the command's memory then grows with the workers running, not with the class."""
+    for key in keys:
+        result.pop(key, None)
 
 
 def report_each(
@@ -93,6 +107,6 @@ def report_each(
         if payload is None:
             continue
         if "error" in payload:
-            report.failed(st.username, f"{payload['error']}")
+            report.failed(st.username, escaped(f"{payload['error']}"))
         else:
             ok(st.username, payload["ok"])

@@ -33,7 +33,7 @@ from ..host.server import (
 )
 from ..host.serverhome import prepare_homes, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
-from ..host.system import student_deadline
+from ..host.workers import student_deadline
 from .course import Course, Report
 from .shutdown import shutdown
 
@@ -177,7 +177,7 @@ def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> lis
         )
     ready = []
     pws = [server.pw for server in servers]
-    errors = prepare_homes(course.settings, pws, tls, student_deadline(PREPARE_DEADLINE))
+    errors = prepare_homes(course.settings, pws, tls, student_deadline(base=PREPARE_DEADLINE))
     for server, error in zip(servers, errors, strict=True):
         if error:
             report.failed(server.username, f"preparing the home failed: {printable(error)}")

@@ -26,10 +26,10 @@ from ..core import retrieverules
 from ..core.errors import InvalidInput
 from ..core.paths import as_text
 from ..core.retrieverules import Caps, parse_deadline
-from ..host import records, snapshot
+from ..host import records, snapshot, workers
 from ..host.system import sudo_caller
 from .course import Course, Report
-from .homes import can_look_inside, each_home, enterable, report_each
+from .homes import can_look_inside, drop_bulk, each_home, enterable, report_each
 
 __all__ = ["owner_account", "parse_deadline", "retrieve"]
 
@@ -61,6 +61,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
     dest = s.retrieve_destination
     snapshot.ensure_destination(dest, owner)
     course.state.ensure(records.RETRIEVE_SQL)
+    course.state.ensure(records.SEND_SQL)
     report = course.report("retrieve")
     students = course.students(only)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
@@ -68,7 +69,9 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
     caps = Caps(s.max_file_size, s.max_total_size, deadline.timestamp() if deadline else None)
     if not can_look_inside():
         click.echo("  (not root: the homes cannot be looked into; showing what would be collected)")
+    time_limit = workers.student_deadline(s.max_total_size)
     prev = records.retrieved_rows(course.state, str(dest))
+    sent = records.handed_out(course.state, folder)
     tasks = []
     results: dict[str, dict] = {}
     homes = enterable(
@@ -90,6 +93,8 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
             caps,
             stamp,
             prev.pop(st.username, []),
+            handed_out=sent.pop(st.username, {}),
+            time_limit=time_limit,
         )
         quick = snapshot.quick_check(job)
         if quick is not None:
@@ -97,13 +102,16 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
         else:
             tasks.append((st.username, snapshot.collect_home, (job,)))
     idle = snapshot.READ_TIMEOUT + 60
-    for username, payload in each_home(tasks, "retrieve", idle_timeout=idle):
+    # The root worker stops its student at time_limit; the pool's deadline is a backstop.
+    backstop = time_limit + 60
+    for username, payload in each_home(tasks, "retrieve", idle_timeout=idle, deadline=backstop):
         results[username] = payload
         if "ok" in payload:
             result = payload["ok"]
             if result["state"] == "collected":
                 snapshot.append_manifest(dest, result["rows"], owner)
             records.record_retrieved(course.state, username, str(dest), folder, result)
+            drop_bulk(result, "rows", "cache")
     report_each(report, students, results, lambda username, r: _report(report, username, r))
     if not report.dry_run:
         write_summary(course, owner)
@@ -139,7 +147,8 @@ def write_summary(course: Course, owner: pwd.struct_passwd) -> None:
 def _report(report: Report, username: str, result: dict) -> None:
     """One student's line: nothing to collect, unchanged, or a new snapshot."""
     if result["state"] == "nothing":
-        skipped = retrieverules.detail({"skipped": result.get("skipped")})
+        counts = {"skipped": result.get("counts", {}).get("skipped", 0)}
+        skipped = retrieverules.detail({"skipped": result.get("skipped"), "counts": counts})
         tail = f"; {skipped}" if skipped else ""
         report.unchanged(username, f"nothing to collect: {result['why']}{tail}")
     elif result["state"] == "unchanged":

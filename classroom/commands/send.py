@@ -17,9 +17,10 @@ from ..core import sendrules
 from ..core.errors import InvalidInput
 from ..core.roster import Student
 from ..core.settings import Settings, safe_folder
-from ..host import homesend, records
+from ..host import homesend, records, workers
+from ..host.server import running_servers
 from .course import Course, Report
-from .homes import can_look_inside, each_home, enterable, report_each
+from .homes import can_look_inside, drop_bulk, each_home, enterable, report_each
 
 EMPTY = {"actions": {}, "skipped": [], "records": []}
 
@@ -69,6 +70,9 @@ def send(course: Course, *, only=(), force=False, source=None, folder=None) -> i
     finally:
         src.close()
     report_each(report, students, results, lambda username, r: report_sent(report, username, r))
+    note = servers_note(course, students, results)
+    if note:
+        report.note(note)
     return report.finish()
 
 
@@ -121,10 +125,14 @@ def hand_out(
             job = homesend.SendJob(pw, folder, src, rows, force, stamp, shared=shared)
             tasks.append((st.username, homesend.send_to_home, (job, fds)))
     keep = sorted(fds)
-    for username, payload in each_home(tasks, label, idle_timeout=600, keep_fds=keep):
+    biggest = max((sum(f.size for f in src.files) for _, _, src in jobs), default=0)
+    deadline = workers.student_deadline(biggest)
+    work = each_home(tasks, label, idle_timeout=600, deadline=deadline, keep_fds=keep)
+    for username, payload in work:
         results[username] = payload
         if "ok" in payload:
             records.record_sent(course.state, username, key, payload["ok"], table)
+            drop_bulk(payload["ok"], "records")
     return results
 
 
@@ -138,3 +146,26 @@ def report_sent(report: Report, username: str, result: dict) -> None:
         report.done(username, outcome, detail)
     else:
         report.unchanged(username, detail)
+
+
+IN_PLACE = (sendrules.UPDATE, sendrules.OVERWRITE)  # what an open notebook sees change on disk
+
+
+def servers_note(course: Course, students: list, results: dict[str, dict]) -> str:
+    """How many of the students have a running server, and what they see ("File Changed" in
+    JupyterLab for an open file that send changed in place) and should click; or ""."""
+    running = set(running_servers(course.settings)) & {st.username for st in students}
+    if not running:
+        return ""
+    changed = [
+        u
+        for u in running
+        if any(results.get(u, {}).get("ok", EMPTY)["actions"].get(a) for a in IN_PLACE)
+    ]
+    return (
+        f"  note: {len(running)} of these students have a running server"
+        f" ({len(changed)} got a file changed in place). Whoever has such a file open sees"
+        ' "File Changed" when saving: "Revert" loads the new version (what they typed since'
+        ' their last save is lost), "Overwrite" keeps theirs (the new version then comes'
+        " beside it at the next send)."
+    )

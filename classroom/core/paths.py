@@ -6,6 +6,8 @@ are not UTF-8. Such a name must neither break a report line nor be lost.
 
 from __future__ import annotations
 
+from .text import escaped
+
 
 def as_text(rel: str) -> str:
     """The path exactly, except undecodable bytes shown as ``\\xNN`` (what the manifest holds)."""
@@ -13,6 +15,6 @@ def as_text(rel: str) -> str:
 
 
 def shown(rel: str) -> str:
-    """The path as it can be printed on one line: newlines and other controls made visible."""
-    text = as_text(rel)
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    """The path as it can be printed on one line: newlines, escapes and other controls made
+    visible (``core.text.escaped``)."""
+    return escaped(as_text(rel))

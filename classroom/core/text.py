@@ -38,3 +38,25 @@ def _unsafe(ch: str) -> bool:
     if ch.isprintable():
         return ch in _HIDING
     return unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _HIDING
+
+
+NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escaped(text: str) -> str:
+    """A student's file name on one line, every character a terminal could act on (C0
+    and C1 controls, so every ESC or CSI, DEL, line separators, bidi overrides, other
+    non-printable characters) written as ``\\xNN`` (``\\n``, ``\\uNNNN``): unlike
+    ``printable``, nothing is dropped, so the teacher can still tell which file it is."""
+    if text.isprintable() and not any(ch in _HIDING for ch in text):
+        return text
+    return "".join(ch if ch.isprintable() and ch not in _HIDING else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in NAMED:
+        return NAMED[ch]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

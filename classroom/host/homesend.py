@@ -158,6 +158,7 @@ class HomeSender:
         self.force = job.force
         self.sent = {os.fsdecode(bytes(p)): Sent(*rest) for p, *rest in job.sent_rows}
         self.records: list[list] = []  # [rel, sha, size, stat_key] of what is now right there
+        self.forgotten: list[str] = []  # rels the course wrote before and removed now
         self.actions: dict[str, list[str]] = {}
         self.skipped: list[str] = []
         self.dev = 0
@@ -198,7 +199,12 @@ class HomeSender:
                 for fd in {fd for fd in dir_fds.values() if isinstance(fd, int)} - {home.fd}:
                     os.close(fd)
                 self.backup.close()
-        return {"actions": self.actions, "skipped": self.skipped, "records": self.records}
+        return {
+            "actions": self.actions,
+            "skipped": self.skipped,
+            "records": self.records,
+            "forgotten": self.forgotten,
+        }
 
     def _open_folder(self) -> safefs.HomeFolder:
         """HOME/FOLDER, made if missing; a link or a file on the way fails this student."""
@@ -221,6 +227,9 @@ class HomeSender:
                 dir_fds[rel] = pfd
                 continue
             dir_fds[rel] = self.subfolder(pfd, rel, name, self.job.dir_mode(mode))
+        for fd in dir_fds.values():
+            if isinstance(fd, int):
+                safefs.remove_leftovers(fd)  # what a send that was cut off left behind
         return dir_fds
 
     def subfolder(self, parent_fd: int | None, rel: str, name: str, mode: int) -> int | None | str:
@@ -284,9 +293,11 @@ class HomeSender:
         elif action == rules.CONFLICT:
             self.beside(dir_fd, name, f)
         elif action == rules.OVERWRITE:
-            self.act(action, f"{shown(f.rel)} (yours moved to {self.backup.where(f.rel)})")
+            where = self.backup.where(f.rel)
             self.backup.keep(dir_fd, f.rel, name)
             self.write(dir_fd, name, f.rel, f)
+            gone = "".join(f"; {shown(b)} removed" for b in self.drop_beside(dir_fd, name, f))
+            self.act(action, f"{shown(f.rel)} (yours moved to {where}{gone})")
         else:
             self.act(action, shown(f.rel))
             self.write(dir_fd, name, f.rel, f)
@@ -320,6 +331,24 @@ class HomeSender:
         self.skipped.append(
             f"{shown(f.rel)}: edited, and no free name for the new version beside it"
         )
+
+    def drop_beside(self, dir_fd: int | None, name: str, f: SourceFile) -> list[str]:
+        """After ``--force`` wrote ``name``: remove the new versions an earlier send put beside
+        it, each only if it is still exactly what the course wrote there; their names."""
+        parent = f.rel.rpartition("/")[0]
+        dropped = []
+        for n in range(1, rules.MAX_BESIDE + 1):
+            bname = rules.beside_name(name, n)
+            brel = f"{parent}/{bname}" if parent else bname
+            sent = self.sent_sha(brel)
+            if sent is None or dir_fd is None:
+                continue
+            have, _ = self.content(dir_fd, bname, brel, f)
+            if have == sent:
+                safefs.unlink(dir_fd, bname)
+                self.forgotten.append(brel)
+                dropped.append(bname)
+        return dropped
 
     def write(self, dir_fd: int | None, name: str, rel: str, f: SourceFile) -> None:
         """A copy of ``f`` as ``name`` in ``dir_fd``, whole or not at all; recorded."""
@@ -406,7 +435,8 @@ def unchanged_by_stat(pw: pwd.struct_passwd, folder: str, src: Source, rows: lis
     """The repeat-run fast path: True if every file is exactly what was last sent and is current.
 
     Only metadata is looked at (folders opened with O_NOFOLLOW, owned by the
-    student; files lstat'ed, never opened), so root may do it without a worker.
+    student; files lstat'ed, never opened; folders listed for what a send that was cut off
+    left), so root may do it without a worker.
     A file's dev:ino:size:mtime:ctime equal to what it was when the course
     wrote it means it was not touched since. Any doubt: False, and the worker decides.
     """
@@ -421,6 +451,8 @@ def unchanged_by_stat(pw: pwd.struct_passwd, folder: str, src: Source, rows: lis
             for rel, _mode in sorted(src.dirs, key=lambda d: d[0].split("/")):
                 parent, _, name = rel.rpartition("/")
                 fds[rel] = safefs.open_dir(fds[parent], name, uid=pw.pw_uid, dev=home.dev)
+            if any(safefs.leftovers(fd) for fd in fds.values()):
+                return False  # a send was cut off: its worker cleans up
             for f in src.files:
                 rec = sent.get(f.rel)
                 if rec is None or rec[0] != f.sha256:

@@ -130,15 +130,28 @@ def sent_rows(state: State, folder: str, table: str = SENT) -> dict[str, list]:
     )
 
 
+def handed_out(state: State, folder: str) -> dict[str, dict[str, str]]:
+    """What send last wrote into ``folder``: username -> {path: sha256} (for what is late)."""
+    return {
+        username: {os.fsdecode(bytes(path)): sha for path, sha, _size, _key in rows}
+        for username, rows in sent_rows(state, folder).items()
+    }
+
+
 def record_sent(state: State, username: str, folder: str, result: dict, table: str = SENT) -> None:
     """What was written to this student (``table``: by send or return), in the state,
     before it counts as done."""
     assert table in EVENTS
     what = sendrules.outcome(result["actions"])
-    if state.readonly or (not result["records"] and not what):
+    forgotten = result.get("forgotten") or []
+    if state.readonly or (not result["records"] and not what and not forgotten):
         return
     at = now()
     with state.transaction():
+        state.conn.executemany(
+            f"DELETE FROM {table} WHERE username = ? AND folder = ? AND path = ?",  # noqa: S608
+            [(username, folder, os.fsencode(rel)) for rel in forgotten],
+        )
         state.conn.executemany(
             f"INSERT OR REPLACE INTO {table} "  # noqa: S608 - a table of EVENTS
             "(username, folder, path, sha256, size, stat_key, sent_at) "

@@ -36,6 +36,8 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
+TEMP_PREFIX, TEMP_SUFFIX = ".classroom-", ".tmp"  # replace_file's temporary names
+TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + "[0-9a-f]{12}" + re.escape(TEMP_SUFFIX))
 MAX_DEPTH = 64
 MAX_ENTRIES = 100_000
 
@@ -199,7 +201,7 @@ def replace_file(
     """
     if dry_run() or dir_fd is None:
         return None
-    tmp = f".classroom-{secrets.token_hex(6)}.tmp"
+    tmp = f"{TEMP_PREFIX}{secrets.token_hex(6)}{TEMP_SUFFIX}"
     fd = os.open(tmp, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
     try:
         fill(fd)
@@ -214,6 +216,37 @@ def replace_file(
         raise
     finally:
         os.close(fd)
+
+
+def unlink(dir_fd: int, name: str) -> None:
+    """Delete the name ``name`` of ``dir_fd`` (a link is removed, never followed); nothing under
+    ``--dry-run``; nothing if it is gone already."""
+    if dry_run():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def leftovers(dir_fd: int) -> list[str]:
+    """The temporary files of ``replace_file`` in ``dir_fd`` (left by a run that was cut off):
+    regular files with exactly the tool's temporary names, nothing else."""
+    with os.scandir(dir_fd) as entries:
+        return [
+            e.name
+            for e in entries
+            if TEMP_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+        ]
+
+
+def remove_leftovers(dir_fd: int | None) -> int:
+    """Delete ``leftovers(dir_fd)`` (never followed: an unlink of a name); how many.
+    Nothing under ``--dry-run``."""
+    if dry_run() or dir_fd is None:
+        return 0
+    names = leftovers(dir_fd)
+    for name in names:
+        unlink(dir_fd, name)
+    return len(names)
 
 
 def move(from_fd: int, name: str, to_fd: int | None) -> None:

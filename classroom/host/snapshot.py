@@ -24,7 +24,8 @@ import shutil
 import signal
 import socket
 import stat
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,9 @@ def user_dir(dest_fd: int, username: str, owner: tuple[int, int]) -> int | None:
     return fd
 
 
+LEFTOVERS = (".partial-", ".latest-")  # what a run that was cut off can leave
+
+
 def remove_leftovers(user_fd: int) -> None:
     """What a run that was cut off left in DESTINATION/USERNAME (not under a dry run)."""
     if dry_run():
@@ -122,6 +126,14 @@ def remove_leftovers(user_fd: int) -> None:
                 shutil.rmtree(name, dir_fd=user_fd)
             elif name.startswith(".latest-"):
                 os.unlink(name, dir_fd=user_fd)
+
+
+def has_leftovers(user_dir: Path) -> bool:
+    """Did a run that was cut off leave something in DESTINATION/USERNAME?"""
+    try:
+        return any(name.startswith(LEFTOVERS) for name in os.listdir(user_dir))
+    except OSError:
+        return False
 
 
 class Snapshot:
@@ -190,6 +202,15 @@ class Snapshot:
         except OSError:
             return False
 
+    def abandon(self) -> None:
+        """Delete the half-built snapshot (this student failed)."""
+        if self.fd is None or self.user_fd is None:
+            return
+        os.close(self.fd)
+        self.fd = None
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.partial, dir_fd=self.user_fd)
+
     def finish(self) -> str:
         """Rename into place under a new TIMESTAMP name and point ``latest`` at it."""
         if self.fd is None or self.user_fd is None:
@@ -201,6 +222,7 @@ class Snapshot:
         os.fchmod(self.fd, 0o755)
         os.rename(self.partial, name, src_dir_fd=self.user_fd, dst_dir_fd=self.user_fd)
         os.close(self.fd)
+        self.fd = None  # in place: nothing to abandon
         tmp = f".latest-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=self.user_fd)
@@ -278,11 +300,13 @@ class RetrieveJob:
     caps: Caps
     stamp: str
     prev_rows: list  # the last snapshot's (path, snapshot, sha256, size, stat key), from the state
-    read_timeout: float = READ_TIMEOUT
+    read_timeout: float = READ_TIMEOUT  # the longest wait for one message of the reader
+    time_limit: float = workers.STUDENT_DEADLINE  # the longest the whole retrieval may take
+    handed_out: dict[str, str] = field(default_factory=dict)  # rel -> sha256 send last wrote
 
     def still_same(self, prev_files: dict, prev_skipped: dict) -> dict | None:
         """The fast path's result, if the folder is exactly as the last snapshot has it."""
-        still = StillSame(prev_files, prev_skipped, self.caps)
+        still = StillSame(prev_files, prev_skipped, self.caps, self.handed_out)
         return unchanged_by_stat(self.pw, self.folder, self.include, self.exclude, still)
 
 
@@ -296,6 +320,8 @@ def quick_check(job: RetrieveJob) -> dict | None:
             return None
     except OSError:
         return None
+    if has_leftovers(job.dest / job.username):
+        return None  # the worker removes them
     return job.still_same(*split_rows(job.prev_rows))
 
 
@@ -317,7 +343,7 @@ def collect_home(job: RetrieveJob) -> dict:
         quick = job.still_same(prev_files, prev_skipped)
         if quick is not None:
             return quick
-    tally = Tally(prev_files, prev_skipped, job.caps)
+    tally = Tally(prev_files, prev_skipped, job.caps, job.handed_out)
     prev_keys = {rel: v[2] for rel, v in prev_files.items()}
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     reader = HomeReader(child_sock, prev_keys, job.caps.max_file)
@@ -325,9 +351,13 @@ def collect_home(job: RetrieveJob) -> dict:
         lambda: reader.run(job.pw, job.folder, job.include, job.exclude), {child_sock.fileno()}
     )
     child_sock.close()
-    parent_sock.settimeout(job.read_timeout)
+    collector = Collector(job, user_fd, prev_fd, tally)
     try:
-        return Collector(job, user_fd, prev_fd, tally).run(parent_sock)
+        return collector.run(parent_sock)
+    except BaseException:
+        if collector.snap is not None:
+            collector.snap.abandon()
+        raise
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -367,15 +397,30 @@ class Collector:
         else:
             self.pending_links.append(rel)
 
+    def receive_one(self, sock: socket.socket, end: float) -> tuple[bytes, list[int]]:
+        """The reader's next message, within ``read_timeout`` and before ``end`` (monotonic):
+        a reader the student stops, or slows to a trickle, fails this student only."""
+        too_long = (
+            f"the student's folder was not read within {self.job.time_limit:.0f} s "
+            "(its reader was stopped or too slow); retrieve again"
+        )
+        left = end - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(too_long)
+        sock.settimeout(min(self.job.read_timeout, left))
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+        except TimeoutError:
+            if time.monotonic() >= end:
+                raise RuntimeError(too_long) from None
+            raise RuntimeError("the student's folder could not be read in time (stopped)") from None
+        return data, fds
+
     def run(self, sock: socket.socket) -> dict:
         """Every message up to ``end``; then the snapshot, if anything changed."""
+        end = time.monotonic() + self.job.time_limit
         while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
-            except TimeoutError:
-                raise RuntimeError(
-                    "the student's folder could not be read in time (stopped)"
-                ) from None
+            data, fds = self.receive_one(sock, end)
             if not data:
                 raise RuntimeError("the reader process ended unexpectedly")
             msg = json.loads(data)
@@ -396,14 +441,15 @@ class Collector:
     def receive(self, msg: dict, fd: int | None) -> None:
         t = self.tally
         if msg["t"] == "same":
-            t.folders.extend(msg.get("dirs", ()))
+            for rel in msg.get("dirs", ()):
+                t.folder(rel)
             for rel, key, size, mtime in msg["items"]:
                 sha = t.reported_same(rel, key, size, mtime)
                 if sha is not None:
                     self.unchanged(rel, sha, size, key, mtime)
             return
         rel = msg["rel"]
-        t.seen.add(rel)
+        t.saw(rel)
         if msg["t"] == "skip":
             t.skip(rel, msg["why"], msg["size"], msg["mtime"], msg.get("key", ""))
         elif fd is None:
@@ -416,7 +462,7 @@ class Collector:
         t, max_file = self.tally, self.job.caps.max_file
         fst = os.fstat(fd)
         size, mtime, key = fst.st_size, fst.st_mtime_ns, safefs.stat_key(fst)
-        why = safefs.kind(fst) if not stat.S_ISREG(fst.st_mode) else t.refuse(size)
+        why = safefs.kind(fst) if not stat.S_ISREG(fst.st_mode) else t.refuse(size, rel)
         if why:
             return t.skip(rel, why, size, mtime, key)
         prev = t.prev_files.get(rel)
@@ -440,7 +486,7 @@ class Collector:
         if result["state"] != "collected":
             return result
         snap = self.snapshot()
-        for rel in self.tally.folders:
+        for rel in self.tally.snapshot_folders():
             snap.parent(f"{rel}/-")
         name = snap.finish()
         return {

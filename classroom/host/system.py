@@ -228,16 +228,3 @@ def login_defs(path: Path = LOGIN_DEFS) -> LoginDefs:
         encrypt_method=values.get("ENCRYPT_METHOD", "SHA512").upper(),
         values=tuple(sorted(values.items())),
     )
-
-
-DEADLINE_ENV = "CLASSROOM_STUDENT_DEADLINE"
-
-
-def student_deadline(default: float) -> float:
-    """Seconds each student's part of a step may take overall (SPEC §6.11 rule 14):
-    ``default``, or ``$CLASSROOM_STUDENT_DEADLINE`` when set to a positive number."""
-    try:
-        value = float(os.environ.get(DEADLINE_ENV, ""))
-    except ValueError:
-        return default
-    return value if value > 0 else default

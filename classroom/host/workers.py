@@ -31,6 +31,30 @@ from .identity import student_env
 
 log = logging.getLogger("classroom")
 
+# Each student's part of a command has an overall deadline (SPEC §6.11 rule 14): after it
+# that student fails and the others go on, whatever the student does to their own worker
+# (SIGSTOP it, feed it a trickle). At least STUDENT_DEADLINE seconds, plus the time the data
+# it may move takes at SLOWEST_RATE. The teacher (root) may set $CLASSROOM_STUDENT_DEADLINE
+# (seconds) to give the whole deadline instead; sudo's env_reset keeps it from anyone else.
+STUDENT_DEADLINE = 300.0
+SLOWEST_RATE = 4 << 20  # bytes per second
+DEADLINE_ENV = "CLASSROOM_STUDENT_DEADLINE"
+
+
+def student_deadline(nbytes: int = 0, base: float | None = None) -> float:
+    """The overall deadline, in seconds, of one student's part of a command that moves up to
+    ``nbytes`` bytes (send: the material; retrieve: ``max_total_size``): ``base`` (default
+    STUDENT_DEADLINE) plus the data's time, or ``$CLASSROOM_STUDENT_DEADLINE`` when that is
+    set to a positive number of seconds."""
+    try:
+        override = float(os.environ.get(DEADLINE_ENV, ""))
+    except ValueError:
+        override = 0.0
+    if override > 0:
+        return override
+    return (STUDENT_DEADLINE if base is None else base) + nbytes / SLOWEST_RATE
+
+
 _beat_fd: int | None = None
 _last_beat = 0.0
 
@@ -144,13 +168,15 @@ class _Worker:
     key: str
     chunks: list[bytes] = field(default_factory=list)
     last: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
 
 
 class _Pool:
     """The running workers, by the read end of their pipe."""
 
-    def __init__(self, idle_timeout: float, keep_fds: Sequence[int]):
+    def __init__(self, idle_timeout: float, keep_fds: Sequence[int], deadline: float | None):
         self.idle_timeout = idle_timeout
+        self.deadline = deadline
         self.keep_fds = set(keep_fds)
         self.running: dict[int, _Worker] = {}
         self.exited: list[int] = []  # pids that reported: reaped without waiting for them
@@ -187,12 +213,22 @@ class _Pool:
             yield worker.key, payload
         now = time.monotonic()
         for fd, worker in list(self.running.items()):
-            if now - worker.last > self.idle_timeout:
+            stopped = self._overdue(worker, now)
+            if stopped is not None:
                 _kill(worker.pid)
                 self._forget(fd)
-                stopped = f"no progress for {self.idle_timeout:.0f} s: stopped"
-                yield worker.key, {"error": stopped, "timeout": self.idle_timeout}
+                yield worker.key, stopped
         self.exited[:] = [pid for pid in self.exited if os.waitpid(pid, os.WNOHANG)[0] == 0]
+
+    def _overdue(self, worker: _Worker, now: float) -> dict | None:
+        """The error payload of a worker to stop now (silent too long, or past its deadline)."""
+        if self.deadline is not None and now - worker.started > self.deadline:
+            why = f"not done within {self.deadline:.0f} s: stopped (the others went on)"
+            return {"error": why, "timeout": self.deadline}
+        if now - worker.last > self.idle_timeout:
+            why = f"no progress for {self.idle_timeout:.0f} s: stopped"
+            return {"error": why, "timeout": self.idle_timeout}
+        return None
 
     def close(self) -> None:
         for fd, worker in list(self.running.items()):
@@ -217,14 +253,17 @@ def fork_map(
     workers: int,
     idle_timeout: float = 300.0,
     keep_fds: Sequence[int] = (),
+    deadline: float | None = None,
 ) -> Iterator[tuple[str, dict]]:
     """Run each ``(key, func, args)`` as ``func(*args)`` in its own worker.
 
     ``args`` may be a function returning them, called just before the fork. At most
     ``workers`` run at once. Yields ``(key, payload)`` as each one ends: ``{"ok": result}``
     (the JSON-able return value) or ``{"error": message}`` (with ``"timeout"`` when it
-    was stopped for making no progress, ``"status"`` when it died without a word).
-    The workers inherit ``keep_fds`` and no other descriptor.
+    was stopped for making no progress for ``idle_timeout`` seconds or for running longer
+    than ``deadline`` seconds, ``"status"`` when it died without a word). A stopped worker
+    frees its place at once: the others never wait for it. The workers inherit
+    ``keep_fds`` and no other descriptor.
     """
     pending = list(tasks)
     pending.reverse()
@@ -234,7 +273,7 @@ def fork_map(
         # so copying) the whole inherited heap in each of them.
         gc.collect()
         gc.freeze()
-    pool = _Pool(idle_timeout, keep_fds)
+    pool = _Pool(idle_timeout, keep_fds, deadline)
     try:
         while pending or pool.running:
             while pending and len(pool.running) < max(1, workers):
