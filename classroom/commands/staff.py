@@ -10,6 +10,7 @@ left; remove deletes both. Students never get any of it. The system edges are
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 from ..core.errors import InvalidInput, StepFailed
 from ..core.settings import Settings
 from ..host import staff, sudoers, trust
-from ..host.accounts import OK, Account, check_group, ensure_group, remove_group_if_empty
+from ..host.accounts import MISSING, OK, Account, check_group, ensure_group, remove_group_if_empty
 from ..host.system import dry_run, run, sudo_caller
 from .course import Course, Report
 
@@ -70,13 +71,18 @@ def ensure(
     changed: dict[str, str] = {}
     would = "would be " if dry_run() else ""
     try:
-        group = check_group(course, name, staff.META)
+        made = course.state.meta(f"{staff.META}_gid")
+        if assistants:
+            group = check_group(course, name, staff.META)  # refuses a group the course did not make
+        else:  # nothing to give: a group of that name the course did not make is not its business
+            group = grp.getgrgid(int(made)) if made and staff.gid(name) == int(made) else None
         if assistants and group is None:
             if not dry_run():
                 ensure_group(course, name, staff.META)
             report.note(f"staff group {name} {would}created")
+        present = group is not None or bool(assistants)
         for acc in accounts:
-            if acc.kind != OK or acc.username in report.failures:
+            if not present or acc.kind != OK or acc.username in report.failures:
                 continue
             member = acc.username in staff.listed(name)
             if acc.username in assistants and not member:
@@ -88,7 +94,7 @@ def ensure(
                     staff.drop_member(name, acc.username)
                 changed[acc.username] = f"{would}taken out of {name}"
         for acc in accounts:  # a new assistant: the account is made by now (or will be)
-            if acc.kind != OK and acc.username in assistants and acc.username not in changed:
+            if acc.kind == MISSING and acc.username in assistants:
                 if acc.username in report.failures:
                     continue
                 if dry_run():
@@ -96,13 +102,13 @@ def ensure(
                 elif acc.username not in staff.listed(name):
                     staff.add_member(name, acc.username)
                     changed[acc.username] = f"added to {name}"
-        if not only:
+        if not only and present:
             for username in sorted(staff.listed(name) - assistants):  # no longer in the roster
                 if not dry_run():
                     staff.drop_member(name, username)
                 report.note(f"{username} {would}taken out of {name} (not an assistant any more)")
         _sudoers(course, report, bool(assistants))
-        if not assistants and group is not None and course.state.meta(f"{staff.META}_gid"):
+        if not assistants and group is not None:
             if dry_run():
                 report.note(f"staff group {name} would be deleted (no assistant left)")
             elif remove_group_if_empty(course, name, staff.META):
