@@ -9,6 +9,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -266,3 +267,21 @@ def test_a_file_visudo_refuses_is_never_installed():
         sudoers.install(name, "%nogroup ALL=(root) NOPASSWD: not a command\n")
     assert not sudoers.path_for(name).exists()
     assert not list(sudoers.SUDOERS_D.glob(f".classroom-{name}.*"))
+
+
+def test_install_packages_cannot_move_the_tools_own_dependencies():
+    """A package for the students that wants another tornado is refused, not installed."""
+    import tornado
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "install-packages.sh"
+    r = subprocess.run(
+        ["sh", str(script), "--dry-run", "tornado<6"],
+        env={**os.environ, "CLASSROOM_VENV": str(Path(sys.executable).parent.parent)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "conflict" in (r.stdout + r.stderr).lower()
+    assert tornado.version_info[0] >= 6
