@@ -153,6 +153,11 @@ class TestCourse:
         with contextlib.suppress(KeyError):
             grp.getgrnam(self.name)
             subprocess.run(["groupdel", self.name], capture_output=True, check=False)
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(f"{self.name}-staff")
+            subprocess.run(["groupdel", f"{self.name}-staff"], capture_output=True, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/etc/sudoers.d/classroom-{self.name}")
         shutil.rmtree(self.home_base, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from ..host import sharedfolder
 from ..host.files import world_readable_chain
 from ..host.ports import ipv6_available, port_free
 from ..host.system import CommandFailed, is_root, login_defs, run
+from . import staff
 
 PROBE_TIMEOUT = 120  # seconds for the servers' Python to import Jupyter as nobody
 
@@ -159,6 +160,9 @@ def check(config_path: Path, as_json: bool = False) -> int:
             found.problems.append(f"servers' Python: {reason}")
         if roster is not None:
             check_system_accounts(roster, found)
+        found.problems += staff.problems(settings) + staff.preload_problems(
+            settings, Path(sys.executable)
+        )
     ok = not found.problems
     n = len(roster) if roster else 0
     if as_json:

@@ -20,7 +20,7 @@ from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
 from ..host.processes import processes_of, stop_processes
 from ..host.system import dry_run
-from . import shared
+from . import shared, staff
 from .course import Course, Report, progress
 
 WORKERS = max(2, os.cpu_count() or 2)
@@ -46,6 +46,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
         for a in gone:
             report.unchanged(a.username)
         shared.remove_shared(course, report, only)
+        staff.remove_staff(course, report, only)
         return report.finish()
     if present and not course.yes:
         confirm(present, s.archive)
@@ -63,6 +64,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     if remove_group(course):
         report.note(f"group {s.group} deleted")
     shared.remove_shared(course, report, only)
+    staff.remove_staff(course, report, only)
     return report.finish()
 
 

@@ -28,6 +28,7 @@ from ..core.paths import as_text
 from ..core.retrieverules import Caps, parse_deadline
 from ..host import records, snapshot, workers
 from ..host.system import sudo_caller
+from . import staff
 from .course import Course, Report
 from .homes import can_look_inside, drop_bulk, each_home, enterable, report_each
 
@@ -57,7 +58,7 @@ def owner_account(course: Course) -> pwd.struct_passwd:
 def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) -> int:
     """Collect each selected student's folder (see the module docstring); return the exit status."""
     s = course.settings
-    owner = owner_account(course)
+    owner = staff.retrieve_owner(course) or owner_account(course)
     dest = s.retrieve_destination
     snapshot.ensure_destination(dest, owner)
     course.state.ensure(records.RETRIEVE_SQL)
@@ -115,6 +116,7 @@ def retrieve(course: Course, *, only=(), deadline: dt.datetime | None = None) ->
     report_each(report, students, results, lambda username, r: _report(report, username, r))
     if not report.dry_run:
         write_summary(course, owner)
+        staff.share_retrieved(course)
     return report.finish()
 
 

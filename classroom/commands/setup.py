@@ -35,7 +35,7 @@ from ..host.files import world_readable_chain, write_atomic
 from ..host.homefiles import write_student_files
 from ..host.system import dry_run, sudo_caller
 from ..host.workers import as_user
-from . import shared
+from . import shared, staff
 from .course import Course, Report, progress
 
 STUDENT_FILES_TIMEOUT = 60  # seconds to write one student's Jupyter config and profile
@@ -59,6 +59,7 @@ def precheck(settings: Settings) -> None:
             "plant a home there"
         )
     shared.precheck(settings)
+    staff.precheck(settings)
 
 
 def make_home_base(course: Course) -> None:
@@ -123,7 +124,7 @@ def setup(
     group = check_group(course)
     accounts = [inspect(course, st) for st in course.students(only)]
     if dry_run():
-        return show_plan(course, report, accounts, group is None, reset_passwords, handout)
+        return show_plan(course, report, accounts, group is None, reset_passwords, handout, only)
     make_home_base(course)
     try:
         if ensure_group(course):
@@ -134,6 +135,9 @@ def setup(
         ) from None
     changed, need_password = make_accounts(course, report, accounts, reset_passwords)
     give_passwords(course, report, need_password, profile)
+    for username, what in staff.ensure(course, report, accounts, only).items():
+        if changed.get(username) != ["created"]:  # a new assistant comes in the group
+            changed.setdefault(username, []).append(what)
     for username, what in shared.ensure(course, report, accounts).items():
         if changed.get(username) != ["created"]:  # a new account comes with its link
             changed.setdefault(username, []).append(what)
@@ -160,6 +164,7 @@ def show_plan(
     new_group: bool,
     reset_passwords: bool,
     handout: Path | None,
+    only: tuple[str, ...] = (),
 ) -> int:
     """The dry run: what setup would do to each student, and the summary line."""
     if not course.state_readable:
@@ -171,6 +176,7 @@ def show_plan(
         report.note(f"would write the handout to {handout}")
     if new_group:
         click.echo(f"  would run: groupadd -- {course.settings.group}")
+    staffed = staff.ensure(course, report, accounts, only)
     linked = shared.ensure(course, report, accounts)
     for acc in accounts:
         try:
@@ -182,6 +188,7 @@ def show_plan(
             else:
                 changes = [c.what for c in alignment(course, acc)]
                 changes += [linked[acc.username]] if acc.username in linked else []
+                changes += [staffed[acc.username]] if acc.username in staffed else []
                 if needs_password(course, acc, reset_passwords):
                     changes.append("new password")
                 if changes:

@@ -125,50 +125,62 @@ def free_id(used: set[int], low: int, high: int) -> int:
 # --- the course group -------------------------------------------------------------------------
 
 
-def check_group(course: Any) -> grp.struct_group | None:
-    """The course group if it exists; refuse a group that is not safe to make students join.
+def check_group(
+    course: Any, name: str | None = None, meta: str = "group"
+) -> grp.struct_group | None:
+    """The course group (or another group the course owns: ``name``, its state keys
+    ``META_gid``/``META_creating``, its config key ``[course] META``) if it exists; refuse a
+    group that is not safe to make students join.
 
     A group the course did not create is refused when it is a system group, any
     account's primary group, or has members who are not in the roster: joining
     it would give the students that group's files.
     """
     settings = course.settings
+    name = name or settings.group
     try:
-        group = grp.getgrnam(settings.group)
+        group = grp.getgrnam(name)
     except KeyError:
         return None
-    if course.state.meta("group_gid") == str(group.gr_gid):
+    if course.state.meta(f"{meta}_gid") == str(group.gr_gid):
         return group
-    if course.state.meta("group_creating") == f"{settings.group}:{group.gr_gid}":
+    if course.state.meta(f"{meta}_creating") == f"{name}:{group.gr_gid}":
         return group  # made by a run that was cut off; adopted by ensure_group
-    where = settings.where("course", "group")
+    key = meta
+    where = settings.where("course", key)
     gid_min = int(login_defs().get("GID_MIN", "1000") or 1000)
     if group.gr_gid < gid_min:
         raise InvalidInput(
-            f"{where}: group '{settings.group}' is a system group (gid {group.gr_gid}); "
-            "choose another [course] group"
+            f"{where}: group '{name}' is a system group (gid {group.gr_gid}); "
+            f"choose another [course] {key}"
         )
     primary = [p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid]
     outsiders = sorted(set(group.gr_mem) - set(course.roster.names()))
     if primary or outsiders:
         who = ", ".join((primary + outsiders)[:5])
         raise InvalidInput(
-            f"{where}: group '{settings.group}' exists, the course did not create it, and it "
-            f"already belongs to others ({who}); choose another [course] group"
+            f"{where}: group '{name}' exists, the course did not create it, and it "
+            f"already belongs to others ({who}); choose another [course] {key}"
+        )
+    if meta != "group":
+        raise InvalidInput(
+            f"{where}: group '{name}' exists and the course did not create it; it gives "
+            f"its members sudo for this course: choose another [course] {key}"
         )
     return group
 
 
-def ensure_group(course: Any) -> bool:
-    """Create the course group if it is missing (gid recorded first); True if it was created."""
-    name = course.settings.group
+def ensure_group(course: Any, name: str | None = None, meta: str = "group") -> bool:
+    """Create the course group (or ``name``, see ``check_group``) if it is missing (gid recorded
+    first); True if it was created."""
+    name = name or course.settings.group
     state = course.state
-    group = check_group(course)
+    group = check_group(course, name, meta)
     if group is not None:
-        if state.meta("group_creating") == f"{name}:{group.gr_gid}":
+        if state.meta(f"{meta}_creating") == f"{name}:{group.gr_gid}":
             with state.transaction():
-                state.set_meta("group_gid", str(group.gr_gid))
-                state.set_meta("group_creating", None)
+                state.set_meta(f"{meta}_gid", str(group.gr_gid))
+                state.set_meta(f"{meta}_creating", None)
                 state.record("setup", None, "group adopted", {"gid": group.gr_gid})
         return False
     defs = login_defs()
@@ -177,42 +189,43 @@ def ensure_group(course: Any) -> bool:
     for _attempt in range(ATTEMPTS):
         gid = free_id({g.gr_gid for g in grp.getgrall()}, gid_min, gid_max)
         with state.transaction():
-            state.set_meta("group_creating", f"{name}:{gid}")
+            state.set_meta(f"{meta}_creating", f"{name}:{gid}")
         try:
             run_account_tool(["groupadd", "--gid", str(gid), "--", name])
             break
         except StepFailed as exc:
             with state.transaction():
-                state.set_meta("group_creating", None)
+                state.set_meta(f"{meta}_creating", None)
             if "already exists" in str(exc) and f"'{gid}'" in str(exc):
                 continue  # another program took that gid meanwhile
             raise
     else:
         raise StepFailed("groupadd kept finding its gid taken; try again")
     with state.transaction():
-        state.set_meta("group_gid", str(gid))
-        state.set_meta("group_creating", None)
+        state.set_meta(f"{meta}_gid", str(gid))
+        state.set_meta(f"{meta}_creating", None)
         state.record("setup", None, "group created", {"group": name, "gid": gid})
     return True
 
 
-def remove_group_if_empty(course: Any) -> bool:
-    """Delete the course group once nobody is in it (only the one the course made); True if deleted."""
-    name = course.settings.group
+def remove_group_if_empty(course: Any, name: str | None = None, meta: str = "group") -> bool:
+    """Delete the course group (or ``name``, see ``check_group``) once nobody is in it (only
+    the one the course made); True if deleted."""
+    name = name or course.settings.group
     state = course.state
-    gid = state.meta("group_gid")
+    gid = state.meta(f"{meta}_gid")
     try:
         group = grp.getgrnam(name)
     except KeyError:
         if gid:
             with state.transaction():
-                state.set_meta("group_gid", None)
+                state.set_meta(f"{meta}_gid", None)
         return False
     if gid != str(group.gr_gid) or members(name):
         return False
     run_account_tool(["groupdel", "--", name])
     with state.transaction():
-        state.set_meta("group_gid", None)
+        state.set_meta(f"{meta}_gid", None)
         state.record("remove", None, "group deleted", {"group": name})
     return True
 
