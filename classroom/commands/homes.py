@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import pwd
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-
-import click
 
 from ..core.roster import Student
 from ..host import accounts, workers
 from ..host.system import is_root
-from .course import Course, Report
+from .course import Course, Report, progress
 
 
 def can_look_inside() -> bool:
@@ -66,18 +63,10 @@ def each_home(
 ) -> Iterator[tuple[str, dict]]:
     """Run the tasks (one per student) in workers, with a progress bar on a terminal;
     yield ``(username, payload)`` as each ends (see ``workers.fork_map``)."""
-    bar = None
-    if len(tasks) > 1 and sys.stderr.isatty():
-        bar = click.progressbar(length=len(tasks), label=label, file=sys.stderr)
     results = workers.fork_map(
         tasks, workers=workers.workers_for(len(tasks)), keep_fds=keep_fds, idle_timeout=idle_timeout
     )
-    for username, payload in results:
-        yield username, payload
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.render_finish()
+    yield from progress(results, label, len(tasks))
 
 
 def report_each(
