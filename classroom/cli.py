@@ -256,6 +256,7 @@ def remove(course: Course, **options: Any) -> int:
 
 @course_command(changes=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per student.")
+@click.option("--watch", is_flag=True, help="A live table, every 2 s until Ctrl-C.")
 def status(course: Course, **options: Any) -> int:
     """Show each student's account, server, last send and last retrieve."""
     from .commands import status

@@ -14,7 +14,7 @@ TEST=no
 [ "${1:-}" = "--test" ] && TEST=yes
 
 PKGS="python3 python3-venv python3-dev passwd tar acl sudo"
-[ "$TEST" = yes ] && PKGS="$PKGS chromium fonts-dejavu-core rsync procps openssl nodejs keyutils"
+[ "$TEST" = yes ] && PKGS="$PKGS chromium fonts-dejavu-core rsync procps openssl nodejs keyutils zbar-tools"
 if ! dpkg -s $PKGS >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q

@@ -18,11 +18,12 @@ from ..core.addresses import WILDCARD_IPS, stacks
 from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
 from ..core.roster import Roster
 from ..core.settings import Settings
-from ..host import sharedfolder
+from ..host import credentials, sharedfolder
 from ..host.files import world_readable_chain
 from ..host.ports import ipv6_available, port_free
 from ..host.system import CommandFailed, is_root, login_defs, run
 from . import staff
+from .rostercheck import roster_despite_config
 
 PROBE_TIMEOUT = 120  # seconds for the servers' Python to import Jupyter as nobody
 
@@ -151,10 +152,18 @@ def check(config_path: Path, as_json: bool = False) -> int:
         found.warnings += roster.warnings
     except InvalidInput as exc:
         found.problems += exc.problems
+    if settings is None:  # the roster's problems too, all at once
+        roster, problems = roster_despite_config(config_path)
+        found.problems += problems
+        if roster is not None:
+            found.warnings += roster.warnings
+            check_system_accounts(roster, found)
     if settings is not None:
         check_paths(settings, found)
         check_ports(settings, roster, found)
         check_stacks(settings, found)
+        if warning := credentials.address_warning(settings):
+            found.warnings.append(warning)
         reason = students_can_run_python(Path(sys.executable))
         if reason:
             found.problems.append(f"servers' Python: {reason}")

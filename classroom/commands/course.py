@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -20,6 +19,7 @@ from ..core.settings import Settings
 from ..host import system
 from ..host.state import Lock, State, ensure_private_dir
 from ..host.system import is_root
+from . import terminal
 
 log = logging.getLogger("classroom")
 T = TypeVar("T")
@@ -44,22 +44,22 @@ class Report:
             would = ""
             if self.dry_run:
                 would = "would be " if _participle(outcome) else "would "
-            click.echo(f"  {username}: {would}{outcome}{tail}")
+            terminal.echo(f"  {username}: {would}{outcome}{tail}")
 
     def unchanged(self, username: str, detail: str = "") -> None:
         self.outcomes[username] = "unchanged"
         if detail and not self.quiet:
-            click.echo(f"  {username}: unchanged ({detail})")
+            terminal.echo(f"  {username}: unchanged ({detail})")
 
     def failed(self, username: str, reason: str) -> None:
         self.outcomes[username] = "failed"
         self.failures[username] = reason
-        click.echo(f"  {username}: FAILED: {reason}", err=False)
+        terminal.echo(f"  {username}: FAILED: {reason}")
 
     def note(self, text: str) -> None:
         self.notes.append(text)
         if not self.quiet:
-            click.echo(text)
+            terminal.echo(text)
 
     def summary(self) -> str:
         counts = Counter(self.outcomes.values())
@@ -94,14 +94,11 @@ def _participle(outcome: str) -> bool:
     return first.endswith(("ed", "ing")) or first in IRREGULAR_PARTICIPLES
 
 
-def progress(items: Iterable[T], label: str, length: int | None = None) -> Iterator[T]:
-    """A progress bar on stderr when it is a terminal; the plain items otherwise."""
-    items = list(items)
-    if not sys.stderr.isatty() or len(items) < 2:
-        yield from items
-        return
-    with click.progressbar(items, label=label, file=sys.stderr, length=length) as bar:
-        yield from bar
+def progress(
+    items: Iterable[T], label: str, length: int | None = None, **options: Any
+) -> Iterator[T]:
+    """The items, with a progress bar on a terminal (see ``terminal.progress``)."""
+    return terminal.progress(items, label, length, **options)
 
 
 @dataclass
@@ -166,6 +163,7 @@ def open_course(
     """
     settings, roster = load(config_path, only=only)
     system.set_dry_run(dry_run)
+    terminal.quiet = quiet
     if precheck is not None:
         precheck(settings)
     if changes and not dry_run:

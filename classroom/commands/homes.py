@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import pwd
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-
-import click
 
 from ..core.roster import Student
 from ..core.text import escaped
 from ..host import accounts, workers
 from ..host.system import is_root
-from .course import Course, Report
+from .course import Course, Report, progress
 
 
 def can_look_inside() -> bool:
@@ -69,9 +66,6 @@ def each_home(
     """Run the tasks (one per student) in workers, with a progress bar on a terminal;
     yield ``(username, payload)`` as each ends (see ``workers.fork_map``). A student's
     worker still running after ``deadline`` seconds fails that student only."""
-    bar = None
-    if len(tasks) > 1 and sys.stderr.isatty():
-        bar = click.progressbar(length=len(tasks), label=label, file=sys.stderr)
     results = workers.fork_map(
         tasks,
         workers=workers.workers_for(len(tasks)),
@@ -79,12 +73,7 @@ def each_home(
         idle_timeout=idle_timeout,
         deadline=deadline,
     )
-    for username, payload in results:
-        yield username, payload
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.render_finish()
+    yield from progress(results, label, len(tasks))
 
 
 def drop_bulk(result: dict, *keys: str) -> None:

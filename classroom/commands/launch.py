@@ -8,7 +8,7 @@ for them together, and move a server whose port someone took meanwhile. Report.
 from __future__ import annotations
 
 import shlex
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import click
 import psutil
@@ -34,8 +34,9 @@ from ..host.server import (
 from ..host.serverhome import prepare_homes, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
 from ..host.workers import student_deadline
-from .course import Course, Report
+from .course import Course, Report, progress
 from .shutdown import shutdown
+from .terminal import awaited
 
 PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on another
 FAILED_START = {"polite": 2, "term": 2, "kill": 2}  # timeouts for a server that did not answer
@@ -251,7 +252,14 @@ def _wait_all(
     meanwhile (another course launching at the same time, say)."""
     s = course.settings
     with ThreadPoolExecutor(max_workers=max(1, min(64, len(spawned)))) as pool:
-        waits = list(pool.map(lambda server: server.wait_ready(s, s.start_timeout), spawned))
+        futures = {pool.submit(server.wait_ready, s, s.start_timeout): server for server in spawned}
+        waiting = {server.username: None for server in spawned}  # in roster order
+        answered = as_completed(futures)
+        for done in progress(
+            answered, "servers answering", len(futures), waiting=lambda: awaited(waiting)
+        ):
+            waiting.pop(futures[done].username)
+        waits = [future.result() for future in futures]
     failed = []
     for server, problem in zip(spawned, waits, strict=True):
         if problem is None:

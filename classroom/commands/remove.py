@@ -22,6 +22,7 @@ from ..host.processes import processes_of, stop_processes
 from ..host.system import dry_run
 from . import shared, staff
 from .course import Course, Report, progress
+from .terminal import working
 
 WORKERS = max(2, os.cpu_count() or 2)
 
@@ -50,7 +51,8 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
         return report.finish()
     if present and not course.yes:
         confirm(present, s.archive)
-    stop_everything(course, present)
+    with working(f"stopping the processes of {len(present)} student(s)"):
+        stop_everything(course, present)
     remove_accounts(course, report, present)
     for a in gone:
         if course.state.account(a.username) is not None:  # deleted outside the course

@@ -310,8 +310,9 @@ def write_handouts(course: Course, report: Report, handout: Path | None) -> None
     """STATE_DIR/handout.html (root's) and, with ``--handout``, a copy owned by the teacher."""
     s = course.settings
     rows = credentials.read(s.state_dir / "credentials.csv")
-    names = set(course.roster.names())
-    page = credentials.handout_html(s, {u: r for u, r in rows.items() if u in names})
+    page = credentials.handout_html(s, {u: rows[u] for u in course.roster.names() if u in rows})
+    if warning := credentials.address_warning(s):
+        click.echo(f"warning: {warning}", err=True)
     write_atomic(s.state_dir / "handout.html", page)
     if handout:
         caller = sudo_caller()

@@ -17,6 +17,7 @@ from ..host import accounts, hooks
 from ..host.processes import other_jupyter, server_tree
 from ..host.server import Server, stop_servers
 from .course import Course, Report
+from .terminal import working
 
 
 @dataclass
@@ -52,9 +53,12 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
     report = course.report("shutdown")
     post_stop = hooks.configured(course.settings, "post_stop")
     stops = plan(course, only, all_jupyter, report)
-    stopped = _stop_all(course, report, stops)  # under --dry-run, the chokepoints change nothing
-    students = [(st.username, st.home, st.server.port if st.server else None) for st in stopped]
-    errors = hooks.run_all(course.settings, post_stop, students)
+    with working(f"stopping {len(stops)} student(s)' servers"):
+        stopped = _stop_all(
+            course, report, stops
+        )  # under --dry-run, the chokepoints change nothing
+        students = [(st.username, st.home, st.server.port if st.server else None) for st in stopped]
+        errors = hooks.run_all(course.settings, post_stop, students)
     for stop, error in zip(stopped, errors, strict=True):
         if error:
             report.failed(stop.username, f"stopped, but the post_stop {error}")

@@ -13,8 +13,15 @@ from .course import Course
 HEADERS = ["username", "name", "account", "server", "last send", "last retrieve"]
 
 
-def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False) -> int:
-    """A table (or JSON list) of account, server, last send and last retrieve per student."""
+def status(
+    course: Course, *, only: tuple[str, ...] = (), as_json: bool = False, watch: bool = False
+) -> int:
+    """A table (or JSON list) of account, server, last send and last retrieve per student;
+    ``watch``: the live view (``commands.watch``)."""
+    if watch and not as_json:
+        from .watch import watch as live
+
+        return live(course, lambda: student_rows(course, only))
     rows = student_rows(course, only)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
