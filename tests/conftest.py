@@ -506,3 +506,20 @@ class RunningPortal:
         self.stop.set()
         self.thread.join(10)
         assert not self.thread.is_alive()
+
+
+def roots_files(pid: int) -> list[str]:
+    """The descriptors of ``pid`` open for writing on regular files owned by root (as root
+    sees them). Reading root's files is what every process does (a module's .pyc while a
+    kernel imports it); a descriptor it can write through is what must not reach it."""
+    found = []
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            st = os.stat(f"/proc/{pid}/fd/{entry}")
+            with open(f"/proc/{pid}/fdinfo/{entry}") as info:
+                flags = int(info.read().split("flags:")[1].split()[0], 8)
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                continue
+            if st.st_uid == 0 and (st.st_mode & 0o170000) == 0o100000:
+                found.append(f"fd {entry} -> {os.readlink(f'/proc/{pid}/fd/{entry}')}")
+    return found

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import NOTEBOOKS, PYTHON, needs_root, random_name
+from conftest import NOTEBOOKS, PYTHON, needs_root, random_name, roots_files
 
 pytestmark = [pytest.mark.root, needs_root]
 
@@ -591,17 +591,6 @@ for fd in (0, 1, 2):
 with open(os.path.join(os.path.expanduser("~"), "fd-probe.json"), "w") as f:
     json.dump(info, f)
 """
-
-
-def roots_files(pid: int) -> list[str]:
-    """The descriptors of ``pid`` that are regular files owned by root (as root sees them)."""
-    found = []
-    for entry in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            st = os.stat(f"/proc/{pid}/fd/{entry}")
-            if st.st_uid == 0 and (st.st_mode & 0o170000) == 0o100000:
-                found.append(f"fd {entry} -> {os.readlink(f'/proc/{pid}/fd/{entry}')}")
-    return found
 
 
 @MODES

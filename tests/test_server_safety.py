@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from conftest import (
     login,
     needs_root,
     proc_env,
+    roots_files,
     server_rows,
     status,
     write_as,
@@ -137,17 +137,6 @@ with open(os.path.join(os.path.expanduser("~"), "roots-probe.json"), "w") as f:
 """
 
 
-def roots_files(pid: int) -> list[str]:
-    """The descriptors of ``pid`` on regular files owned by root."""
-    found = []
-    for entry in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            st = os.stat(f"/proc/{pid}/fd/{entry}")
-            if st.st_uid == 0 and stat.S_ISREG(st.st_mode):
-                found.append(f"fd {entry} -> {os.readlink(f'/proc/{pid}/fd/{entry}')}")
-    return found
-
-
 def a_kernel(port: int, password: str, server_pid: int, uid: int) -> psutil.Process:
     session = login(port, password)
     made = session.post(f"http://127.0.0.1:{port}/api/kernels", json={"name": "python3"})
@@ -210,7 +199,8 @@ def test_nothing_of_roots_reaches_the_server(make_course, mode):
 
 KEYS_AS_STUDENT = """
 import pwd, sys
-from classroom.host.system import as_user, run
+from classroom.host.system import run
+from classroom.host.workers import as_user
 pw = pwd.getpwnam(sys.argv[1])
 def keys():
     with open("/proc/keys") as f:
