@@ -64,6 +64,52 @@ def now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def _foreign(path: Path, fd: int) -> str | None:
+    """Why the folder open as ``fd`` cannot become the course's state folder, or None
+    (root's and 0700, or empty: then it is made so)."""
+    st = os.fstat(fd)
+    if (st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o700) and os.listdir(fd):
+        return (
+            f"state_dir {path} already exists with owner uid {st.st_uid} and mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, and is not empty; a course's state folder is "
+            "root's alone (0700): point [course] state_dir at a new folder"
+        )
+    return None
+
+
+def _unusable(path: Path, exc: OSError) -> InvalidInput:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        reason = "it is a symlink or a file, not a folder"
+    return InvalidInput(
+        f"state_dir {path}: cannot use it as the course's state folder: {reason} "
+        "(set [course] state_dir to a folder root can write)"
+    )
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse (``InvalidInput``) a state folder ``ensure_private_dir`` would refuse; change
+    nothing. Without root, a folder this user cannot open is taken as fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # made by the first command that changes something
+    except PermissionError:
+        if os.geteuid() != 0:
+            return
+        raise
+    except OSError as exc:
+        raise _unusable(path, exc) from None
+    try:
+        problem = _foreign(path, fd)
+    except PermissionError:
+        problem = None  # not root: cannot list it; root will
+    finally:
+        os.close(fd)
+    if problem:
+        raise InvalidInput(problem)
+
+
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` (root, 0700) or make an existing one so; refuse a symlink or a file."""
     try:
@@ -71,22 +117,13 @@ def ensure_private_dir(path: Path) -> None:
         path.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            reason = "it is a symlink or a file, not a folder"
-        raise InvalidInput(
-            f"state_dir {path}: cannot use it as the course's state folder: {reason} "
-            "(set [course] state_dir to a folder root can write)"
-        ) from None
+        raise _unusable(path, exc) from None
     try:
+        problem = _foreign(path, fd)
+        if problem:
+            raise InvalidInput(problem)
         st = os.fstat(fd)
         if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o700:
-            if os.listdir(fd):
-                raise InvalidInput(
-                    f"state_dir {path} already exists with owner uid {st.st_uid} and mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}, and is not empty; a course's state folder is "
-                    "root's alone (0700): point [course] state_dir at a new folder"
-                )
             os.fchown(fd, 0, 0)
             os.fchmod(fd, 0o700)
         probe = path / f".probe-{os.getpid()}"
@@ -207,6 +244,25 @@ class State:
         """The account is gone (or was never made): forget it and any server it had."""
         self.conn.execute("DELETE FROM accounts WHERE username = ?", (username,))
         self.conn.execute("DELETE FROM servers WHERE username = ?", (username,))
+
+    def id_high_water(self) -> int:
+        """The highest uid or gid the course ever gave (or was about to give); new ids
+        go above it, so no new account gets the id of one the course made or removed."""
+        known = [int(self.meta("id_high_water") or 0), int(self.meta("group_gid") or 0)]
+        known += [r["uid"] or 0 for r in self.conn.execute("SELECT uid FROM accounts")]
+        # A state from before the mark was kept: the ids its journal names.
+        for (detail,) in self.conn.execute(
+            "SELECT detail FROM events WHERE action IN ('account created', 'group created')"
+        ):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                data = json.loads(detail)
+                known += [int(data.get("uid") or 0), int(data.get("gid") or 0)]
+        return max(known)
+
+    def raise_id_high_water(self, *ids: int) -> None:
+        """Record ``ids`` as given (inside a transaction, before the account is made)."""
+        mark = max(self.id_high_water(), *ids)
+        self.set_meta("id_high_water", str(mark))
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
