@@ -20,6 +20,7 @@ log = logging.getLogger("classroom")
 POLITE_TIMEOUT = 10.0  # SIGTERM to the server: jupyter_server's own clean stop (kernels, files)
 TERM_TIMEOUT = 5.0  # SIGTERM to whatever of its processes is left (kernels, terminals)
 KILL_TIMEOUT = 5.0  # SIGKILL to the rest
+UID_KILL_TIMEOUT = 10.0  # kill(-1, SIGKILL) as a removed student, until none of theirs is left
 START_TIME_SLACK = 0.05  # process start times are in clock ticks
 JUPYTER_WORDS = ("jupyter", "ipykernel", "ipython")
 
@@ -163,4 +164,80 @@ def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
                     break
         except psutil.Error:
             continue
+    return found
+
+
+def kill_every_process_of(uid: int, gid: int, timeout: float = UID_KILL_TIMEOUT) -> list[int]:
+    """SIGKILL every process running as ``uid``, whatever it does to dodge it; the pids a
+    scan of /proc still finds afterwards (normally none).
+
+    A scan-then-signal misses a loop that forks and exits (every pid seen is gone by the
+    time it is signalled). So a child that has become ``uid`` calls ``kill(-1, SIGKILL)``:
+    the kernel signals every process of that uid in one pass that no fork can slip past,
+    and a process with SIGKILL pending cannot fork. It repeats until /proc shows none
+    left, within ``timeout``. Under ``--dry-run`` nothing is signalled.
+    """
+    if uid == 0:
+        raise ValueError("refusing to kill every process of root")
+    if dry_run():
+        log.debug("dry run, not killed: every process of uid %d", uid)
+        return []
+    if not _live_pids(uid):
+        return []
+    pid = os.fork()
+    if pid == 0:  # the child: no Python-level work beyond system calls, then _exit
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            deadline = time.monotonic() + timeout
+            code = 2
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(-1, signal.SIGKILL)  # every process of uid but this one
+                except ProcessLookupError:
+                    code = 0
+                    break
+                if not _live_pids(uid, besides=os.getpid()):
+                    code = 0
+                    break
+                time.sleep(0.005)
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while (left := _live_pids(uid)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # SIGKILLed processes take a moment to exit
+    for p in left:  # what a process of that uid could not signal (a set-uid program's)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+    if left:
+        time.sleep(0.1)
+        left = _live_pids(uid)
+    if left:
+        log.warning("uid %d: processes survived SIGKILL: %s", uid, left)
+    return left
+
+
+def _live_pids(uid: int, besides: int = 0) -> list[int]:
+    """Pids in /proc running as ``uid`` (real, effective or saved) that are not zombies."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == besides:
+            continue
+        try:
+            with open(f"/proc/{entry}/status", "rb") as f:
+                status = f.read()
+        except OSError:
+            continue
+        state = uids = None
+        for line in status.splitlines():
+            if line.startswith(b"State:"):
+                state = line.split()[1:2]
+            elif line.startswith(b"Uid:"):
+                uids = {int(x) for x in line.split()[1:4]}
+                break
+        if uids and uid in uids and state not in ([b"Z"], [b"X"]):
+            found.append(int(entry))
     return found
