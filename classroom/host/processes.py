@@ -182,8 +182,7 @@ def kill_every_process_of(uid: int, gid: int, timeout: float = UID_KILL_TIMEOUT)
     if dry_run():
         log.debug("dry run, not killed: every process of uid %d", uid)
         return []
-    if not _live_pids(uid):
-        return []
+    # Always: a scan that finds nothing proves nothing (the loop's pids come and go).
     pid = os.fork()
     if pid == 0:  # the child: no Python-level work beyond system calls, then _exit
         code = 1
