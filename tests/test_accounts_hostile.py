@@ -404,7 +404,18 @@ def test_a_new_account_never_gets_an_id_the_course_gave(course):
     new = pwd.getpwnam(u1)
     given = {old.pw_uid, old.pw_gid, course_gid}
     assert new.pw_uid not in given and new.pw_gid not in given, (old, new, course_gid)
-    assert new.pw_uid > max(given) and new.pw_gid == new.pw_uid
+    assert new.pw_gid == new.pw_uid, "the account's own group does not have its id"
+
+
+def test_ids_go_above_the_highest_given_then_below_never_given_ones():
+    from classroom.host.accounts import choose_id
+
+    used, given = {1000, 1005}, {1002, 1003, 1004}
+    assert choose_id(used, given, 1000, 1010, 0) == 1006  # above everything, as useradd
+    used |= set(range(1006, 1011))  # the top of the range is full: the lowest never given
+    assert choose_id(used, given, 1000, 1010, 0) == 1001
+    for attempt in range(1, 5):  # spread out after a collision, never onto a given id
+        assert choose_id(used, given, 1000, 1100, attempt) not in used | given
 
 
 def test_remove_deletes_what_the_student_left_in_shared_tmp(ready_course, tmp_path):

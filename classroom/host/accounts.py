@@ -16,6 +16,7 @@ import contextlib
 import grp
 import os
 import pwd
+import random
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from . import interrupts
 from .system import as_user, login_defs, run, run_account_tool
 
 OK, MISSING, FOREIGN = "ok", "missing", "foreign"
-ATTEMPTS = 5  # useradd / groupadd finding the id just chosen taken by another program
+ATTEMPTS = 10  # useradd / groupadd finding the id just chosen taken by another program
 SYSTEM_SKELETON = "/etc/skel"  # what useradd copies when [accounts] skeleton is not set
 SKELETON_LIMIT = 64 << 20  # bytes of skeleton a half-made home is completed with
 SKELETON_TIMEOUT = 120  # seconds to copy it as the student
@@ -127,6 +128,25 @@ def free_id(used: set[int], low: int, high: int) -> int:
     raise StepFailed(f"no free id left in {low}..{high} (see /etc/login.defs)")
 
 
+def choose_id(used: set[int], given: set[int], low: int, high: int, attempt: int) -> int:
+    """A free id the course never ``given``: above the highest it gave while there is one
+    (as useradd takes the highest + 1), else the lowest free one it never gave.
+
+    After a collision (``attempt`` > 0) the choice is spread out: a program creating
+    accounts at the same moment also takes the highest + 1, again and again.
+    """
+    taken = used | given
+    try:
+        first = free_id(taken, max(low, max(given, default=0) + 1), high)
+    except StepFailed:
+        first = free_id(taken, low, high)
+    for _ in range(64 if attempt else 0):
+        candidate = first + random.randrange(1, 16 * attempt + 1)
+        if candidate <= high and candidate not in taken:
+            return candidate
+    return first
+
+
 # --- the course group -------------------------------------------------------------------------
 
 
@@ -179,12 +199,12 @@ def ensure_group(course: Any) -> bool:
     defs = login_defs()
     gid_min = int(defs.get("GID_MIN", "1000") or 1000)
     gid_max = int(defs.get("GID_MAX", "60000") or 60000)
-    for _attempt in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
         used = {g.gr_gid for g in grp.getgrall()}
-        gid = free_id(used, max(gid_min, state.id_high_water() + 1), gid_max)
+        gid = choose_id(used, state.given_ids(), gid_min, gid_max, attempt)
         with state.transaction():
             state.set_meta("group_creating", f"{name}:{gid}")
-            state.raise_id_high_water(gid)
+            state.give_ids(gid)
         try:
             with interrupts.shielded():
                 run_account_tool(["groupadd", "--gid", str(gid), "--", name])
@@ -253,8 +273,8 @@ def useradd_argv(settings: Any, student: Student) -> list[str]:
 def create_account(course: Any, student: Student) -> pwd.struct_passwd:
     """useradd with a uid chosen and recorded first, so a cut-off run adopts exactly that account.
 
-    The uid is above every id the course ever gave (``State.id_high_water``) and free as
-    a gid too, so useradd gives the account's own group the same id. A stop signal
+    The uid is one the course never gave (``choose_id``) and free as a gid too, so
+    useradd gives the account's own group the same id. A stop signal
     waits until the account is made and recorded (one step).
     """
     state = course.state
@@ -267,12 +287,12 @@ def create_account(course: Any, student: Student) -> pwd.struct_passwd:
     _clear_half_made_group(course, student.username)
     defs = login_defs()
     with interrupts.shielded():
-        for _attempt in range(ATTEMPTS):
+        for attempt in range(ATTEMPTS):
             used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
-            uid = free_id(used, max(defs.uid_min, state.id_high_water() + 1), defs.uid_max)
+            uid = choose_id(used, state.given_ids(), defs.uid_min, defs.uid_max, attempt)
             with state.transaction():
                 state.claim_account(student.username, uid, str(home))
-                state.raise_id_high_water(uid)
+                state.give_ids(uid)
             argv = useradd_argv(course.settings, student)
             argv[1:1] = ["--uid", str(uid)]
             try:
@@ -290,7 +310,7 @@ def create_account(course: Any, student: Student) -> pwd.struct_passwd:
         if pw.pw_uid != uid:
             raise StepFailed(f"useradd gave uid {pw.pw_uid}, not {uid}")
         with state.transaction():
-            state.raise_id_high_water(pw.pw_gid)
+            state.give_ids(pw.pw_gid)
             state.account_made(student.username)
             state.record(
                 "setup", student.username, "account created", {"uid": pw.pw_uid, "gid": pw.pw_gid}

@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS accounts (
     password_set INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS given_ids (
+    id INTEGER PRIMARY KEY   -- a uid or gid the course gave: never given again
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -245,24 +248,25 @@ class State:
         self.conn.execute("DELETE FROM accounts WHERE username = ?", (username,))
         self.conn.execute("DELETE FROM servers WHERE username = ?", (username,))
 
-    def id_high_water(self) -> int:
-        """The highest uid or gid the course ever gave (or was about to give); new ids
-        go above it, so no new account gets the id of one the course made or removed."""
-        known = [int(self.meta("id_high_water") or 0), int(self.meta("group_gid") or 0)]
-        known += [r["uid"] or 0 for r in self.conn.execute("SELECT uid FROM accounts")]
-        # A state from before the mark was kept: the ids its journal names.
+    def given_ids(self) -> set[int]:
+        """Every uid and gid the course ever gave (or was about to give): never again."""
+        given = {r["id"] for r in self.conn.execute("SELECT id FROM given_ids")}
+        given |= {int(self.meta("group_gid") or 0)}
+        given |= {r["uid"] or 0 for r in self.conn.execute("SELECT uid FROM accounts")}
+        # A state from before given_ids: the ids its journal names.
         for (detail,) in self.conn.execute(
             "SELECT detail FROM events WHERE action IN ('account created', 'group created')"
         ):
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 data = json.loads(detail)
-                known += [int(data.get("uid") or 0), int(data.get("gid") or 0)]
-        return max(known)
+                given |= {int(data.get("uid") or 0), int(data.get("gid") or 0)}
+        return given - {0}
 
-    def raise_id_high_water(self, *ids: int) -> None:
-        """Record ``ids`` as given (inside a transaction, before the account is made)."""
-        mark = max(self.id_high_water(), *ids)
-        self.set_meta("id_high_water", str(mark))
+    def give_ids(self, *ids: int) -> None:
+        """Record ``ids`` as given (in a transaction, before the account or group is made)."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO given_ids (id) VALUES (?)", [(i,) for i in ids]
+        )
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
