@@ -58,6 +58,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     warn_unretrieved(course, present)
     if present and not course.yes:
         confirm(course, present, s.archive)
+    groups = {g for a in present if a.pw for g in os.getgrouplist(a.pw.pw_name, a.pw.pw_gid)}
     stop_everything(course, present)
     remove_accounts(course, report, present)
     for a in gone:
@@ -70,7 +71,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
         s.state_dir / "credentials.csv", {}, drop=removed | {a.username for a in gone}
     )
     uids = {a.pw.pw_uid for a in present if a.username in removed and a.pw is not None}
-    left = leftovers.delete_owned(uids)
+    left = leftovers.delete_owned(uids, groups)
     if left:
         report.note(f"{left} file(s) and folder(s) of theirs deleted in {', '.join(SHARED_TMP)}")
     if remove_group(course):
@@ -149,9 +150,7 @@ def stop_everything(course: Course, present: list[Account]) -> None:
             servers_mod.forget_server(course, a.username, stop=True)
     uids = {a.pw.pw_uid for a in present if a.pw}
     stop_processes([], [p for procs in processes_of(uids).values() for p in procs], term=2, kill=2)
-    for a in present:
-        if a.pw is not None:
-            kill_every_process_of(a.pw.pw_uid, a.pw.pw_gid)
+    kill_every_process_of((a.pw.pw_uid, a.pw.pw_gid) for a in present if a.pw is not None)
 
 
 def remove_accounts(course: Course, report: Report, present: list[Account]) -> None:
@@ -182,15 +181,16 @@ def remove_accounts(course: Course, report: Report, present: list[Account]) -> N
                 detail = {"archive": str(archived or "")}
                 with course.state.transaction():
                     course.state.record("remove", a.username, "archived", detail)
+                ids = [(a.pw.pw_uid, a.pw.pw_gid)]
                 with interrupts.shielded():  # deleted and forgotten, or neither
                     # Again just before userdel: a login between the first stop and now.
-                    kill_every_process_of(a.pw.pw_uid, a.pw.pw_gid)
+                    kill_every_process_of(ids)
                     delete_account(course, a)
                     with course.state.transaction():
                         course.state.forget_account(a.username)
                         course.state.record("remove", a.username, "removed", detail)
                     # and after it: nothing of that uid outlives the account
-                    survivors = kill_every_process_of(a.pw.pw_uid, a.pw.pw_gid)
+                    survivors = kill_every_process_of(ids)[a.pw.pw_uid]
                 if survivors:
                     raise StepFailed(
                         f"account deleted, but processes of uid {a.pw.pw_uid} survived "

@@ -418,7 +418,7 @@ def load(path: Path | str) -> Settings:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InvalidInput(
-            f"{path}: config file not found (give its path: notebooks.py COMMAND my.cfg)"
+            f"{path}: config file not found (give its path: notebooks COMMAND my.cfg)"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{path}: cannot read the config file: {exc}") from None

@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .system import dry_run
 
@@ -24,10 +25,18 @@ MAX_DEPTH = 64  # folders deeper than this are left (and logged)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-def delete_owned(uids: Iterable[int], folders: Iterable[str] = SHARED_TMP) -> int:
+def delete_owned(
+    uids: Iterable[int], gids: Iterable[int] = (), folders: Iterable[str] = SHARED_TMP
+) -> int:
     """Delete every entry owned by one of ``uids`` under ``folders`` (a folder of theirs
-    with all it holds); the number of entries deleted. Under ``--dry-run``, nothing."""
+    with all it holds); the number of entries deleted. Under ``--dry-run``, nothing.
+
+    Only folders those users could pass through (with their groups ``gids``) are looked
+    into: nothing of theirs can be made where they cannot go (a 0700 folder of root's
+    with thousands of entries is skipped at once).
+    """
     uids = set(uids)
+    reach = Reach(uids, set(gids))
     if not uids or dry_run():
         return 0
     if 0 in uids:
@@ -39,7 +48,7 @@ def delete_owned(uids: Iterable[int], folders: Iterable[str] = SHARED_TMP) -> in
         except OSError:
             continue
         try:
-            deleted += _sweep(fd, top, uids, os.fstat(fd).st_dev, 0)
+            deleted += _sweep(fd, top, reach, os.fstat(fd).st_dev, 0)
         finally:
             os.close(fd)
     if deleted:
@@ -47,8 +56,24 @@ def delete_owned(uids: Iterable[int], folders: Iterable[str] = SHARED_TMP) -> in
     return deleted
 
 
-def _sweep(dir_fd: int, where: str, uids: set[int], dev: int, depth: int) -> int:
-    """In the folder ``dir_fd``: delete what ``uids`` own, look into the others' folders."""
+@dataclass(frozen=True)
+class Reach:
+    """The removed users and their groups: whose entries go, which folders they could enter."""
+
+    uids: set[int]
+    gids: set[int]
+
+    def can_enter(self, st: os.stat_result) -> bool:
+        if st.st_uid in self.uids:
+            return bool(st.st_mode & stat.S_IXUSR)
+        if st.st_gid in self.gids:
+            return bool(st.st_mode & stat.S_IXGRP)
+        return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _sweep(dir_fd: int, where: str, reach: Reach, dev: int, depth: int) -> int:
+    """In the folder ``dir_fd``: delete what they own, look into the others' folders
+    they could enter."""
     deleted = 0
     for name in _names(dir_fd):
         try:
@@ -57,9 +82,9 @@ def _sweep(dir_fd: int, where: str, uids: set[int], dev: int, depth: int) -> int
             continue
         if st.st_dev != dev:
             continue  # a mount point: another file system
-        if st.st_uid in uids:
+        if st.st_uid in reach.uids:
             deleted += _delete(dir_fd, name, st, dev, depth)
-        elif stat.S_ISDIR(st.st_mode):
+        elif stat.S_ISDIR(st.st_mode) and reach.can_enter(st):
             if depth >= MAX_DEPTH:
                 log.warning(
                     "%s/%s: deeper than %d folders, not looked into", where, name, MAX_DEPTH
@@ -69,7 +94,7 @@ def _sweep(dir_fd: int, where: str, uids: set[int], dev: int, depth: int) -> int
             if sub is None:
                 continue
             try:
-                deleted += _sweep(sub, f"{where}/{name}", uids, dev, depth + 1)
+                deleted += _sweep(sub, f"{where}/{name}", reach, dev, depth + 1)
             finally:
                 os.close(sub)
     return deleted

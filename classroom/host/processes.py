@@ -21,6 +21,7 @@ POLITE_TIMEOUT = 10.0  # SIGTERM to the server: jupyter_server's own clean stop 
 TERM_TIMEOUT = 5.0  # SIGTERM to whatever of its processes is left (kernels, terminals)
 KILL_TIMEOUT = 5.0  # SIGKILL to the rest
 UID_KILL_TIMEOUT = 10.0  # kill(-1, SIGKILL) as a removed student, until none of theirs is left
+SETTLE_TIMEOUT = 0.5  # for SIGKILLed processes to exit before another round
 START_TIME_SLACK = 0.05  # process start times are in clock ticks
 JUPYTER_WORDS = ("jupyter", "ipykernel", "ipython")
 
@@ -167,76 +168,90 @@ def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
     return found
 
 
-def kill_every_process_of(uid: int, gid: int, timeout: float = UID_KILL_TIMEOUT) -> list[int]:
-    """SIGKILL every process running as ``uid``, whatever it does to dodge it; the pids a
-    scan of /proc still finds afterwards (normally none).
+def kill_every_process_of(
+    ids: Iterable[tuple[int, int]], timeout: float = UID_KILL_TIMEOUT
+) -> dict[int, list[int]]:
+    """SIGKILL every process running as each (uid, gid) of ``ids``, whatever it does to
+    dodge it; {uid: pids a scan of /proc still finds afterwards} (normally empty lists).
 
     A scan-then-signal misses a loop that forks and exits (every pid seen is gone by the
-    time it is signalled). So a child that has become ``uid`` calls ``kill(-1, SIGKILL)``:
+    time it is signalled). So a child that has become the uid calls ``kill(-1, SIGKILL)``:
     the kernel signals every process of that uid in one pass that no fork can slip past,
-    and a process with SIGKILL pending cannot fork. It repeats until /proc shows none
-    left, within ``timeout``. Under ``--dry-run`` nothing is signalled.
+    and a process with SIGKILL pending cannot fork, so a scan of /proc after it is
+    conclusive. Rounds repeat while the scan finds one, within ``timeout``. Under
+    ``--dry-run`` nothing is signalled.
     """
-    if uid == 0:
+    todo = dict(ids)
+    if 0 in todo:
         raise ValueError("refusing to kill every process of root")
     if dry_run():
-        log.debug("dry run, not killed: every process of uid %d", uid)
-        return []
-    # Always: a scan that finds nothing proves nothing (the loop's pids come and go).
+        log.debug("dry run, not killed: every process of uid(s) %s", sorted(todo))
+        return {uid: [] for uid in todo}
+    left: dict[int, list[int]] = {uid: [] for uid in todo}
+    deadline = time.monotonic() + timeout
+    # Always a first round: a scan that finds nothing proves nothing (the loop's pids
+    # come and go).
+    while todo:
+        for uid, gid in todo.items():
+            _kill_all_as(uid, gid)
+        left = _live_pids(set(left))
+        settle = time.monotonic() + SETTLE_TIMEOUT
+        while any(left.get(uid) for uid in todo) and time.monotonic() < settle:
+            time.sleep(0.01)  # SIGKILLed processes take a moment to exit
+            left = _live_pids(set(left))
+        todo = {uid: gid for uid, gid in todo.items() if left.get(uid)}
+        if time.monotonic() > deadline:
+            break
+    for uid in todo:  # what a process of that uid could not signal (a set-uid program's)
+        for pid in left[uid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    if todo:
+        time.sleep(0.1)
+        left = _live_pids(set(left))
+    for uid, pids in left.items():
+        if pids:
+            log.warning("uid %d: processes survived SIGKILL: %s", uid, pids)
+    return left
+
+
+def _kill_all_as(uid: int, gid: int) -> None:
+    """One ``kill(-1, SIGKILL)`` from a child that has become ``uid`` (and ``gid``)."""
     pid = os.fork()
-    if pid == 0:  # the child: no Python-level work beyond system calls, then _exit
+    if pid == 0:  # the child: system calls only, then _exit
         code = 1
         try:
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-            deadline = time.monotonic() + timeout
-            code = 2
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(-1, signal.SIGKILL)  # every process of uid but this one
-                except ProcessLookupError:
-                    code = 0
-                    break
-                if not _live_pids(uid, besides=os.getpid()):
-                    code = 0
-                    break
-                time.sleep(0.005)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, signal.SIGKILL)  # every process of uid but this one
+            code = 0
         finally:
             os._exit(code)
     os.waitpid(pid, 0)
-    deadline = time.monotonic() + KILL_TIMEOUT
-    while (left := _live_pids(uid)) and time.monotonic() < deadline:
-        time.sleep(0.02)  # SIGKILLed processes take a moment to exit
-    for p in left:  # what a process of that uid could not signal (a set-uid program's)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGKILL)
-    if left:
-        time.sleep(0.1)
-        left = _live_pids(uid)
-    if left:
-        log.warning("uid %d: processes survived SIGKILL: %s", uid, left)
-    return left
 
 
-def _live_pids(uid: int, besides: int = 0) -> list[int]:
-    """Pids in /proc running as ``uid`` (real, effective or saved) that are not zombies."""
-    found = []
+def _live_pids(uids: set[int]) -> dict[int, list[int]]:
+    """{uid: pids in /proc running as it (real, effective or saved), not zombies}."""
+    found: dict[int, list[int]] = {uid: [] for uid in uids}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == besides:
+        if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/status", "rb") as f:
-                status = f.read()
+            fd = os.open(f"/proc/{entry}/status", os.O_RDONLY)
         except OSError:
             continue
-        state = uids = None
-        for line in status.splitlines():
-            if line.startswith(b"State:"):
-                state = line.split()[1:2]
-            elif line.startswith(b"Uid:"):
-                uids = {int(x) for x in line.split()[1:4]}
-                break
-        if uids and uid in uids and state not in ([b"Z"], [b"X"]):
-            found.append(int(entry))
+        try:
+            status = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        head, _, rest = status.partition(b"\nUid:")
+        state = head.partition(b"\nState:")[2].split(None, 1)[:1]
+        if state in ([b"Z"], [b"X"]):
+            continue
+        for uid in {int(x) for x in rest.split(None, 4)[:3] if x.isdigit()} & uids:
+            found[uid].append(int(entry))
     return found
