@@ -26,6 +26,7 @@ from typing import Any
 from ..core.errors import InvalidInput, StepFailed
 from ..core.roster import Student
 from ..core.secret import Secret
+from ..core.sizes import human_size
 from . import interrupts
 from .system import as_user, login_defs, run, run_account_tool
 
@@ -437,7 +438,9 @@ def _skeleton_entries(folder: Path) -> list[tuple[str, int, bytes | None]]:
                 continue
             total += st.st_size
             if total > SKELETON_LIMIT:
-                raise StepFailed(f"the skeleton {folder} holds more than {SKELETON_LIMIT} bytes")
+                raise StepFailed(
+                    f"the skeleton {folder} holds more than {human_size(SKELETON_LIMIT)}"
+                )
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=top_fd)
             with os.fdopen(fd, "rb") as f:
                 data = f.read(SKELETON_LIMIT + 1)
