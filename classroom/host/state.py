@@ -250,17 +250,20 @@ class State:
 
     def given_ids(self) -> set[int]:
         """Every uid and gid the course ever gave (or was about to give): never again."""
-        given = {r["id"] for r in self.conn.execute("SELECT id FROM given_ids")}
-        given |= {int(self.meta("group_gid") or 0)}
-        given |= {r["uid"] or 0 for r in self.conn.execute("SELECT uid FROM accounts")}
-        # A state from before given_ids: the ids its journal names.
-        for (detail,) in self.conn.execute(
-            "SELECT detail FROM events WHERE action IN ('account created', 'group created')"
-        ):
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                data = json.loads(detail)
-                given |= {int(data.get("uid") or 0), int(data.get("gid") or 0)}
-        return given - {0}
+        if not self.readonly and self.meta("given_ids_from_journal") is None:
+            # A state from before given_ids: take the ids its journal names, once.
+            old = {int(self.meta("group_gid") or 0)}
+            old |= {r["uid"] or 0 for r in self.conn.execute("SELECT uid FROM accounts")}
+            for (detail,) in self.conn.execute(
+                "SELECT detail FROM events WHERE action IN ('account created', 'group created')"
+            ):
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    data = json.loads(detail)
+                    old |= {int(data.get("uid") or 0), int(data.get("gid") or 0)}
+            with self.transaction():
+                self.give_ids(*(old - {0}))
+                self.set_meta("given_ids_from_journal", "done")
+        return {r["id"] for r in self.conn.execute("SELECT id FROM given_ids")}
 
     def give_ids(self, *ids: int) -> None:
         """Record ``ids`` as given (in a transaction, before the account or group is made)."""
