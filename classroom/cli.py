@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -15,6 +16,7 @@ from . import __version__
 from .commands.course import Course, open_course
 from .core.errors import EXIT_USAGE, ClassroomError, Refused
 from .core.settings import Settings, default_config_path
+from .host import interrupts
 
 log = logging.getLogger("classroom")
 
@@ -58,6 +60,31 @@ def resolve_config(config: Path | None) -> Path:
 class Obj:
     verbose = False
     quiet = False
+    handler: logging.Handler | None = None
+
+    def set(self, verbose: bool = False, quiet: bool = False) -> None:
+        """-v / -q, given before or after the command."""
+        self.verbose = self.verbose or verbose
+        self.quiet = self.quiet or quiet
+        if self.handler is not None:
+            self.handler.setLevel(logging.DEBUG if self.verbose else logging.WARNING)
+
+
+def verbosity_options(func: Callable) -> Callable:
+    """-v/--verbose and -q/--quiet after the command too (``notebooks status CONFIG -q``)."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.ensure_object(Obj).set(**{param.name: True})
+
+    for flags, name, text in (
+        (("-q", "--quiet"), "quiet", "Only failures and the summary line."),
+        (("-v", "--verbose"), "verbose", "Show every command run, and tracebacks."),
+    ):
+        func = click.option(
+            *flags, name, is_flag=True, expose_value=False, callback=remember, help=text
+        )(func)
+    return func
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -82,10 +109,10 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     Commands that change something need root (sudo), except with --dry-run.
     """
     obj = ctx.ensure_object(Obj)
-    obj.verbose, obj.quiet = verbose, quiet
     handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    obj.handler = handler
+    obj.set(verbose=verbose, quiet=quiet)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
 
@@ -107,23 +134,29 @@ def course_command(
         @functools.wraps(func)
         @click.pass_context
         def command(ctx: click.Context, config, only=(), dry_run=False, yes=False, **options):
-            course = open_course(
-                resolve_config(config),
-                ctx.command.name,
-                changes=changes,
-                dry_run=dry_run,
-                only=tuple(only),
-                yes=yes,
-                quiet=ctx.obj.quiet,
-                precheck=precheck,
-            )
-            try:
-                code = func(course, only=tuple(only), **options)
-            finally:
-                course.close()
+            # Ctrl-C, SIGTERM, a hang-up: the step in progress finishes, then the command
+            # says what it did and did not do (host.interrupts).
+            with interrupts.catching():
+                course = open_course(
+                    resolve_config(config),
+                    ctx.command.name,
+                    changes=changes,
+                    dry_run=dry_run,
+                    only=tuple(only),
+                    yes=yes,
+                    quiet=ctx.obj.quiet,
+                    precheck=precheck,
+                )
+                try:
+                    code = func(course, only=tuple(only), **options)
+                except KeyboardInterrupt:
+                    code = course.stopped(interrupts.stopped_by())
+                finally:
+                    course.close()
             ctx.exit(code)
 
         command = change_options(command) if changes else only_option(command)
+        command = verbosity_options(command)
         return cli.command(name, epilog=CONFIG_HELP)(config_argument(command))
 
     return decorate
@@ -267,6 +300,7 @@ def status(course: Course, **options: Any) -> int:
 @cli.command(epilog=CONFIG_HELP)
 @config_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@verbosity_options
 @click.pass_context
 def check(ctx: click.Context, config: Path | None, as_json: bool) -> None:
     """Check the config, the roster and this host; change nothing (no root needed)."""
@@ -280,15 +314,16 @@ def main(argv: list[str] | None = None) -> None:
     verbose = "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv)
     try:
         code = cli.main(args=argv, prog_name="notebooks.py", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # Ctrl-C at a question: asked before any change
         click.echo("Aborted: nothing was changed.", err=True)
         sys.exit(Refused.exit_code)
     except click.ClickException as exc:  # our domain errors are click exceptions too
         exc.show()
         own = isinstance(exc, ClassroomError)
         sys.exit(exc.exit_code if own or exc.exit_code not in (1, 2) else EXIT_USAGE)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+    except KeyboardInterrupt:  # before the command began its work, or while it closed
+        with contextlib.suppress(OSError):
+            click.echo("Interrupted.", err=True)
         sys.exit(130)
     except Exception as exc:  # last resort: a message, not a traceback, unless -v
         if verbose:
@@ -308,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     type=click.Choice(["jupyterhub", "z2jh"]),
     help="jupyterhub: jupyterhub_config.py for a hub on a host; z2jh: values.yaml for the Helm chart.",
 )
+@verbosity_options
 @click.pass_context
 def export(ctx, config, outdir, target):
     """Write the class as a JupyterHub (or Zero to JupyterHub) configuration into OUTDIR.

@@ -178,7 +178,7 @@ def test_detail():
 
 
 def test_sizes_are_human():
-    from classroom.core.units import human_size
+    from classroom.core.sizes import human_size
 
     assert human_size(20 << 20) == "20 MB"
     assert human_size(200 << 20) == "200 MB"

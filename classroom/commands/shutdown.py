@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from ..core.roster import Student
 from ..host import accounts, hooks
 from ..host.processes import other_jupyter, server_tree
 from ..host.server import Server, stop_servers
@@ -70,7 +71,15 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
 def plan(course: Course, only: tuple[str, ...], all_jupyter: bool, report: Report) -> list[Stop]:
     """What to stop for each selected student; those with nothing to stop are unchanged."""
     stops = []
-    for student in course.students(only):
+    students = course.students(only, dropped=True)
+    if not only:  # every server the course started, whoever's it is now
+        named = {st.username for st in students}
+        students += [
+            Student(server.username)
+            for server in Server.all_recorded(course.state)
+            if server.username not in named
+        ]
+    for student in students:
         server = Server.recorded(course.state, student.username)
         acc = accounts.inspect(course, student)
         proc = server.process() if server else None

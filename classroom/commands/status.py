@@ -34,25 +34,30 @@ def status(
     print_table(rows)
     counts = {k: sum(r["account"] == k for r in rows) for k in (OK, MISSING, FOREIGN)}
     running = sum(r["server"] == "running" for r in rows)
+    dropped = sum(not r["in_roster"] for r in rows)
+    gone = f", {dropped} no longer in the roster" if dropped else ""
     click.echo(
         f"status: {len(rows)} students, {counts[OK]} accounts ok, {counts[MISSING]} missing, "
-        f"{counts[FOREIGN]} foreign, {running} servers running"
+        f"{counts[FOREIGN]} foreign, {running} servers running{gone}"
     )
     return 0
 
 
 def student_rows(course: Course, only: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One dict per selected student (the JSON of ``status --json``)."""
+    """One dict per selected student (the JSON of ``status --json``), students the roster
+    no longer has but the course still has an account of too (``in_roster``: false)."""
     from ..host import server as servers_mod
 
     rows = []
-    for st in course.students(only):
+    listed = set(course.roster.names())
+    for st in course.students(only, dropped=True):
         acc = inspect(course, st)
         server = servers_mod.server_status(course, st.username) if acc.kind == OK else {}
         rows.append(
             {
                 "username": st.username,
                 "name": st.full_name,
+                "in_roster": st.username in listed,
                 "account": acc.kind,
                 "server": server.get("server", "stopped"),
                 "port": server.get("port"),
@@ -72,8 +77,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         server = r["server"]
         if server == "running":
             server = f"running :{r['port']} pid {r['pid']}"
+        name = r["name"] if r["in_roster"] else f"{r['name']} (not in the roster)".lstrip()
         table.append(
-            [r["username"], r["name"], r["account"], server]
+            [r["username"], name, r["account"], server]
             + [r["last_send"] or "-", r["last_retrieve"] or "-"]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(HEADERS, *table, strict=False)]

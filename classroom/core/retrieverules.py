@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidInput
 from .paths import as_text, shown
-from .units import human_size
+from .sizes import human_size
 
 MANIFEST_HEADER = ["username", "snapshot", "path", "size", "mtime", "sha256", "status", "late"]
 SKIPPED = "skipped: "  # how a skipped file's reason is kept in the state, in place of a sha256

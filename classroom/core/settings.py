@@ -20,10 +20,13 @@ from typing import Any
 from .addresses import USERNAME, host_from_setting
 from .errors import InvalidInput
 from .roster import parse_columns
+from .sizes import parse_size
 
 COURSE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+DURATION = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?)?\s*$", re.I
+)
 STATE_BASE = Path("/var/lib/classroom")
 
 # A parser reads a key's text (``base`` is the config file's folder, for relative
@@ -32,15 +35,6 @@ Parser = Callable[[str, Path], Any]
 
 
 # --- parsers ------------------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """``'20M'`` -> 20971520. Accepts plain bytes and K, M, G, T (powers of 1024)."""
-    m = SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use e.g. 500K, 20M, 1G)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -91,7 +85,12 @@ def matching(pattern: re.Pattern[str], message: str) -> Parser:
 
 def integer(lo: int, hi: int) -> Parser:
     def parse(value: str, base: Path) -> int:
-        number = int(value)
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a whole number; write one from {lo} to {hi}"
+            ) from None
         if not lo <= number <= hi:
             raise ValueError(f"{number} is not between {lo} and {hi}")
         return number
@@ -99,11 +98,45 @@ def integer(lo: int, hi: int) -> Parser:
     return parse
 
 
-def positive(value: str, base: Path) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError(f"must be more than 0, not {value}")
-    return number
+def _in_seconds(value: str) -> float | None:
+    """``'60s'``, ``'2 min'``, ``'1h'`` as seconds (for the hint); None if it is none of these."""
+    m = DURATION.match(value)
+    if not m:
+        return None
+    unit = (m.group(2) or "s")[0].lower()
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def seconds(low: float, whole: bool = False) -> Parser:
+    """A number of seconds, at least ``low`` (more than 0 when ``low`` is 0 and not ``whole``)."""
+
+    def parse(value: str, base: Path) -> float | int:
+        try:
+            number: float | int = int(value) if whole else float(value)
+        except ValueError:
+            hint = _in_seconds(value)
+            if hint is not None and whole:
+                hint = round(hint)
+            write = f"write {hint:g}" if hint is not None else "write e.g. 60"
+            raise ValueError(f"{value!r} is not a number of seconds; {write}") from None
+        if number < low or (not whole and number <= 0):
+            least = f"{low:g} or more" if whole else "more than 0"
+            raise ValueError(f"{value} seconds: must be {least}")
+        return number
+
+    return parse
+
+
+def limit() -> Parser:
+    """A size limit (``20M``); 0 is refused: it would let nothing through."""
+
+    def parse(value: str, base: Path) -> int:
+        number = parse_size(value)
+        if number == 0:
+            raise ValueError(f"{value!r} would let no file through; write a size such as 20M")
+        return number
+
+    return parse
 
 
 def choice(*options: str) -> Parser:
@@ -116,7 +149,10 @@ def choice(*options: str) -> Parser:
 
 
 def home_mode(value: str, base: Path) -> int:
-    mode = int(value, 8)
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a mode in octal; write e.g. 0700") from None
     if mode & 0o007:
         raise ValueError(
             f"{value} lets other users in; homes are never world-readable (use 0700 or 0750)"
@@ -272,8 +308,8 @@ KEYS: tuple[Key, ...] = (
         "files never collected",
         field="retrieve_exclude",
     ),
-    Key("retrieve", "max_file_size", lambda v, b: parse_size(v), "20M", "larger files skipped"),
-    Key("retrieve", "max_total_size", lambda v, b: parse_size(v), "200M", "per student per run"),
+    Key("retrieve", "max_file_size", limit(), "20M", "larger files skipped"),
+    Key("retrieve", "max_total_size", limit(), "200M", "per student per run"),
     Key("launch", "app", choice("lab", "notebook", "server"), "lab", "what each server runs"),
     Key("launch", "ip", text("0.0.0.0"), "0.0.0.0", "where the students' servers listen"),
     Key("launch", "portal_port", integer(1, 65535), "8000", "the portal's port"),
@@ -283,12 +319,14 @@ KEYS: tuple[Key, ...] = (
     Key("launch", "certfile", path(), "", "HTTPS when both are set"),
     Key("launch", "keyfile", path(), "", "HTTPS when both are set"),
     Key("launch", "root", choice("folder", "home"), "folder", "where each server opens"),
-    Key("launch", "start_timeout", positive, "60", "seconds each server gets to answer"),
+    Key("launch", "start_timeout", seconds(0), "60", "seconds each server gets to answer"),
     Key("launch", "start_mode", choice("fork", "exec"), "fork", "fork or exec"),
-    Key("launch", "idle_timeout", integer(0, 10**8), "0", "seconds; 0: never stop idle servers"),
+    Key(
+        "launch", "idle_timeout", seconds(0, whole=True), "0", "seconds; 0: never stop idle servers"
+    ),
     Key("hooks", "pre_spawn", text(), "", "an executable, or module:function"),
     Key("hooks", "post_stop", text(), "", "an executable, or module:function"),
-    Key("hooks", "timeout", positive, "60", "seconds a hook gets", field="hook_timeout"),
+    Key("hooks", "timeout", seconds(0), "60", "seconds a hook gets", field="hook_timeout"),
     Key(
         "shared",
         "folder",
@@ -409,7 +447,7 @@ def load(path: Path | str) -> Settings:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InvalidInput(
-            f"{path}: config file not found (give its path: notebooks.py COMMAND my.cfg)"
+            f"{path}: config file not found (give its path: notebooks COMMAND my.cfg)"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{path}: cannot read the config file: {exc}") from None

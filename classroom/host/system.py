@@ -14,6 +14,7 @@ import pwd
 import shlex
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..core.errors import StepFailed
 from ..core.secret import Secret
+from . import interrupts
 from .identity import popen_identity
 
 log = logging.getLogger("classroom")
@@ -83,35 +85,29 @@ def run(
     if extra:
         log.debug("  with %s", " ".join(f"{k}={shlex.quote(v)}" for k, v in extra.items()))
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **extra}
-    try:
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=cwd,
-            close_fds=True,
-            start_new_session=True,  # on a timeout, the whole group goes, not just argv[0]
-            **popen_identity(user),
-        )
-    except FileNotFoundError as exc:
-        raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
-    except subprocess.SubprocessError as exc:  # the change of identity failed in the child
-        raise CommandFailed(argv, 126, f"cannot start it as {_who(user)}: {exc}") from None
-    try:
-        stdout, stderr = child.communicate(data, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        raise CommandFailed(argv, -1, f"timed out after {timeout} s") from None
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-        raise
+    # Never cut half-way (a useradd killed between /etc/passwd and /etc/group leaves half an
+    # account): the child has the stop signals blocked, and a stop signal that reaches us
+    # meanwhile waits until the child is done (interrupts.shielded).
+    with interrupts.shielded():
+        try:
+            with interrupts.blocked_for_children():
+                child = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=cwd,
+                    close_fds=True,
+                    start_new_session=True,  # on a timeout, the whole group goes, not just argv[0]
+                    **popen_identity(user),
+                )
+        except FileNotFoundError as exc:
+            raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
+        except subprocess.SubprocessError as exc:  # the change of identity failed in the child
+            raise CommandFailed(argv, 126, f"cannot start it as {_who(user)}: {exc}") from None
+        stdout, stderr = _communicate(child, argv, data, timeout)
     proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     out = (proc.stdout or "") + (proc.stderr or "")
     if out.strip():
@@ -119,6 +115,39 @@ def run(
     if check and proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, out)
     return proc
+
+
+def _communicate(
+    child: subprocess.Popen, argv: list[str], data: str | None, timeout: float | None
+) -> tuple[str, str]:
+    """The child's output once it has exited; killed (its whole group) only on a timeout.
+
+    A ``KeyboardInterrupt`` (outside ``interrupts.catching``) waits for the child, then
+    goes on.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    interrupted = False
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            stdout, stderr = child.communicate(data, timeout=left)
+            break
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            raise CommandFailed(argv, -1, f"timed out after {timeout} s") from None
+        except KeyboardInterrupt:
+            interrupted = True
+            data = None  # communicate() does not send the input twice
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise
+    if interrupted:
+        raise KeyboardInterrupt
+    return stdout, stderr
 
 
 def spawn(
@@ -160,7 +189,6 @@ def run_account_tool(
     /etc/group; that is retried for a while instead of failing the student.
     """
     import random
-    import time
 
     for attempt in range(attempts):
         proc = run(argv, stdin=stdin, check=False)

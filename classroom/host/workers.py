@@ -27,6 +27,7 @@ from typing import Any
 
 from ..core.errors import StepFailed
 from .identity import become as become_student
+from .interrupts import STOP_SIGNALS
 from .identity import student_env
 
 log = logging.getLogger("classroom")
@@ -125,8 +126,8 @@ def fork_child(body: Callable[[], None], keep_fds: set[int]) -> int:
     code = 0
     try:
         gc.disable()  # the child only reads the parent's objects: no copying of the heap
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in STOP_SIGNALS:  # the parent's "stop between steps" handlers are not ours
+            signal.signal(sig, signal.SIG_DFL)
         close_fds_except(keep_fds)
         body()
     except BaseException:  # noqa: BLE001 - a child never returns into the parent
