@@ -27,8 +27,8 @@ from typing import Any
 
 from ..core.errors import StepFailed
 from .identity import become as become_student
-from .interrupts import STOP_SIGNALS
 from .identity import student_env
+from .interrupts import STOP_SIGNALS
 
 log = logging.getLogger("classroom")
 
