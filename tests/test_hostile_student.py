@@ -310,7 +310,9 @@ def forking_loop(course, username: str):
         )
     try:
         assert reaper.stdout is not None and reaper.stdout.readline().strip() == b"ready"
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20  # a busy host is slow to start Python
+        while not processes_of_uid(uid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert processes_of_uid(uid), f"the forking loop did not start: {errors.read_text()}"
         yield
     finally:

@@ -473,6 +473,7 @@ def assert_everything_removed(c: TestCourse, why: str) -> None:
     assert not group_exists(c.name), f"{why}: the course group is left"
 
 
+@pytest.mark.timeout(1800)  # 20 rounds of 40 accounts: about a minute on a quiet host
 def test_setup_interrupted_at_random_moments(term):
     """Ctrl-C at a random moment, then setup again, INTERRUPTIONS times; remove after each."""
     c = term(INTERRUPTED_CLASS)
