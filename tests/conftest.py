@@ -300,14 +300,15 @@ def answers(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def login(port: int, password: str) -> requests.Session:
-    """A session logged in to a student's server with the handed-out password."""
+def login(port: int, password: str, path: str = "/") -> requests.Session:
+    """A session logged in to a student's server (base URL ``path``) with the handed-out
+    password."""
     session = requests.Session()
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}{path.rstrip('/')}"
     session.get(f"{base}/login", timeout=10)
     xsrf = session.cookies.get("_xsrf", "")
     r = session.post(
-        f"{base}/login?next=/api/status",
+        f"{base}/login?next={path}api/status",
         data={"password": password, "_xsrf": xsrf},
         timeout=10,
         allow_redirects=False,

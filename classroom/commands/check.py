@@ -91,8 +91,8 @@ def check_ports(s: Settings, roster: Roster | None, found: Findings) -> None:
     """The portal's port, and the students' range as far as the roster needs it."""
     if not port_free(s.ip, s.portal_port):
         found.warnings.append(f"{s.where('launch', 'portal_port')}: port {s.portal_port} is in use")
-    if roster is None:
-        return
+    if roster is None or getattr(s, "access", "redirect") == "proxy":
+        return  # in proxy mode the servers listen on sockets, not ports
     busy = [
         p
         for p in range(s.first_port, min(s.first_port + len(roster), 65536))
@@ -138,6 +138,11 @@ def check(config_path: Path, as_json: bool = False) -> int:
             found.problems.append(f"servers' Python: {reason}")
         if roster is not None:
             check_system_accounts(roster, found)
+        from .launch import access_warning
+
+        warning = access_warning(settings)
+        if warning:
+            found.warnings.append(warning.removeprefix("warning: "))
     ok = not found.problems
     n = len(roster) if roster else 0
     if as_json:

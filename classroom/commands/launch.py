@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import click
 import psutil
 
+from ..core.addresses import https, proxied
 from ..core.errors import ClassroomError, Refused, StepFailed
-from ..core.launchplan import assign_ports, exec_argv, server_args
+from ..core.launchplan import LAB_SETTINGS_APPS, assign_ports, exec_argv, server_args
 from ..host import accounts, hooks
 from ..host.identity import server_python
 from ..host.ports import port_free
@@ -22,6 +23,7 @@ from ..host.server import (
     STOPPED_EARLY,
     Forker,
     Server,
+    forget_server,
     previous_ports,
     reap_children,
     remember_ports,
@@ -30,7 +32,7 @@ from ..host.server import (
     server_status,
     stop_servers,
 )
-from ..host.serverhome import prepare_home, read_tls
+from ..host.serverhome import ensure_lab_settings, prepare_home, prepare_socket_dir, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
 from .course import Course, Report
 from .shutdown import shutdown
@@ -38,10 +40,31 @@ from .shutdown import shutdown
 PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on another
 FAILED_START = {"polite": 2, "term": 2, "kill": 2}  # timeouts for a server that did not answer
 
+REDIRECT_WARNING = (
+    "warning: access = redirect: any student can collect a classmate's login cookie "
+    "(browsers do not separate cookies by port); access = proxy with HTTPS prevents it"
+)
+PLAIN_PROXY_WARNING = (
+    "warning: access = proxy without HTTPS: passwords and session cookies cross the network "
+    "in clear, and a student listening on another port can collect a classmate's session "
+    "cookie; set [launch] certfile and keyfile"
+)
+
+
+def access_warning(settings) -> str | None:
+    """The one-line warning ``check`` and ``launch`` print about how students reach their
+    servers, or None when access is proxy with HTTPS."""
+    if not proxied(settings):
+        return REDIRECT_WARNING
+    return None if https(settings) else PLAIN_PROXY_WARNING
+
 
 def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
     """Start every selected student's server (in parallel), then run the portal until stopped."""
     report = course.report("launch")
+    warning = access_warning(course.settings)
+    if warning:
+        click.echo(warning, err=True)
     pre_spawn = hooks.configured(course.settings, "pre_spawn")
     servers = plan(course, only, report)
     if course.dry_run:
@@ -80,6 +103,8 @@ def plan(course: Course, only: tuple[str, ...], report: Report) -> list[Server]:
             continue
         status = server_status(course, student.username)
         if status["server"] == "running":
+            if _other_access(course, student.username):
+                continue  # stopped now: started again below, the way access now says
             report.unchanged(student.username, f"already running: {status['url']}")
             continue
         row = course.state.account(student.username)
@@ -96,10 +121,31 @@ def plan(course: Course, only: tuple[str, ...], report: Report) -> list[Server]:
     return servers
 
 
+def _other_access(course: Course, username: str) -> bool:
+    """True if ``username``'s server runs the other way than ``[launch] access`` says (a
+    port in proxy mode, a socket in redirect mode). Then it is stopped now (its post_stop
+    hook runs), unless this is a dry run, so that launch starts it again as configured."""
+    server = Server.recorded(course.state, username)
+    if server is None or server.on_socket == proxied(course.settings):
+        return False
+    mode = "proxy" if proxied(course.settings) else "redirect"
+    if course.dry_run:
+        click.echo(f"  {username}: its server would be restarted for access = {mode}")
+        return True
+    forget_server(course, username)
+    click.echo(f"  {username}: server stopped, to start it again for access = {mode}")
+    return True
+
+
 def assign(course: Course, servers: list[Server]) -> None:
     """Each student keeps their previous port while it is free; the others get new ones,
-    in roster order (``servers`` is), so the roster's first student gets first_port."""
+    in roster order (``servers`` is), so the roster's first student gets first_port.
+    In proxy mode nobody gets a port: the servers listen on sockets."""
     s = course.settings
+    if proxied(s):
+        for server in servers:
+            server.place(s, 0)
+        return
     ports = assign_ports(
         [server.username for server in servers],
         previous_ports(course.state),
@@ -120,8 +166,10 @@ def _report_plan(course: Course, report: Report, servers: list[Server], pre_spaw
         )
     for server in servers:
         assert server.pw is not None
-        argv = exec_argv(s, server_args(s, server.pw.pw_dir, server.port), server_python())
-        steps = [f"port {server.port}", f"{s.start_mode} mode"]
+        args = server_args(s, server.pw.pw_dir, server.port, server.username)
+        argv = exec_argv(s, args, server_python())
+        where = "socket (access = proxy)" if server.on_socket else f"port {server.port}"
+        steps = [where, f"{s.start_mode} mode"]
         if pre_spawn:
             steps.insert(0, f"pre_spawn hook {pre_spawn}")
         report.done(server.username, "started", "; ".join(steps) + f": {shlex.join(argv)}")
@@ -157,9 +205,14 @@ def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn)
 
 
 def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> list[Server]:
-    """As each student (before any thread exists here): the root folder, the TLS copies."""
+    """As each student (before any thread exists here): the root folder, the TLS copies
+    (none in proxy mode: earlier copies are deleted). As root: JupyterLab's settings
+    overrides and, in proxy mode, the folder of each student's socket."""
+    s = course.settings
     try:
-        tls = read_tls(course.settings)
+        tls = read_tls(s)
+        if s.app in LAB_SETTINGS_APPS:
+            ensure_lab_settings(s)
     except OSError as exc:
         for server in servers:
             report.failed(
@@ -169,15 +222,21 @@ def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> lis
     if tls:
         report.note(
             "HTTPS: each student's server gets its own copy of the certificate and private key "
-            "(it runs as the student); see README, 'Security'"
+            "(it runs as the student); access = proxy keeps the key with root; see README, "
+            "'Security'"
         )
     ready = []
     for server in servers:
         assert server.pw is not None
         try:
-            prepare_home(course.settings, server.pw, tls)
+            prepare_home(s, server.pw, tls)
+            if server.on_socket:
+                prepare_socket_dir(s, server.pw)
         except StepFailed as exc:
             report.failed(server.username, f"preparing the home failed: {exc}")
+            continue
+        except OSError as exc:
+            report.failed(server.username, f"preparing its socket's folder failed: {exc}")
             continue
         ready.append(server)
     return ready
@@ -260,7 +319,8 @@ def _wait_all(
     retry = []
     for server, problem in failed:
         server.forget(course.state, "launch", "start failed", {"port": server.port, "why": problem})
-        if retry_ports and problem == STOPPED_EARLY and not port_free(s.ip, server.port):
+        taken = not server.on_socket and not port_free(s.ip, server.port)
+        if retry_ports and problem == STOPPED_EARLY and taken:
             retry.append(server)
         else:
             report.failed(server.username, failure(s, server.username, problem))

@@ -64,7 +64,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         server = r["server"]
         if server == "running":
-            server = f"running :{r['port']} pid {r['pid']}"
+            where = f":{r['port']}" if r["port"] else "(proxy)"
+            server = f"running {where} pid {r['pid']}"
         table.append(
             [r["username"], r["name"], r["account"], server]
             + [r["last_send"] or "-", r["last_retrieve"] or "-"]
