@@ -22,7 +22,13 @@ def test_check_says_in_one_line_what_the_access_mode_lets_students_do(tmp_path, 
     (tmp_path / "students.csv").write_text("username\nada\n")
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_text("x")
-    lines = ["[course]", "name = demo", "roster = students.csv", f"state_dir = {tmp_path / 'state'}", "[launch]"]
+    lines = [
+        "[course]",
+        "name = demo",
+        "roster = students.csv",
+        f"state_dir = {tmp_path / 'state'}",
+        "[launch]",
+    ]
     lines += [f"{k} = {v}" for k, v in launch.items()]
     (tmp_path / "c.cfg").write_text("\n".join(lines) + "\n")
     r = run_cli("check", str(tmp_path / "c.cfg"), "--json")
@@ -36,6 +42,8 @@ def test_check_says_in_one_line_what_the_access_mode_lets_students_do(tmp_path, 
 
 def test_access_is_a_checked_key(tmp_path):
     (tmp_path / "students.csv").write_text("username\nada\n")
-    (tmp_path / "c.cfg").write_text("[course]\nname = demo\nroster = students.csv\n[launch]\naccess = proxi\n")
+    (tmp_path / "c.cfg").write_text(
+        "[course]\nname = demo\nroster = students.csv\n[launch]\naccess = proxi\n"
+    )
     r = run_cli("check", str(tmp_path / "c.cfg"))
     assert r.returncode == 2 and "must be one of redirect, proxy" in r.stdout
