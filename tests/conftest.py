@@ -154,6 +154,7 @@ class TestCourse:
             grp.getgrnam(self.name)
             subprocess.run(["groupdel", self.name], capture_output=True, check=False)
         shutil.rmtree(self.home_base, ignore_errors=True)
+        shutil.rmtree(Path("/run/classroom") / self.name, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -244,12 +245,11 @@ def ready_course(course):
     return course
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    """A self-signed certificate and key for localhost and 127.0.0.1 (openssl)."""
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key for localhost and 127.0.0.1 (openssl) in ``folder``."""
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
         [
             "openssl",
@@ -273,6 +273,12 @@ def certificate(tmp_path):
         capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate and key for localhost and 127.0.0.1 (openssl)."""
+    return make_certificate(tmp_path)
 
 
 # --- servers: shared by test_launch, test_shutdown, test_forkserver, test_hooks ----------------

@@ -102,9 +102,7 @@ def plan(course: Course, only: tuple[str, ...], report: Report) -> list[Server]:
             report.failed(student.username, "has no account yet: run setup first")
             continue
         status = server_status(course, student.username)
-        if status["server"] == "running":
-            if _other_access(course, student.username):
-                continue  # stopped now: started again below, the way access now says
+        if status["server"] == "running" and not _other_access(course, student.username):
             report.unchanged(student.username, f"already running: {status['url']}")
             continue
         row = course.state.account(student.username)
