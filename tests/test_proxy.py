@@ -40,6 +40,7 @@ from conftest import (
 
 from classroom.core.settings import load
 from classroom.host import proxy, sessions
+from classroom.host.serverhome import prepare_socket_dir
 from classroom.host.sessions import FAIL_DELAY, LIMIT, RateLimit
 
 # --- both modes: the warning, the key --------------------------------------------------------
@@ -530,11 +531,15 @@ def test_a_students_session_never_reaches_another_students_server(klass):
     log.touch()
     os.chown(log, c.pw(b).pw_uid, c.pw(b).pw_gid)
     sock = f"/run/classroom/{c.name}/servers/{b}/server.sock"
+    assert not Path(sock).parent.exists(), "shutdown left the stopped server's socket folder"
+    prepare_socket_dir(load(c.config), c.pw(b))
     recorder = subprocess.Popen(["runuser", "-u", b, "--", PYTHON, "-c", RECORDER, sock, str(log)])
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not Path(f"{log}.ready").exists() and time.monotonic() < deadline:
+            assert recorder.poll() is None, "the recorder did not start"
             time.sleep(0.1)
+        assert Path(f"{log}.ready").exists()
         ws = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         origin = f"Origin: {klass.url}\r\n"
         for line in cross_user_requests(a, b):
@@ -549,7 +554,7 @@ def test_a_students_session_never_reaches_another_students_server(klass):
         got = s_b.get(
             f"{klass.url}/user/{b}/api/contents", headers={"Authorization": "token abc"}, timeout=30
         )
-        assert got.text == "recorded"
+        assert got.text == "recorded", (got.status_code, got.text[-600:])
         seen = log.read_text()
         assert f"GET /user/{b}/api/contents" in seen
         assert "classroom-session" not in seen and "authorization" not in seen.lower()
@@ -697,3 +702,107 @@ def test_switching_from_redirect_to_proxy_takes_the_key_copies_away(make_course,
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.root
+def test_detached_portal_outlives_launch_comes_back_keeps_sessions_and_stops_with_shutdown(
+    make_course,
+):
+    c = make_course(1)
+    (u,) = c.usernames
+    c.write_config(launch={"access": "proxy", "ip": "127.0.0.1", "app": "server"})
+    assert c.run("setup", "--yes").returncode == 0
+    url = f"http://127.0.0.1:{c.sections['launch']['portal_port']}"
+    try:
+        r = c.run("launch", "--detach")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "in the background" in r.stdout
+        entry = status(c)[u]["portal"]
+        assert entry is not None and entry["url"] == url + "/"
+        supervisor = psutil.Process(entry["pid"])
+        assert os.getsid(supervisor.pid) == supervisor.pid  # its own session: no terminal
+        assert supervisor.ppid() != os.getpid()  # launch has exited; it was re-parented
+        assert "portal: running in the background" in c.run("status").stdout
+        s = requests.Session()
+        r = s.post(
+            url + "/login",
+            data={"username": u, "password": c.credentials()[u]["password"]},
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert r.status_code == 303
+        assert s.get(f"{url}/user/{u}/api/contents", timeout=30).status_code == 200
+
+        again = c.run("launch", "--detach")
+        assert again.returncode == 0 and "already running in the background" in again.stdout
+        assert "0 failed" in again.stdout and "started (" not in again.stdout
+        assert status(c)[u]["portal"] == entry
+
+        (child,) = supervisor.children()
+        child.kill()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException, psutil.Error):
+                if supervisor.children() and requests.get(url + "/healthz", timeout=2).ok:
+                    break
+            time.sleep(0.2)
+        assert [p.pid for p in supervisor.children()] != [child.pid]
+        # logged in before the restart, still logged in
+        assert s.get(f"{url}/user/{u}/api/contents", timeout=30).status_code == 200
+    finally:
+        done = c.run("shutdown")
+    assert done.returncode == 0 and "portal: stopped" in done.stdout, done.stdout + done.stderr
+    with contextlib.suppress(psutil.NoSuchProcess):  # gone, or a zombie waiting for init
+        assert supervisor.status() == psutil.STATUS_ZOMBIE
+    assert status(c)[u]["portal"] is None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/healthz", timeout=5)
+
+
+def test_detach_takes_neither_no_portal_nor_stop_on_exit(tmp_path):
+    (tmp_path / "students.csv").write_text("username\nada\n")
+    state = tmp_path / "state"
+    (tmp_path / "c.cfg").write_text(
+        f"[course]\nname = demo\nroster = students.csv\nstate_dir = {state}\n"
+    )
+    for other in ("--no-portal", "--stop-on-exit"):
+        r = run_cli("launch", str(tmp_path / "c.cfg"), "--detach", other)
+        assert r.returncode == 2 and "--detach" in r.stderr, r.stdout + r.stderr
+    assert not state.exists()
+
+
+@pytest.mark.root
+def test_separate_notebook_password_logs_in_and_a_planted_link_is_not_followed(make_course):
+    c = make_course(2)
+    a, b = c.usernames
+    c.write_config(
+        accounts={"notebook_password": "separate"}, launch={"access": "proxy", "ip": "127.0.0.1"}
+    )
+    assert c.run("setup", "--yes").returncode == 0
+    creds = c.credentials()
+    assert creds[a]["notebook_password"] != creds[a]["password"]
+    portal = RunningPortal(load(c.config).replace(portal_port=0), lambda: {})
+    try:
+
+        def login(username: str, password: str) -> int:
+            r = requests.post(
+                f"{portal.base}/login",
+                data={"username": username, "password": password},
+                allow_redirects=False,
+                timeout=30,
+            )
+            return r.status_code
+
+        assert login(a, creds[a]["notebook_password"]) == 303
+        assert login(a, creds[a]["password"]) == 403  # the Unix password is not this one
+        # A points their ~/.jupyter at B's: B's hash is never read for A
+        jupyter = c.home(a) / ".jupyter"
+        subprocess.run(
+            ["runuser", "-u", a, "--", "sh", "-c", f"mv {jupyter} {jupyter}.old"], check=True
+        )
+        os.symlink(c.home(b) / ".jupyter", jupyter)
+        os.lchown(jupyter, c.pw(a).pw_uid, c.pw(a).pw_gid)
+        assert login(a, creds[b]["notebook_password"]) == 403
+        assert login(a, creds[a]["notebook_password"]) == 403
+    finally:
+        portal.close()

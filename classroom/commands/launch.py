@@ -25,7 +25,6 @@ from ..host.server import (
     Server,
     forget_server,
     previous_ports,
-    reap_children,
     remember_ports,
     reserved_ports,
     running_servers,
@@ -34,6 +33,7 @@ from ..host.server import (
 )
 from ..host.serverhome import ensure_lab_settings, prepare_home, prepare_socket_dir, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
+from . import portal as portal_command
 from .course import Course, Report
 from .shutdown import shutdown
 
@@ -59,8 +59,9 @@ def access_warning(settings) -> str | None:
     return None if https(settings) else PLAIN_PROXY_WARNING
 
 
-def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
-    """Start every selected student's server (in parallel), then run the portal until stopped."""
+def launch(course: Course, *, only=(), portal=True, stop_on_exit=False, detach=False) -> int:
+    """Start every selected student's server (in parallel), then run the portal until stopped
+    (or, with ``detach``, in the background, where it stays once launch has returned)."""
     report = course.report("launch")
     warning = access_warning(course.settings)
     if warning:
@@ -68,9 +69,15 @@ def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
     pre_spawn = hooks.configured(course.settings, "pre_spawn")
     servers = plan(course, only, report)
     if course.dry_run:
-        return _report_plan(course, report, servers, pre_spawn)
+        code = _report_plan(course, report, servers, pre_spawn)
+        return max(code, portal_command.detach(course)) if detach else code
     code = _start_all(course, report, servers, pre_spawn)
     _print_addresses(course)
+    if detach:
+        return max(code, portal_command.detach(course))
+    if portal and (running := portal_command.background(course)) is not None:
+        click.echo(f"Portal: {running.url}  (running in the background, pid {running.pid})")
+        return code
     if portal:
         code = max(code, _run_portal(course))
     if stop_on_exit:
@@ -364,14 +371,7 @@ def _print_addresses(course: Course) -> None:
 
 def _run_portal(course: Course) -> int:
     """Run the portal in the foreground; its exit status (0, or the portal's error's)."""
-    from ..host import portal
-
     # Let status, shutdown and retrieve run while the portal is up.
     if course.lock is not None:
         course.lock.release()
-    try:
-        portal.serve(course, lookup=lambda: running_servers(course.settings), tick=reap_children)
-    except ClassroomError as exc:
-        exc.show()
-        return exc.exit_code
-    return 0
+    return portal_command.serve(course)

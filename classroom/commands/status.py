@@ -9,6 +9,7 @@ import click
 
 from ..host.accounts import FOREIGN, MISSING, OK, inspect
 from .course import Course
+from .portal import status_entry
 
 HEADERS = ["username", "name", "account", "server", "last send", "last retrieve"]
 
@@ -16,7 +17,10 @@ HEADERS = ["username", "name", "account", "server", "last send", "last retrieve"
 def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False) -> int:
     """A table (or JSON list) of account, server, last send and last retrieve per student."""
     rows = student_rows(course, only)
+    portal = status_entry(course)
     if as_json:
+        for row in rows:  # the JSON stays a list of students; each says where the portal is
+            row["portal"] = portal
         click.echo(json.dumps(rows, indent=2))
         return 0
     if not course.state_readable:
@@ -31,6 +35,10 @@ def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False)
         f"status: {len(rows)} students, {counts[OK]} accounts ok, {counts[MISSING]} missing, "
         f"{counts[FOREIGN]} foreign, {running} servers running"
     )
+    if portal is not None:
+        click.echo(f"portal: running in the background, pid {portal['pid']}, {portal['url']}")
+    else:
+        click.echo("portal: not running in the background")
     return 0
 
 
