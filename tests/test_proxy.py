@@ -122,6 +122,8 @@ def test_upstream_gets_no_portal_cookie_no_authorization_no_forged_forwarding():
 )
 def test_a_server_sets_only_its_own_cookies_on_its_own_path(set_cookie, expect):
     assert proxy.scoped_cookie(set_cookie, "/user/ada/") == expect
+    secure = proxy.scoped_cookie(set_cookie, "/user/ada/", secure=True)
+    assert secure == (None if expect is None else expect + "; Secure")
 
 
 @pytest.mark.parametrize(

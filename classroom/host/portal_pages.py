@@ -69,7 +69,7 @@ PAGE = """<!doctype html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
+<meta name="referrer" content="{referrer}">
 <meta name="robots" content="noindex, nofollow">
 <link rel="icon" href="data:,">
 <title>{head_title}</title>
@@ -96,9 +96,14 @@ FORM = """<form method="get" action="/go">
 <p class="foot">You will be asked for your password on the next page.</p>"""
 
 
-def render(title: str, body: str, head_title: str = "") -> str:
-    """A complete page: the course title as heading, ``body`` (already HTML) below it."""
+def render(title: str, body: str, head_title: str = "", referrer: str = "no-referrer") -> str:
+    """A complete page: the course title as heading, ``body`` (already HTML) below it.
+
+    ``referrer``: the page's referrer policy (proxy mode's forms need ``same-origin``, so
+    that browsers send the Origin the portal checks, not ``null``).
+    """
     return PAGE.format(
+        referrer=referrer,
         head_title=html.escape(head_title or title),
         css=CSS,
         mark=MARK,

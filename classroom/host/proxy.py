@@ -101,6 +101,8 @@ BODY_TIMEOUT = 3600.0  # seconds a forwarded body may take
 CHUNK = 64 * 1024
 MAX_HANDSHAKE = 64 * 1024  # bytes of a server's answer to a WebSocket handshake
 UID_CACHE = 60.0  # seconds a student's uid is remembered
+# Browsers send "Origin: null" for a form posted from a no-referrer page: same-origin it is.
+REFERRER = "same-origin"
 OWN_HEADERS = ("Server", "Content-Type", "Date", "Content-Security-Policy", *SECURITY_HEADERS)
 
 
@@ -169,6 +171,7 @@ class PageHandler(tornado.web.RequestHandler):
         self.clear_header("Server")
         for name, value in SECURITY_HEADERS.items():
             self.set_header(name, value)
+        self.set_header("Referrer-Policy", REFERRER)
         self.set_header("Content-Security-Policy", csp())
 
     def check_xsrf_cookie(self) -> None:  # the Origin checks below do this job
@@ -186,7 +189,7 @@ class PageHandler(tornado.web.RequestHandler):
         for name, value in (headers or {}).items():
             self.set_header(name, value)
         title = self.gate.settings.title or self.gate.settings.name
-        self.finish(render(title, body))
+        self.finish(render(title, body, referrer=REFERRER))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         heading = {
@@ -363,8 +366,9 @@ def upstream_headers(request: httputil.HTTPServerRequest) -> httputil.HTTPHeader
     return out
 
 
-def scoped_cookie(value: str, prefix: str) -> str | None:
-    """A student's server's Set-Cookie, kept only for its own cookies and its own path."""
+def scoped_cookie(value: str, prefix: str, secure: bool = False) -> str | None:
+    """A student's server's Set-Cookie, kept only for its own cookies and its own path (and
+    ``secure``: only sent over HTTPS, so a classmate's plain-HTTP listener never gets it)."""
     jar: SimpleCookie = SimpleCookie()
     try:
         jar.load(value)
@@ -378,10 +382,14 @@ def scoped_cookie(value: str, prefix: str) -> str | None:
     morsel["domain"] = ""
     if not (morsel["path"] or "").startswith(prefix):
         morsel["path"] = prefix
+    if secure:
+        morsel["secure"] = True
     return morsel.OutputString()
 
 
-def downstream_headers(headers: httputil.HTTPHeaders, prefix: str, *, upgrade: bool = False):
+def downstream_headers(
+    headers: httputil.HTTPHeaders, prefix: str, *, secure: bool = False, upgrade: bool = False
+):
     """(name, value) of a server's response headers that may reach the browser."""
     for name, value in headers.get_all():
         low = name.lower()
@@ -391,7 +399,7 @@ def downstream_headers(headers: httputil.HTTPHeaders, prefix: str, *, upgrade: b
         if low in HOP or low in ("content-length", "clear-site-data"):
             continue
         if low == "set-cookie":
-            scoped = scoped_cookie(value, prefix)
+            scoped = scoped_cookie(value, prefix, secure)
             if scoped is not None:
                 yield name, scoped
             continue
@@ -582,7 +590,12 @@ class ForwardHandler(PageHandler):
             self.finish()
             return
         out = [f"HTTP/1.1 101 {status.reason or 'Switching Protocols'}"]
-        out += [f"{n}: {v}" for n, v in downstream_headers(answer, self.prefix, upgrade=True)]
+        out += [
+            f"{n}: {v}"
+            for n, v in downstream_headers(
+                answer, self.prefix, secure=self.gate.secure, upgrade=True
+            )
+        ]
         self.upstream = _Detached()  # on_finish must not close the tunnel's end
         client = self.detach()
         try:
@@ -630,7 +643,7 @@ class _Relay(httputil.HTTPMessageDelegate):
             handler.clear_header(name)
         reason = start_line.reason if start_line.reason.isascii() else None
         handler.set_status(start_line.code, reason or None)
-        for name, value in downstream_headers(headers, handler.prefix):
+        for name, value in downstream_headers(headers, handler.prefix, secure=handler.gate.secure):
             handler.add_header(name, value)
         length = headers.get("Content-Length")
         if length is not None and length.isdigit():
