@@ -808,3 +808,16 @@ def test_separate_notebook_password_logs_in_and_a_planted_link_is_not_followed(m
         assert login(a, creds[a]["notebook_password"]) == 403
     finally:
         portal.close()
+
+
+@pytest.mark.root
+def test_remove_takes_the_courses_run_folder_away(make_course):
+    c = make_course(1)
+    c.write_config(launch={"access": "proxy", "ip": "127.0.0.1", "app": "server"})
+    assert c.run("setup", "--yes").returncode == 0
+    assert c.run("launch", "--no-portal").returncode == 0
+    run = Path(f"/run/classroom/{c.name}")
+    assert (run / "servers" / c.usernames[0]).is_dir()
+    r = c.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not run.exists()

@@ -19,7 +19,9 @@ from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspe
 from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
 from ..host.processes import processes_of, stop_processes
+from ..host.serverhome import remove_run_dir, remove_socket_dir
 from ..host.system import dry_run
+from . import portal as portal_command
 from .course import Course, Report, progress
 
 WORKERS = max(2, os.cpu_count() or 2)
@@ -58,8 +60,14 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     credentials.update(
         s.state_dir / "credentials.csv", {}, drop=removed | {a.username for a in gone}
     )
+    for username in removed:
+        remove_socket_dir(s, username)
     if remove_group(course):
         report.note(f"group {s.group} deleted")
+        line = portal_command.stop(course)  # nobody left to serve
+        if line:
+            report.note(line)
+        remove_run_dir(s)
     return report.finish()
 
 

@@ -211,3 +211,12 @@ def remove_socket_dir(settings: Settings, username: str) -> None:
     with contextlib.suppress(OSError):
         os.rmdir(username, dir_fd=parent)
     os.close(parent)
+
+
+def remove_run_dir(settings: Settings) -> None:
+    """Remove the course's folder under /run/classroom (the course has no student left)."""
+    if dry_run():
+        return
+    import shutil
+
+    shutil.rmtree(run_dir(settings), ignore_errors=True)  # never follows a link (fd-based)
