@@ -75,9 +75,15 @@ def launch(course: Course, *, only=(), portal=True, stop_on_exit=False, detach=F
     _print_addresses(course)
     if detach:
         return max(code, portal_command.detach(course))
-    if portal and (running := portal_command.background(course)) is not None:
+    running = portal_command.background(course)
+    if portal and running is not None:
         click.echo(f"Portal: {running.url}  (running in the background, pid {running.pid})")
         return code
+    if not portal and running is None and proxied(course.settings):
+        click.echo(
+            "note: access = proxy: students reach their servers only through the portal "
+            "(launch --detach, or notebooks portal)"
+        )
     if portal:
         code = max(code, _run_portal(course))
     if stop_on_exit:

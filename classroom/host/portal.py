@@ -25,6 +25,7 @@ import logging
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import threading
 from collections.abc import Callable, Mapping
@@ -320,13 +321,20 @@ def make_app(settings: Settings, lookup: Lookup, *, probe: bool = True) -> torna
         "serve_traceback": False,
     }
     if proxied(settings):
-        routes, gate = proxy.routes(settings)
+        try:
+            keys = proxy.application_settings(settings)
+            routes, gate = proxy.routes(settings)
+        except (OSError, sqlite3.Error) as exc:
+            raise PortalError(
+                f"portal: cannot keep sessions in {settings.state_dir}: {exc} "
+                "(run setup first; the portal runs as root)"
+            ) from None
         not_found, not_found_args = proxy.not_found(gate)
         app = tornado.web.Application(
             [(r"/healthz", HealthHandler, args), *routes],
             default_handler_class=not_found,
             default_handler_args=not_found_args,
-            **proxy.application_settings(settings),
+            **keys,
             **common,
         )
         app.settings["gate"] = gate
