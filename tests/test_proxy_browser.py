@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -200,35 +199,33 @@ http.server.HTTPServer((host, port), Grab).serve_forever()
 """
 
 
-def outside_address() -> str | None:
-    """An IPv4 address of this host that is not loopback: browsers treat http://127.0.0.1 as
-    a secure origin and send it Secure cookies, which a real class host name never gets."""
-    import psutil
-
-    for addrs in psutil.net_if_addrs().values():
-        for addr in addrs:
-            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
-                return addr.address
-    return None
+# The class host as a name that resolves to loopback only inside the test's browser:
+# browsers treat http://127.0.0.1 and http://localhost as secure origins and send them
+# Secure cookies, which a real class host name never gets; this name is not one of those,
+# and no traffic leaves 127.0.0.0/8.
+CLASS_HOST = "classroom.test"
 
 
 @pytest.mark.timeout(600)
 def test_a_classmates_listener_collects_nothing_that_opens_a_server(browser, klass):
-    host = outside_address()
-    if host is None:
-        pytest.skip("no non-loopback address: a browser sends Secure cookies to 127.0.0.1")
+    host = CLASS_HOST
     c = klass.course
     a, b = c.usernames
-    portal = RunningPortal(load(c.config).replace(ip=host, portal_port=0), lambda: {})
+    portal = RunningPortal(load(c.config).replace(ip="127.0.0.1", portal_port=0), lambda: {})
     url = f"https://{host}:{portal.port}"
+    direct = f"https://127.0.0.1:{portal.port}"  # the same portal, for the replays below
     port = free_port()
     log = Path(f"/tmp/listener-{secrets.token_hex(4)}.log")
     log.touch()
     os.chown(log, c.pw(a).pw_uid, c.pw(a).pw_gid)
     listener = subprocess.Popen(
-        ["runuser", "-u", a, "--", PYTHON, "-c", LISTENER, host, str(port), str(log)]
+        ["runuser", "-u", a, "--", PYTHON, "-c", LISTENER, "127.0.0.1", str(port), str(log)]
     )
-    context = browser.new_context(ignore_https_errors=True)
+    own = browser.browser_type.launch(
+        executable_path=CHROMIUM,
+        args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {host} 127.0.0.1"],
+    )
+    context = own.new_context(ignore_https_errors=True)
     try:
         page = context.new_page()
         page.set_default_timeout(90_000)
@@ -240,7 +237,7 @@ def test_a_classmates_listener_collects_nothing_that_opens_a_server(browser, kla
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):
-                requests.get(f"http://{host}:{port}/", timeout=2)
+                requests.get(f"http://127.0.0.1:{port}/", timeout=2)
                 break
             time.sleep(0.2)
         # B follows a classmate's links: the page, and paths like B's own server's
@@ -257,8 +254,8 @@ def test_a_classmates_listener_collects_nothing_that_opens_a_server(browser, kla
             }
             for path in (f"/user/{b}/api/contents", f"/user/{b}/lab"):
                 s = klass.session()
-                s.verify = False  # the certificate names 127.0.0.1, not this address
-                r = s.get(url + path, headers=headers, timeout=30, allow_redirects=False)
+                s.verify = False  # the certificate names 127.0.0.1, not the class's name
+                r = s.get(direct + path, headers=headers, timeout=30, allow_redirects=False)
                 assert r.status_code == 403, (path, headers)
         cookies = " ".join(r["headers"].get("Cookie", "") for r in grabbed)
         assert "classroom-session" not in cookies and "_xsrf" not in cookies
@@ -266,6 +263,7 @@ def test_a_classmates_listener_collects_nothing_that_opens_a_server(browser, kla
         assert page.goto(f"{url}/user/{b}/api/contents").status == 200
     finally:
         context.close()
+        own.close()
         listener.kill()
         listener.wait()
         log.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ for them together, and move a server whose port someone took meanwhile. Report.
 from __future__ import annotations
 
 import shlex
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import click
 import psutil
@@ -16,6 +16,7 @@ import psutil
 from ..core.addresses import https, proxied
 from ..core.errors import ClassroomError, Refused, StepFailed
 from ..core.launchplan import LAB_SETTINGS_APPS, assign_ports, exec_argv, server_args
+from ..core.text import printable
 from ..host import accounts, hooks
 from ..host.identity import server_python
 from ..host.ports import port_free
@@ -31,14 +32,17 @@ from ..host.server import (
     server_status,
     stop_servers,
 )
-from ..host.serverhome import ensure_lab_settings, prepare_home, prepare_socket_dir, read_tls
+from ..host.serverhome import ensure_lab_settings, prepare_homes, prepare_socket_dir, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
+from ..host.workers import student_deadline
 from . import portal as portal_command
-from .course import Course, Report
+from .course import Course, Report, progress
 from .shutdown import shutdown
+from .terminal import awaited
 
 PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on another
 FAILED_START = {"polite": 2, "term": 2, "kill": 2}  # timeouts for a server that did not answer
+PREPARE_DEADLINE = 60  # seconds for one student's home to be made ready (a few small files)
 
 REDIRECT_WARNING = (
     "warning: access = redirect: any student can collect a classmate's login cookie "
@@ -216,9 +220,10 @@ def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn)
 
 
 def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> list[Server]:
-    """As each student (before any thread exists here): the root folder, the TLS copies
-    (none in proxy mode: earlier copies are deleted). As root: JupyterLab's settings
-    overrides and, in proxy mode, the folder of each student's socket."""
+    """As each student, all at once (before any thread exists here): the root folder, the
+    TLS copies (none in proxy mode: earlier copies are deleted); a student whose part takes
+    longer than the deadline fails alone. As root: JupyterLab's settings overrides and, in
+    proxy mode, the folder of each student's socket."""
     s = course.settings
     try:
         tls = read_tls(s)
@@ -237,18 +242,19 @@ def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> lis
             "'Security'"
         )
     ready = []
-    for server in servers:
-        assert server.pw is not None
-        try:
-            prepare_home(s, server.pw, tls)
-            if server.on_socket:
+    pws = [server.pw for server in servers]
+    errors = prepare_homes(s, pws, tls, student_deadline(base=PREPARE_DEADLINE))
+    for server, error in zip(servers, errors, strict=True):
+        if error:
+            report.failed(server.username, f"preparing the home failed: {printable(error)}")
+            continue
+        if server.on_socket:
+            assert server.pw is not None
+            try:
                 prepare_socket_dir(s, server.pw)
-        except StepFailed as exc:
-            report.failed(server.username, f"preparing the home failed: {exc}")
-            continue
-        except OSError as exc:
-            report.failed(server.username, f"preparing its socket's folder failed: {exc}")
-            continue
+            except OSError as exc:
+                report.failed(server.username, f"preparing its socket's folder failed: {exc}")
+                continue
         ready.append(server)
     return ready
 
@@ -301,7 +307,9 @@ def _spawn_all(
         try:
             server.start(course.settings, forker)
         except (OSError, ValueError, psutil.Error) as exc:
-            report.failed(server.username, f"the server could not be started: {exc}")
+            report.failed(
+                server.username, f"the server could not be started: {printable(str(exc))}"
+            )
             continue
         server.save(course.state)
         spawned.append(server)
@@ -316,7 +324,14 @@ def _wait_all(
     meanwhile (another course launching at the same time, say)."""
     s = course.settings
     with ThreadPoolExecutor(max_workers=max(1, min(64, len(spawned)))) as pool:
-        waits = list(pool.map(lambda server: server.wait_ready(s, s.start_timeout), spawned))
+        futures = {pool.submit(server.wait_ready, s, s.start_timeout): server for server in spawned}
+        waiting = {server.username: None for server in spawned}  # in roster order
+        answered = as_completed(futures)
+        for done in progress(
+            answered, "servers answering", len(futures), waiting=lambda: awaited(waiting)
+        ):
+            waiting.pop(futures[done].username)
+        waits = [future.result() for future in futures]
     failed = []
     for server, problem in zip(spawned, waits, strict=True):
         if problem is None:
@@ -334,7 +349,7 @@ def _wait_all(
         if retry_ports and problem == STOPPED_EARLY and taken:
             retry.append(server)
         else:
-            report.failed(server.username, failure(s, server.username, problem))
+            report.failed(server.username, failure(s, server.username, problem, server.log_offset))
     return retry
 
 

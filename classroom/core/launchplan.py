@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from .addresses import https, proxied, server_path
+from .addresses import https, listen_address, proxied, server_path
 from .errors import StepFailed
 from .settings import Settings
 
@@ -100,7 +100,7 @@ def server_args(settings: Settings, home: str, port: int, username: str | None =
         ]
     else:
         args += [
-            f"--ServerApp.ip={settings.ip}",
+            f"--ServerApp.ip={listen_address(settings.ip)}",
             f"--ServerApp.port={port}",
             "--ServerApp.port_retries=0",
             # A password is set (setup); no token. Refuse to run at all without a password.

@@ -44,9 +44,10 @@ def _sibling(name: str):
 
 
 if __package__:
-    from . import identity
+    from . import identity, logwriter
 else:  # ``python -I forkserver.py``: no package, and its folder is not on sys.path
     identity = _sibling("identity")
+    logwriter = _sibling("logwriter")
 
 APPS = {
     "lab": ("jupyterlab.labapp", "LabApp", "jupyter-lab"),
@@ -129,6 +130,7 @@ PRELOAD = (
 BECAME_FD = 3  # the child's end of the pipe that says "I am the student now" (then closed)
 FIRST_FD = 4  # every descriptor from here up is closed in the child
 BECAME = b"ok"
+BECOME_TIMEOUT = 10  # seconds a child gets from fork to "I am the student now"
 # The fork server's environment carries this padding so that each child can write its own
 # (clean) environment over the block the kernel shows as /proc/PID/environ.
 ENV_PAD = "CLASSROOM_ENV_PAD"
@@ -199,22 +201,31 @@ def spawn(app: str, request: dict) -> int:
     sys.stderr.flush()
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # intermediate: fork the server, tell its pid once it is the student, vanish
+    if pid == 0:  # intermediate: start the log writer, fork the server, tell its pid, vanish
         code = 1
         try:
             os.close(rfd)
+            output = log_output(log_path)
             became_r, became_w = os.pipe()
             server = os.fork()
             if server == 0:
                 os.close(wfd)
                 os.close(became_r)
-                become_server(app, pw, args, log_path, became_w)  # never returns
+                become_server(app, pw, args, output, became_w)  # never returns
             os.close(became_w)
-            if read_all(became_r) == BECAME:
+            os.close(output)
+            # Once it is the student's the student can stop it before it says so: give up
+            # then, or one student would hold up the fork server and every student after.
+            if read_all(became_r, BECOME_TIMEOUT) == BECAME:
                 os.write(wfd, str(server).encode())
             else:
+                with contextlib.suppress(OSError):
+                    os.kill(server, signal.SIGKILL)
                 os.write(wfd, b"!")
             code = 0
+        except BaseException as exc:  # noqa: BLE001 - told to the fork server, never raised here
+            with contextlib.suppress(Exception):
+                os.write(wfd, f"?{type(exc).__name__}: {exc}".encode()[:500])
         finally:
             os._exit(code)
     os.close(wfd)
@@ -224,14 +235,36 @@ def spawn(app: str, request: dict) -> int:
         raise RuntimeError("fork failed")
     if data == b"!":
         raise RuntimeError(f"the server stopped before it became {username} (see its log)")
+    if data.startswith(b"?"):
+        raise RuntimeError(data[1:].decode(errors="replace"))
     return int(data)
 
 
-def read_all(fd: int) -> bytes:
-    """Everything until EOF; the descriptor is closed."""
-    data = b""
+def log_output(log_path: str) -> int:
+    """The write end of a pipe into a new log writer that appends to ``log_path``."""
+    log_fd = os.open(
+        log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     try:
-        while chunk := os.read(fd, 64):
+        _, output = logwriter.spawn_writer(sys.executable, log_fd)
+    finally:
+        os.close(log_fd)
+    return output
+
+
+def read_all(fd: int, timeout: float | None = None) -> bytes:
+    """Everything until EOF, or what came within ``timeout`` seconds; the descriptor is closed."""
+    data = b""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    break
+            chunk = os.read(fd, 64)
+            if not chunk:
+                break
             data += chunk
     finally:
         os.close(fd)
@@ -239,19 +272,19 @@ def read_all(fd: int) -> bytes:
 
 
 def become_server(
-    app: str, pw: pwd.struct_passwd, args: list[str], log_path: str, became: int
+    app: str, pw: pwd.struct_passwd, args: list[str], output: int, became: int
 ) -> None:
-    """In the child: drop everything of root's, become the student, run the server. Never returns.
+    """In the child: drop everything of root's, become the student, run the server with
+    stdout and stderr on ``output`` (the log writer's pipe). Never returns.
 
     Once it is the student it writes ``BECAME`` to ``became`` (and closes it), so the pid
     launch records is never that of a process still running as root.
     """
     try:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
         os.dup2(became, BECAME_FD)
         os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
         os.setsid()

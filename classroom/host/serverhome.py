@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..core.addresses import https, proxied
+from ..core.errors import StepFailed
 from ..core.launchplan import (
     LAB_OVERRIDES,
     RUN_BASE,
@@ -32,7 +33,8 @@ from ..core.launchplan import (
 )
 from ..core.settings import Settings
 from .files import write_atomic
-from .system import as_user, dry_run
+from .system import dry_run
+from .workers import as_user, as_users
 
 TLS_FILES = ("cert.pem", "key.pem")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -60,6 +62,24 @@ def prepare_home(
     """
     folder = root_dir(settings, pw.pw_dir) if settings.root == "folder" else None
     as_user(pw, _prepare, pw.pw_dir, folder, tls)
+
+
+def prepare_homes(
+    settings: Settings,
+    pws: list[pwd.struct_passwd],
+    tls: tuple[bytes, bytes] | None,
+    timeout: float,
+) -> list[str | None]:
+    """``prepare_home`` for each account, in parallel, each within ``timeout`` seconds
+    (a student who stops their own helper fails alone); for each, why it failed, or None."""
+    jobs = []
+    for pw in pws:
+        folder = root_dir(settings, pw.pw_dir) if settings.root == "folder" else None
+        jobs.append((pw, _prepare, (pw.pw_dir, folder, tls)))
+    return [
+        str(result) if isinstance(result, StepFailed) else None
+        for result in as_users(jobs, timeout=timeout)
+    ]
 
 
 def _prepare(home: str, folder: str | None, tls: tuple[bytes, bytes] | None) -> None:
