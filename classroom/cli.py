@@ -121,19 +121,23 @@ def course_command(
     *,
     changes: bool = True,
     precheck: Callable[[Settings], None] | None = None,
+    options_check: Callable[[dict[str, Any]], None] | None = None,
     name: str | None = None,
 ) -> Callable[[Callable[..., int]], click.Command]:
     """A command run on the opened course: CONFIG, then --dry-run, --only, --yes if it ``changes``.
 
     The decorated function is called as ``func(course, only=..., **its own options)`` and
-    returns the exit status; opening the course (after ``precheck(settings)``, before
-    anything is created), closing it and exiting are the same for every command.
+    returns the exit status; opening the course (after ``options_check(options)`` and
+    ``precheck(settings)``, before anything is created), closing it and exiting are the
+    same for every command.
     """
 
     def decorate(func: Callable[..., int]) -> click.Command:
         @functools.wraps(func)
         @click.pass_context
         def command(ctx: click.Context, config, only=(), dry_run=False, yes=False, **options):
+            if options_check is not None:
+                options_check(options)
             # Ctrl-C, SIGTERM, a hang-up: the step in progress finishes, then the command
             # says what it did and did not do (host.interrupts).
             with interrupts.catching():
@@ -234,17 +238,51 @@ def return_(course: Course, **options: Any) -> int:
     return return_feedback(course, **options)
 
 
-@course_command()
+def launch_options(options: dict[str, Any]) -> None:
+    if options.get("detach") and (options.get("no_portal") or options.get("stop_on_exit")):
+        raise click.UsageError(
+            "--detach runs the portal in the background: it takes neither --no-portal "
+            "nor --stop-on-exit"
+        )
+
+
+@course_command(options_check=launch_options)
 @click.option("--no-portal", is_flag=True, help="Start the servers, then exit (no portal).")
 @click.option("--stop-on-exit", is_flag=True, help="Stop the servers too when the portal stops.")
-def launch(course: Course, only: tuple[str, ...], no_portal: bool, stop_on_exit: bool) -> int:
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Run the portal in the background (restarted if it dies; shutdown stops it).",
+)
+def launch(
+    course: Course, only: tuple[str, ...], no_portal: bool, stop_on_exit: bool, detach: bool
+) -> int:
     """Start one Jupyter server per student, then run the portal until Ctrl-C.
 
     Ctrl-C stops the portal and leaves the servers running (unless --stop-on-exit).
+    With --detach the portal runs in the background instead, detached from the terminal
+    (what a teacher on SSH wants): a second launch --detach finds it running.
     """
     from .commands.launch import launch as launch_servers
 
-    return launch_servers(course, only=only, portal=not no_portal, stop_on_exit=stop_on_exit)
+    return launch_servers(
+        course, only=only, portal=not no_portal, stop_on_exit=stop_on_exit, detach=detach
+    )
+
+
+@course_command(changes=False)
+@click.option("--supervise", is_flag=True, hidden=True)
+def portal(course: Course, only: tuple[str, ...], supervise: bool) -> int:
+    """Run only the portal, in the foreground (what a systemd unit runs; see README).
+
+    The students' servers are started by launch and left alone here; SIGTERM or
+    Ctrl-C stops the portal.
+    """
+    from .commands import portal as portal_command
+
+    if supervise:
+        return portal_command.supervise(course.settings.config_file)
+    return portal_command.serve(course)
 
 
 @course_command()

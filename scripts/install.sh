@@ -13,7 +13,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 TEST=no
 [ "${1:-}" = "--test" ] && TEST=yes
 
-PKGS="python3 python3-venv python3-dev passwd tar acl sudo"
+PKGS="python3 python3-venv python3-dev passwd tar libpam0g acl sudo"
 [ "$TEST" = yes ] && PKGS="$PKGS chromium fonts-dejavu-core rsync procps openssl nodejs keyutils zbar-tools"
 if ! dpkg -s $PKGS >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive

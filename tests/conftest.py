@@ -159,6 +159,7 @@ class TestCourse:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"/etc/sudoers.d/classroom-{self.name}")
         shutil.rmtree(self.home_base, ignore_errors=True)
+        shutil.rmtree(Path("/run/classroom") / self.name, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -249,12 +250,11 @@ def ready_course(course):
     return course
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    """A self-signed certificate and key for localhost and 127.0.0.1 (openssl)."""
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key for localhost and 127.0.0.1 (openssl) in ``folder``."""
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
         [
             "openssl",
@@ -278,6 +278,12 @@ def certificate(tmp_path):
         capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate and key for localhost and 127.0.0.1 (openssl)."""
+    return make_certificate(tmp_path)
 
 
 # --- servers: shared by test_launch, test_shutdown, test_forkserver, test_hooks ----------------
@@ -305,14 +311,15 @@ def answers(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def login(port: int, password: str) -> requests.Session:
-    """A session logged in to a student's server with the handed-out password."""
+def login(port: int, password: str, path: str = "/") -> requests.Session:
+    """A session logged in to a student's server (base URL ``path``) with the handed-out
+    password."""
     session = requests.Session()
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}{path.rstrip('/')}"
     session.get(f"{base}/login", timeout=10)
     xsrf = session.cookies.get("_xsrf", "")
     r = session.post(
-        f"{base}/login?next=/api/status",
+        f"{base}/login?next={path}api/status",
         data={"password": password, "_xsrf": xsrf},
         timeout=10,
         allow_redirects=False,

@@ -219,9 +219,10 @@ def port_free(port: int) -> bool:
     return True
 
 
-def jupyter_login(port: int, password: str) -> requests.Session:
+def jupyter_login(port: int, password: str, path: str = "/") -> requests.Session:
+    """Logged in to the server on ``port`` whose base URL is ``path`` (``/user/NAME/``)."""
     s = requests.Session()
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}{path.rstrip('/')}"
     s.get(f"{base}/login", timeout=10)
     xsrf = s.cookies.get("_xsrf", "")
     r = s.post(
@@ -1526,7 +1527,9 @@ def test_launch_status_shutdown_with_hooks(ready_course):
                     )
             assert http_answers(row["port"])
             # the handed-out password opens the student's own server
-            jupyter_login(row["port"], creds[u]["notebook_password"] or creds[u]["password"])
+            jupyter_login(
+                row["port"], creds[u]["notebook_password"] or creds[u]["password"], f"/user/{u}/"
+            )
         assert st[u0]["port"] != st[u1]["port"]
         hook_lines = log.read_text().splitlines()
         for u in c.usernames:
@@ -1538,8 +1541,10 @@ def test_launch_status_shutdown_with_hooks(ready_course):
             assert nb_course == c.name
 
         # a kernel, so shutdown has to stop it too
-        s = jupyter_login(st[u0]["port"], creds[u0]["notebook_password"] or creds[u0]["password"])
-        k = s.post(f"http://127.0.0.1:{st[u0]['port']}/api/kernels", json={}, timeout=60)
+        s = jupyter_login(
+            st[u0]["port"], creds[u0]["notebook_password"] or creds[u0]["password"], f"/user/{u0}/"
+        )
+        k = s.post(f"http://127.0.0.1:{st[u0]['port']}/user/{u0}/api/kernels", json={}, timeout=60)
         assert k.status_code in (200, 201), k.text
         time.sleep(2)
         server = psutil.Process(st[u0]["pid"])

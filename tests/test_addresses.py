@@ -31,7 +31,7 @@ def hosts(s: Settings) -> set[str]:
     page = handout_html(s, ROWS)
     link = portal_url(s)
     assert f'href="{link}"' in page
-    return {urlsplit(url).netloc.rsplit(":", 1)[0] for url in (link, server_url(s, 8001))}
+    return {urlsplit(url).netloc.rsplit(":", 1)[0] for url in (link, server_url(s, 8001, "ada"))}
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,9 @@ def test_server_and_portal_agree_on_https(cert, key, scheme):
     s = settings(certfile=cert, keyfile=key, server_address="class.example.org")
     assert https(s) == (scheme == "https")
     assert portal_url(s) == f"{scheme}://class.example.org:8000/"
-    assert server_url(s, 8001) == f"{scheme}://class.example.org:8001/"
+    assert server_url(s, 8001, "ada") == f"{scheme}://class.example.org:8001/user/ada/"
+    proxy = s.replace(access="proxy")
+    assert server_url(proxy, 8001, "ada") == f"{scheme}://class.example.org:8000/user/ada/"
 
 
 def test_localhost_fqdn_falls_back_to_the_host_name(monkeypatch):

@@ -28,7 +28,7 @@ def test_https_server_and_key_copies(ready_course, certificate):
         assert row["url"].startswith("https://")
         context = ssl.create_default_context(cafile=str(cert))
         with urllib.request.urlopen(
-            f"https://127.0.0.1:{row['port']}/login", context=context, timeout=10
+            f"https://127.0.0.1:{row['port']}/user/{u}/login", context=context, timeout=10
         ) as resp:
             assert resp.status == 200
         copy = course.home(u) / ".jupyter" / "classroom-tls" / "key.pem"

@@ -140,6 +140,9 @@ def test_server_args_carry_no_secret_and_map_settings(tmp_path):
     assert "--ServerApp.root_dir=/home/alice/tutorial" in args
     assert "--IdentityProvider.token=" in args
     assert "--PasswordIdentityProvider.password_required=True" in args
+    assert "--ServerApp.base_url=/user/alice/" in args
+    # JupyterLab's news and update checks: off, from root's overrides, not the home
+    assert "--JupyterNotebookApp.app_settings_dir=/run/classroom/demo/lab-settings" in args
     assert "--MappingKernelManager.cull_idle_timeout=600" in args
     assert "--ServerApp.shutdown_no_activity_timeout=600" in args
     assert "hashed_password" not in text and "argon2" not in text and "password=" not in text
@@ -163,7 +166,7 @@ def test_ports_go_in_roster_order_and_previous_ports_are_kept(tmp_path, monkeypa
     starts = [server.Server(name, pw.pw_uid, pw=pw) for name in ("zed", "bob", "amy", "cat")]
     launch.assign(SimpleNamespace(settings=s, state=state), starts)
     assert [st.port for st in starts] == [8005, 8001, 8003, 8004]
-    assert all(st.url.endswith(f":{st.port}/") for st in starts)
+    assert all(st.url.endswith(f":{st.port}/user/{st.username}/") for st in starts)
 
 
 def test_dry_run_changes_nothing_without_root(tmp_path):
@@ -224,7 +227,7 @@ def test_launch_runs_each_student_as_the_student(ready_course, mode):
         for u in c.usernames:
             pw = c.pw(u)
             pid = st[u]["pid"]
-            assert st[u]["server"] == "running" and st[u]["url"].endswith(f":{ports[u]}/")
+            assert st[u]["server"] == "running" and st[u]["url"].endswith(f":{ports[u]}/user/{u}/")
             assert rows[u]["mode"] == mode and rows[u]["uid"] == pw.pw_uid
             # identity: the student's uid, gid and groups only
             ps = proc_status(pid)
@@ -256,12 +259,16 @@ def test_launch_runs_each_student_as_the_student(ready_course, mode):
             runtime = Path(pw.pw_dir) / ".local/share/jupyter/runtime" / f"jpserver-{pid}.json"
             assert runtime.exists() and runtime.stat().st_uid == pw.pw_uid
             assert (
-                requests.get(f"http://127.0.0.1:{ports[u]}/api/contents", timeout=5).status_code
+                requests.get(
+                    f"http://127.0.0.1:{ports[u]}/user/{u}/api/contents", timeout=5
+                ).status_code
                 == 403
             )
-            session = login(ports[u], creds[u]["notebook_password"])
+            session = login(ports[u], creds[u]["notebook_password"], f"/user/{u}/")
             assert (
-                session.get(f"http://127.0.0.1:{ports[u]}/api/contents", timeout=5).status_code
+                session.get(
+                    f"http://127.0.0.1:{ports[u]}/user/{u}/api/contents", timeout=5
+                ).status_code
                 == 200
             )
             # no other student's password or hash in its memory (its own hash is: the scan works)
@@ -484,9 +491,42 @@ def test_a_port_taken_while_the_server_starts_is_replaced(ready_course, tmp_path
         st = status(c)
         assert st[a]["server"] == "running" and st[a]["port"] != taken
         assert st[a]["port"] != st[b]["port"] and answers(st[a]["port"])
-        assert st[a]["url"].endswith(f":{st[a]['port']}/")
+        assert st[a]["url"].endswith(f":{st[a]['port']}/user/{a}/")
     finally:
         for p in psutil.process_iter(["cmdline"]):
             if str(hook) in " ".join(p.info["cmdline"] or []):
                 p.kill()
+        c.run("shutdown")
+
+
+@needs_root
+@pytest.mark.parametrize("app", ["lab", "notebook"])
+def test_lab_news_and_update_checks_are_off_without_touching_the_home(ready_course, app):
+    c = ready_course
+    u = c.usernames[0]
+    c.write_config(launch={"app": app, "start_mode": "exec"})
+    notification = "@jupyterlab/apputils-extension:notification"
+    try:
+        r = c.run("launch", "--no-portal", "--only", u)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "any student can collect a classmate's login cookie" in r.stderr
+        port = status(c)[u]["port"]
+        session = login(port, c.credentials()[u]["notebook_password"], f"/user/{u}/")
+        page = session.get(f"http://127.0.0.1:{port}/user/{u}/{app if app == 'lab' else 'tree'}")
+        config = json.loads(
+            re.search(r'id="jupyter-config-data"[^>]*>(.*?)</script>', page.text, re.S).group(1)
+        )
+        settings_url = config["settingsUrl"].strip("/")  # under the base URL
+        got = session.get(
+            f"http://127.0.0.1:{port}/user/{u}/{settings_url}/{notification}", timeout=10
+        )
+        assert got.status_code == 200, got.text[:300]
+        # the overrides are the defaults the page starts from
+        defaults = {k: v.get("default") for k, v in got.json()["schema"]["properties"].items()}
+        assert defaults["fetchNews"] == "false" and defaults["checkForUpdates"] is False
+        overrides = Path(f"/run/classroom/{c.name}/lab-settings/overrides.json")
+        st = os.stat(overrides)
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
+        assert not list(c.home(u).rglob("overrides.json"))
+    finally:
         c.run("shutdown")

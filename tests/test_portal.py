@@ -711,7 +711,8 @@ def test_printed_address_is_the_host_name_students_use(monkeypatch):
     monkeypatch.setattr(portal.socket, "gethostname", lambda: "classhost")
     s = make_settings(ip="0.0.0.0")
     assert portal.portal_url(s, 8000) == "http://classhost:8000/"
-    assert addresses.server_url(s, 8001) == "http://classhost:8001/"  # the same host as the servers
+    # the same host as the servers
+    assert addresses.server_url(s, 8001, "ada") == "http://classhost:8001/user/ada/"
     monkeypatch.setattr(portal.socket, "getfqdn", lambda *a: "class.example.org")
     assert portal.portal_url(s, 8000) == "http://class.example.org:8000/"
 

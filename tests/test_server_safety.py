@@ -137,9 +137,9 @@ with open(os.path.join(os.path.expanduser("~"), "roots-probe.json"), "w") as f:
 """
 
 
-def a_kernel(port: int, password: str, server_pid: int, uid: int) -> psutil.Process:
-    session = login(port, password)
-    made = session.post(f"http://127.0.0.1:{port}/api/kernels", json={"name": "python3"})
+def a_kernel(port: int, base: str, password: str, server_pid: int, uid: int) -> psutil.Process:
+    session = login(port, password, base)
+    made = session.post(f"http://127.0.0.1:{port}{base}api/kernels", json={"name": "python3"})
     assert made.status_code == 201, made.text[:300]
     end = time.monotonic() + 60
     while time.monotonic() < end:
@@ -190,7 +190,7 @@ def test_nothing_of_roots_reaches_the_server(make_course, mode):
         pid, port = row["pid"], row["port"]
         assert not roots_files(pid), f"the server holds root's files: {roots_files(pid)}"
         password = course.credentials()[u]["notebook_password"]
-        kernel = a_kernel(port, password, pid, course.pw(u).pw_uid)
+        kernel = a_kernel(port, f"/user/{u}/", password, pid, course.pw(u).pw_uid)
         assert not roots_files(kernel.pid), f"the kernel holds {roots_files(kernel.pid)}"
         assert secret not in json.dumps(proc_env(kernel.pid))
     finally:
@@ -356,7 +356,7 @@ def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course, mode):
             pytest.fail("the portal does not answer on IPv6")
         row = status(course)[victim]
         assert row["server"] == "running", row
-        assert requests.get(f"http://[::1]:{row['port']}/api", timeout=5).ok
+        assert requests.get(f"http://[::1]:{row['port']}/user/{victim}/api", timeout=5).ok
         ports = [portal_port, row["port"]]
         probe = as_student(course, squatter, SQUAT, "try", *map(str, ports))
         out, _ = probe.communicate(timeout=60)

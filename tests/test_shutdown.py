@@ -75,8 +75,8 @@ def test_shutdown_stops_the_kernels_too(ready_course):
         r = c.run("launch", "--no-portal", "--only", a)
         assert r.returncode == 0, r.stdout + r.stderr
         st = status(c)[a]
-        session = login(st["port"], c.credentials()[a]["notebook_password"])
-        k = session.post(f"http://127.0.0.1:{st['port']}/api/kernels", json={}, timeout=30)
+        session = login(st["port"], c.credentials()[a]["notebook_password"], f"/user/{a}/")
+        k = session.post(f"http://127.0.0.1:{st['port']}/user/{a}/api/kernels", json={}, timeout=30)
         assert k.status_code == 201, k.text
         server = psutil.Process(st["pid"])
         deadline = time.monotonic() + 20

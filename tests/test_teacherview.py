@@ -89,6 +89,24 @@ def test_watch_shows_the_table_and_exits_0_on_ctrl_c(ready_course):
         c.run("shutdown")
 
 
+def test_watch_reads_the_servers_on_their_sockets_in_proxy_mode(ready_course):
+    # Proxy mode: no port, no password of their own; the view asks each server on its
+    # socket under /user/NAME/ (the kernel count and the last activity come from its API).
+    c = ready_course
+    c.write_config(launch={"access": "proxy"})
+    assert c.run("launch", "--no-portal").returncode == 0
+    try:
+        once = c.run("status", "--watch")
+        assert once.returncode == 0, once.stderr
+        for user in c.usernames:
+            assert re.search(
+                rf"{user}\s+ok\s+running \(proxy\)\s+[\d.]+M\s+\d+%\s+0\s+\d+ s ago",
+                once.stdout,
+            ), once.stdout
+    finally:
+        c.run("shutdown")
+
+
 def test_watch_lists_a_died_server_first(ready_course):
     c = ready_course
     assert c.run("launch", "--no-portal").returncode == 0

@@ -38,9 +38,9 @@ def test_a_whole_term(course):
         port = rows[u]["port"]
         # it answers, and asks for the password rather than serving anything
         with pytest.raises(urllib.error.HTTPError) as denied:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=10)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/user/{u}/api/contents", timeout=10)
         assert denied.value.code == 403
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=10) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/user/{u}/login", timeout=10) as resp:
             assert resp.status == 200 and b"password" in resp.read().lower()
     assert rows[u0]["port"] != rows[u1]["port"]
 

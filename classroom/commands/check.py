@@ -16,7 +16,7 @@ import psutil
 
 from ..core import roster as roster_mod
 from ..core import settings as settings_mod
-from ..core.addresses import WILDCARD_IPS, stacks
+from ..core.addresses import WILDCARD_IPS, proxied, stacks
 from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
 from ..core.roster import Roster
 from ..core.settings import Settings
@@ -121,8 +121,8 @@ def check_ports(s: Settings, roster: Roster | None, course: Course | None, found
                 f"{where}{by}: launch cannot run its portal; stop what holds it, or change "
                 "[launch] portal_port"
             )
-    if roster is None:
-        return
+    if roster is None or proxied(s):
+        return  # in proxy mode the servers listen on sockets, not ports
     own = own_server_ports(course) if course is not None else set()
     busy = [
         p
@@ -141,10 +141,8 @@ def check_stacks(s: Settings, found: Findings) -> None:
     how = stacks(s.ip)
     if s.ip in WILDCARD_IPS and not ipv6_available():
         how = "IPv4 and IPv6 (every address; this host has no IPv6 now)"
-    found.notes.append(
-        f"{s.where('launch', 'ip')}: ip = {s.ip or repr('')}: the portal and the servers "
-        f"listen on {how}"
-    )
+    who = "the portal" if proxied(s) else "the portal and the servers"
+    found.notes.append(f"{s.where('launch', 'ip')}: ip = {s.ip or repr('')}: {who} listen on {how}")
 
 
 def check_system_accounts(roster: Roster, found: Findings) -> None:
@@ -180,10 +178,11 @@ def listener(port: int) -> psutil.Process | None:
 
 
 def is_course_launch(proc: psutil.Process, s: Settings) -> bool:
-    """True if ``proc`` is ``notebooks launch`` run with this course's config."""
+    """True if ``proc`` is ``notebooks launch`` (or ``notebooks portal``, as ``launch
+    --detach`` runs it) run with this course's config."""
     with contextlib.suppress(psutil.Error, OSError):
         args = proc.cmdline()
-        if "launch" not in args:
+        if "launch" not in args and "portal" not in args:
             return False
         cwd = proc.cwd()
         if any(Path(cwd, arg).resolve() == s.config_file for arg in args[1:]):
@@ -262,6 +261,10 @@ def check(config_path: Path, as_json: bool = False) -> int:
         if roster is not None:
             check_system_accounts(roster, found)
             course = peek_course(settings, roster)
+        from .launch import access_warning
+
+        if warning := access_warning(settings):
+            found.warnings.append(warning.removeprefix("warning: "))
         try:
             check_ports(settings, roster, course, found)
             reason = students_can_run_python(Path(sys.executable))

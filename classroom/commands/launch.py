@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import click
 import psutil
 
+from ..core.addresses import https, proxied
 from ..core.errors import ClassroomError, Refused, StepFailed
-from ..core.launchplan import assign_ports, exec_argv, server_args
+from ..core.launchplan import LAB_SETTINGS_APPS, assign_ports, exec_argv, server_args
 from ..core.text import printable
 from ..host import accounts, hooks
 from ..host.identity import server_python
@@ -23,17 +24,18 @@ from ..host.server import (
     STOPPED_EARLY,
     Forker,
     Server,
+    forget_server,
     previous_ports,
-    reap_children,
     remember_ports,
     reserved_ports,
     running_servers,
     server_status,
     stop_servers,
 )
-from ..host.serverhome import prepare_homes, read_tls
+from ..host.serverhome import ensure_lab_settings, prepare_homes, prepare_socket_dir, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
 from ..host.workers import student_deadline
+from . import portal as portal_command
 from .course import Course, Report, progress
 from .shutdown import shutdown
 from .terminal import awaited
@@ -42,16 +44,50 @@ PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on
 FAILED_START = {"polite": 2, "term": 2, "kill": 2}  # timeouts for a server that did not answer
 PREPARE_DEADLINE = 60  # seconds for one student's home to be made ready (a few small files)
 
+REDIRECT_WARNING = (
+    "warning: access = redirect: any student can collect a classmate's login cookie "
+    "(browsers do not separate cookies by port); access = proxy with HTTPS prevents it"
+)
+PLAIN_PROXY_WARNING = (
+    "warning: access = proxy without HTTPS: passwords and session cookies cross the network "
+    "in clear, and a student listening on another port can collect a classmate's session "
+    "cookie; set [launch] certfile and keyfile"
+)
 
-def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
-    """Start every selected student's server (in parallel), then run the portal until stopped."""
+
+def access_warning(settings) -> str | None:
+    """The one-line warning ``check`` and ``launch`` print about how students reach their
+    servers, or None when access is proxy with HTTPS."""
+    if not proxied(settings):
+        return REDIRECT_WARNING
+    return None if https(settings) else PLAIN_PROXY_WARNING
+
+
+def launch(course: Course, *, only=(), portal=True, stop_on_exit=False, detach=False) -> int:
+    """Start every selected student's server (in parallel), then run the portal until stopped
+    (or, with ``detach``, in the background, where it stays once launch has returned)."""
     report = course.report("launch")
+    warning = access_warning(course.settings)
+    if warning:
+        click.echo(warning, err=True)
     pre_spawn = hooks.configured(course.settings, "pre_spawn")
     servers = plan(course, only, report)
     if course.dry_run:
-        return _report_plan(course, report, servers, pre_spawn)
+        code = _report_plan(course, report, servers, pre_spawn)
+        return max(code, portal_command.detach(course)) if detach else code
     code = _start_all(course, report, servers, pre_spawn)
     _print_addresses(course)
+    if detach:
+        return max(code, portal_command.detach(course))
+    running = portal_command.background(course)
+    if portal and running is not None:
+        click.echo(f"Portal: {running.url}  (running in the background, pid {running.pid})")
+        return code
+    if not portal and running is None and proxied(course.settings):
+        click.echo(
+            "note: access = proxy: students reach their servers only through the portal "
+            "(launch --detach, or notebooks portal)"
+        )
     if portal:
         code = max(code, _run_portal(course))
     if stop_on_exit:
@@ -83,7 +119,7 @@ def plan(course: Course, only: tuple[str, ...], report: Report) -> list[Server]:
             report.failed(student.username, "has no account yet: run setup first")
             continue
         status = server_status(course, student.username)
-        if status["server"] == "running":
+        if status["server"] == "running" and not _other_access(course, student.username):
             report.unchanged(student.username, f"already running: {status['url']}")
             continue
         row = course.state.account(student.username)
@@ -100,10 +136,31 @@ def plan(course: Course, only: tuple[str, ...], report: Report) -> list[Server]:
     return servers
 
 
+def _other_access(course: Course, username: str) -> bool:
+    """True if ``username``'s server runs the other way than ``[launch] access`` says (a
+    port in proxy mode, a socket in redirect mode). Then it is stopped now (its post_stop
+    hook runs), unless this is a dry run, so that launch starts it again as configured."""
+    server = Server.recorded(course.state, username)
+    if server is None or server.on_socket == proxied(course.settings):
+        return False
+    mode = "proxy" if proxied(course.settings) else "redirect"
+    if course.dry_run:
+        click.echo(f"  {username}: its server would be restarted for access = {mode}")
+        return True
+    forget_server(course, username)
+    click.echo(f"  {username}: server stopped, to start it again for access = {mode}")
+    return True
+
+
 def assign(course: Course, servers: list[Server]) -> None:
     """Each student keeps their previous port while it is free; the others get new ones,
-    in roster order (``servers`` is), so the roster's first student gets first_port."""
+    in roster order (``servers`` is), so the roster's first student gets first_port.
+    In proxy mode nobody gets a port: the servers listen on sockets."""
     s = course.settings
+    if proxied(s):
+        for server in servers:
+            server.place(s, 0)
+        return
     ports = assign_ports(
         [server.username for server in servers],
         previous_ports(course.state),
@@ -124,8 +181,10 @@ def _report_plan(course: Course, report: Report, servers: list[Server], pre_spaw
         )
     for server in servers:
         assert server.pw is not None
-        argv = exec_argv(s, server_args(s, server.pw.pw_dir, server.port), server_python())
-        steps = [f"port {server.port}", f"{s.start_mode} mode"]
+        args = server_args(s, server.pw.pw_dir, server.port, server.username)
+        argv = exec_argv(s, args, server_python())
+        where = "socket (access = proxy)" if server.on_socket else f"port {server.port}"
+        steps = [where, f"{s.start_mode} mode"]
         if pre_spawn:
             steps.insert(0, f"pre_spawn hook {pre_spawn}")
         report.done(server.username, "started", "; ".join(steps) + f": {shlex.join(argv)}")
@@ -162,9 +221,14 @@ def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn)
 
 def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> list[Server]:
     """As each student, all at once (before any thread exists here): the root folder, the
-    TLS copies; a student whose part takes longer than the deadline fails alone."""
+    TLS copies (none in proxy mode: earlier copies are deleted); a student whose part takes
+    longer than the deadline fails alone. As root: JupyterLab's settings overrides and, in
+    proxy mode, the folder of each student's socket."""
+    s = course.settings
     try:
-        tls = read_tls(course.settings)
+        tls = read_tls(s)
+        if s.app in LAB_SETTINGS_APPS:
+            ensure_lab_settings(s)
     except OSError as exc:
         for server in servers:
             report.failed(
@@ -174,16 +238,24 @@ def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> lis
     if tls:
         report.note(
             "HTTPS: each student's server gets its own copy of the certificate and private key "
-            "(it runs as the student); see README, 'Security'"
+            "(it runs as the student); access = proxy keeps the key with root; see README, "
+            "'Security'"
         )
     ready = []
     pws = [server.pw for server in servers]
-    errors = prepare_homes(course.settings, pws, tls, student_deadline(base=PREPARE_DEADLINE))
+    errors = prepare_homes(s, pws, tls, student_deadline(base=PREPARE_DEADLINE))
     for server, error in zip(servers, errors, strict=True):
         if error:
             report.failed(server.username, f"preparing the home failed: {printable(error)}")
-        else:
-            ready.append(server)
+            continue
+        if server.on_socket:
+            assert server.pw is not None
+            try:
+                prepare_socket_dir(s, server.pw)
+            except OSError as exc:
+                report.failed(server.username, f"preparing its socket's folder failed: {exc}")
+                continue
+        ready.append(server)
     return ready
 
 
@@ -273,7 +345,8 @@ def _wait_all(
     retry = []
     for server, problem in failed:
         server.forget(course.state, "launch", "start failed", {"port": server.port, "why": problem})
-        if retry_ports and problem == STOPPED_EARLY and not port_free(s.ip, server.port):
+        taken = not server.on_socket and not port_free(s.ip, server.port)
+        if retry_ports and problem == STOPPED_EARLY and taken:
             retry.append(server)
         else:
             report.failed(server.username, failure(s, server.username, problem, server.log_offset))
@@ -319,14 +392,7 @@ def _print_addresses(course: Course) -> None:
 
 def _run_portal(course: Course) -> int:
     """Run the portal in the foreground; its exit status (0, or the portal's error's)."""
-    from ..host import portal
-
     # Let status, shutdown and retrieve run while the portal is up.
     if course.lock is not None:
         course.lock.release()
-    try:
-        portal.serve(course, lookup=lambda: running_servers(course.settings), tick=reap_children)
-    except ClassroomError as exc:
-        exc.show()
-        return exc.exit_code
-    return 0
+    return portal_command.serve(course)

@@ -22,7 +22,9 @@ from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
 from ..host.leftovers import SHARED_TMP
 from ..host.processes import kill_every_process_of, processes_of, stop_processes
+from ..host.serverhome import remove_run_dir, remove_socket_dir
 from ..host.system import dry_run
+from . import portal as portal_command
 from . import shared, staff
 from .course import Course, Report, progress
 from .terminal import working
@@ -79,8 +81,14 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     left = leftovers.delete_owned(uids, groups)
     if left:
         report.note(f"{left} file(s) and folder(s) of theirs deleted in {', '.join(SHARED_TMP)}")
+    for username in removed:
+        remove_socket_dir(s, username)
     if remove_group(course):
         report.changed(f"group {s.group} deleted")
+        line = portal_command.stop(course)  # nobody left to serve
+        if line:
+            report.note(line)
+        remove_run_dir(s)
     shared.remove_shared(course, report, only)
     staff.remove_staff(course, report, only)
     return report.finish()

@@ -1,4 +1,5 @@
-"""shutdown: stop each selected student's server and its kernels; run the post_stop hook.
+"""shutdown: stop each selected student's server and its kernels; run the post_stop hook;
+without ``--only``, also the portal running in the background (``launch --detach``).
 
 Plan: each student's recorded server (still running, or a record to clear) and, with
 ``--all-jupyter``, their other Jupyter processes. Act: stop everything together
@@ -17,6 +18,8 @@ from ..core.roster import Student
 from ..host import accounts, hooks
 from ..host.processes import other_jupyter, server_tree
 from ..host.server import Server, stop_servers
+from ..host.serverhome import remove_socket_dir
+from . import portal as portal_command
 from .course import Course, Report
 from .terminal import working
 
@@ -65,6 +68,12 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
             report.failed(stop.username, f"stopped, but the post_stop {error}")
         else:
             report.done(stop.username, "stopped", stop.describe(course.dry_run))
+        if not error and stop.server is not None and stop.server.on_socket:
+            remove_socket_dir(course.settings, stop.username)
+    if not only:  # the whole class: the portal in the background goes too
+        line = portal_command.stop(course)
+        if line:
+            report.note(line)
     return report.finish()
 
 

@@ -9,6 +9,7 @@ import click
 
 from ..host.accounts import FOREIGN, MISSING, OK, inspect
 from .course import Course
+from .portal import status_entry
 
 HEADERS = ["username", "name", "account", "server", "last send", "last retrieve"]
 
@@ -23,7 +24,10 @@ def status(
 
         return live(course, lambda: student_rows(course, only))
     rows = student_rows(course, only)
+    portal = status_entry(course)
     if as_json:
+        for row in rows:  # the JSON stays a list of students; each says where the portal is
+            row["portal"] = portal
         click.echo(json.dumps(rows, indent=2))
         return 0
     if not course.state_readable:
@@ -40,6 +44,10 @@ def status(
         f"status: {len(rows)} students, {counts[OK]} accounts ok, {counts[MISSING]} missing, "
         f"{counts[FOREIGN]} foreign, {running} servers running{gone}"
     )
+    if portal is not None:
+        click.echo(f"portal: running in the background, pid {portal['pid']}, {portal['url']}")
+    else:
+        click.echo("portal: not running in the background")
     return 0
 
 
@@ -76,7 +84,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         server = r["server"]
         if server == "running":
-            server = f"running :{r['port']} pid {r['pid']}"
+            where = f":{r['port']}" if r["port"] else "(proxy)"
+            server = f"running {where} pid {r['pid']}"
         name = r["name"] if r["in_roster"] else f"{r['name']} (not in the roster)".lstrip()
         table.append(
             [r["username"], name, r["account"], server]

@@ -91,7 +91,7 @@ def cells(r: dict[str, Any], now: datetime | None = None) -> list[str]:
     """One row's texts, in ``HEADERS`` order."""
     server = r["server"]
     if server == "running":
-        server = f"running :{r['port']}"
+        server = f"running :{r['port']}" if r["port"] else "running (proxy)"
     memory = size(r["live_memory"])
     if r["limit"] and r["live_memory"] is not None:
         memory += f" / {size(r['limit'])}"

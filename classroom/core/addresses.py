@@ -125,6 +125,16 @@ def https(settings: Any) -> bool:
     return bool(settings.certfile and settings.keyfile)
 
 
+def proxied(settings: Any) -> bool:
+    """``[launch] access = proxy``: the portal is the only listener and forwards to the servers."""
+    return getattr(settings, "access", "redirect") == "proxy"
+
+
+def server_path(username: str) -> str:
+    """A student's server's base URL, in both modes: ``/user/USERNAME/``."""
+    return f"/user/{username}/"
+
+
 def public_host(settings: Any) -> str:
     """The host in every link the tool prints: server_address, else a specific ``ip``,
     else this host's name."""
@@ -148,9 +158,11 @@ def portal_url(settings: Any, port: int | None = None) -> str:
     return url(settings, settings.portal_port if port is None else port)
 
 
-def server_url(settings: Any, port: int) -> str:
-    """A student's server's address."""
-    return url(settings, port)
+def server_url(settings: Any, port: int, username: str) -> str:
+    """A student's server's address: on its own port (redirect), or through the portal (proxy)."""
+    if proxied(settings):
+        return portal_url(settings) + server_path(username)[1:]
+    return url(settings, port, server_path(username))
 
 
 def listen_address(ip: str) -> str:

@@ -2,6 +2,12 @@
 
 The command line carries no secret (the password hash stays in the student's own
 ``~/.jupyter``, written by setup). A student keeps their port while it is free.
+
+Every server runs under the base URL ``/user/USERNAME/``. With ``access = redirect``
+it listens on its own TCP port and asks for the student's notebook password; with
+``access = proxy`` it listens on a Unix socket in a folder only the student (and root)
+can enter, and asks for nothing: the socket is the access control, and the portal,
+which logged the student in, is the only one that forwards to it.
 """
 
 from __future__ import annotations
@@ -9,12 +15,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from .addresses import https, listen_address
+from .addresses import https, listen_address, proxied, server_path
 from .errors import StepFailed
 from .settings import Settings
 
 APP_MODULES = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}
 TLS_DIR = ".jupyter/classroom-tls"  # the student's copies of the certificate and key
+# Root-owned, on tmpfs: RUN_BASE/COURSE/servers/USERNAME/ (the student's, 0700) holds the
+# server's socket in proxy mode; RUN_BASE/COURSE/lab-settings/ JupyterLab's overrides.
+RUN_BASE = Path("/run/classroom")
+SOCKET_NAME = "server.sock"
+# The class does not need JupyterLab asking to fetch news or to check for updates.
+LAB_OVERRIDES = {
+    "@jupyterlab/apputils-extension:notification": {
+        "checkForUpdates": False,
+        "fetchNews": "false",
+    }
+}
+# The apps that read JupyterLab settings (with app = notebook, JupyterLab's extension
+# is loaded beside Notebook's: both are told).
+LAB_SETTINGS_APPS = {"lab": ("LabApp",), "notebook": ("JupyterNotebookApp", "LabApp")}
 
 
 def root_dir(settings: Settings, home: str) -> str:
@@ -25,29 +45,74 @@ def root_dir(settings: Settings, home: str) -> str:
 
 
 def tls_paths(settings: Settings, home: str) -> tuple[str, str] | None:
-    """The student's copies of the certificate and key, when HTTPS is on."""
-    if not https(settings):
+    """The student's copies of the certificate and key: when HTTPS is on in redirect mode
+    (in proxy mode TLS ends at the portal)."""
+    if not https(settings) or proxied(settings):
         return None
     folder = Path(home) / TLS_DIR
     return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
-def server_args(settings: Settings, home: str, port: int) -> list[str]:
-    """The server's command-line settings. No secret: the password hash stays in ~/.jupyter."""
+def run_dir(settings: Settings) -> Path:
+    """The course's root-owned folder under /run (sockets' folders, JupyterLab's overrides)."""
+    return RUN_BASE / settings.name
+
+
+def socket_dir(settings: Settings, username: str) -> Path:
+    """The folder of a student's server socket (proxy mode): the student's, 0700."""
+    return run_dir(settings) / "servers" / username
+
+
+def socket_path(settings: Settings, username: str) -> Path:
+    return socket_dir(settings, username) / SOCKET_NAME
+
+
+def lab_settings_dir(settings: Settings) -> Path:
+    """Where the servers read JupyterLab's settings overrides (root-owned, readable)."""
+    return run_dir(settings) / "lab-settings"
+
+
+def server_args(settings: Settings, home: str, port: int, username: str | None = None) -> list[str]:
+    """The server's command-line settings. No secret: the password hash stays in ~/.jupyter.
+
+    ``username`` (default: the home's last part) names the base URL and, in proxy mode,
+    the socket; ``port`` is used in redirect mode only.
+    """
+    username = username or Path(home).name
     args = [
-        f"--ServerApp.ip={listen_address(settings.ip)}",
-        f"--ServerApp.port={port}",
-        "--ServerApp.port_retries=0",
+        f"--ServerApp.base_url={server_path(username)}",
         f"--ServerApp.root_dir={root_dir(settings, home)}",
         "--ServerApp.open_browser=False",
-        # A password is set (setup); no token. Refuse to run at all without a password.
-        "--IdentityProvider.token=",
-        "--PasswordIdentityProvider.password_required=True",
-        "--PasswordIdentityProvider.allow_password_change=False",
     ]
-    tls = tls_paths(settings, home)
-    if tls:
-        args += [f"--ServerApp.certfile={tls[0]}", f"--ServerApp.keyfile={tls[1]}"]
+    if proxied(settings):
+        args += [
+            f"--ServerApp.sock={socket_path(settings, username)}",
+            "--ServerApp.sock_mode=0600",
+            # Browsers' Host is the class host; only the portal can reach the socket.
+            "--ServerApp.allow_remote_access=True",
+            # No password, no token: only the student and root can connect to the socket,
+            # and the portal has logged the student in. Without a token the server's own
+            # XSRF and Origin checks stay on behind the portal's.
+            "--IdentityProvider.token=",
+            "--IdentityProvider.hashed_password=",
+            "--PasswordIdentityProvider.hashed_password=",
+            "--PasswordIdentityProvider.password_required=False",
+        ]
+    else:
+        args += [
+            f"--ServerApp.ip={listen_address(settings.ip)}",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            # A password is set (setup); no token. Refuse to run at all without a password.
+            "--IdentityProvider.token=",
+            "--PasswordIdentityProvider.password_required=True",
+            "--PasswordIdentityProvider.allow_password_change=False",
+        ]
+        tls = tls_paths(settings, home)
+        if tls:
+            args += [f"--ServerApp.certfile={tls[0]}", f"--ServerApp.keyfile={tls[1]}"]
+    for app in LAB_SETTINGS_APPS.get(settings.app, ()):
+        args.append(f"--{app}.app_settings_dir={lab_settings_dir(settings)}")
     if settings.idle_timeout > 0:
         t = settings.idle_timeout
         interval = max(1, min(300, t // 4))

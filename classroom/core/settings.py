@@ -311,6 +311,13 @@ KEYS: tuple[Key, ...] = (
     Key("retrieve", "max_file_size", limit(), "20M", "larger files skipped"),
     Key("retrieve", "max_total_size", limit(), "200M", "per student per run"),
     Key("launch", "app", choice("lab", "notebook", "server"), "lab", "what each server runs"),
+    Key(
+        "launch",
+        "access",
+        choice("redirect", "proxy"),
+        "redirect",
+        "redirect (a port per student) | proxy (one port, a login, the portal forwards)",
+    ),
     Key("launch", "ip", text("0.0.0.0"), "0.0.0.0", "where the students' servers listen"),
     Key("launch", "portal_port", integer(1, 65535), "8000", "the portal's port"),
     Key("launch", "first_port", integer(1, 65535), "8001", "students' ports from here upward"),

@@ -1,10 +1,13 @@
 """What ``status --watch`` reads of each running server: memory, CPU, kernels, activity.
 
 Processes are read with psutil (the server's tree: server, kernels, terminals). The
-kernels' busy/idle state and the last activity come from the server's own API. The
-servers run with a password and no token, so the view logs in once per server as
-Jupyter's login page expects (``POST /login``, with the notebook password from the
-course's root-only ``credentials.csv``) and keeps the cookie. Each refresh then makes
+kernels' busy/idle state and the last activity come from the server's own API, under
+its base URL ``/user/USERNAME/``. In redirect mode the servers listen on ports with a
+password and no token, so the view logs in once per server as Jupyter's login page
+expects (``POST /login``, with the notebook password from the course's root-only
+``credentials.csv``) and keeps the cookie. In proxy mode (no port recorded) it asks the
+server on its Unix socket, whose listener must be the student (as the portal does),
+without a login: those servers have no password of their own. Each refresh then makes
 at most ONE request per server, alternating ``/api/kernels`` and ``/api/status`` (both
 with ``no_track_activity``: watching a student does not count as their activity).
 Without the password (not root, or a student who changed it) or when the server does
@@ -28,8 +31,10 @@ from typing import Any
 
 import psutil
 
-from ..core.addresses import https, probe_host
+from ..core.addresses import https, probe_host, server_path
+from ..core.launchplan import socket_path
 from . import credentials
+from .server import socket_connection
 
 HTTP_TIMEOUT = 2.0  # seconds for one request to a student's server
 HTTP_WORKERS = 16  # servers asked at the same time
@@ -52,8 +57,9 @@ class Probe:
 
     username: str
     pid: int
-    port: int | None
+    port: int | None  # None: on its socket (proxy mode)
     password: str | None
+    uid: int | None = None  # the server's user (proxy mode: the socket's listener)
     procs: dict[int, psutil.Process] = field(default_factory=dict)  # kept for cpu_percent
     cookies: dict[str, str] = field(default_factory=dict)
     login_failed: bool = False
@@ -81,18 +87,28 @@ class Probe:
     def ask(self, settings: Any) -> None:
         """At most one request: ``/api/kernels`` and ``/api/status`` in turn (after a login
         the first time)."""
-        if self.port is None or self.password is None or self.login_failed:
+        on_socket = self.port is None
+        if on_socket and self.uid is None:
             return
+        if not on_socket and (self.password is None or self.login_failed):
+            return
+        base = server_path(self.username)
         try:
-            conn = _connection(settings, self.port)
+            if on_socket:
+                assert self.uid is not None
+                sock = str(socket_path(settings, self.username))
+                conn = socket_connection(sock, self.uid, timeout=HTTP_TIMEOUT)
+            else:
+                assert self.port is not None
+                conn = _connection(settings, self.port)
             try:
-                if not self.cookies and not self._login(conn):
+                if not on_socket and not self.cookies and not self._login(conn, base):
                     self.login_failed = True
                     return
-                path = ("/api/kernels", "/api/status")[self.turn % 2]
+                path = ("api/kernels", "api/status")[self.turn % 2]
                 self.turn += 1
                 conn.request(
-                    "GET", f"{path}?no_track_activity=1", headers={"Cookie": self._cookie()}
+                    "GET", f"{base}{path}?no_track_activity=1", headers={"Cookie": self._cookie()}
                 )
                 resp = conn.getresponse()
                 body = resp.read()
@@ -107,7 +123,7 @@ class Probe:
             return
         with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
             data = json.loads(body)
-            if path == "/api/kernels":
+            if path == "api/kernels":
                 busy = sum(k.get("execution_state") == "busy" for k in data)
                 self.kernel_state = (len(data), busy)
                 times = [_time(k.get("last_activity")) for k in data]
@@ -117,8 +133,8 @@ class Probe:
             else:
                 self.activity = _time(data.get("last_activity")) or self.activity
 
-    def _login(self, conn: http.client.HTTPConnection) -> bool:
-        conn.request("GET", "/login")
+    def _login(self, conn: http.client.HTTPConnection, base: str) -> bool:
+        conn.request("GET", f"{base}login")
         resp = conn.getresponse()
         resp.read()
         self._keep(resp)
@@ -129,7 +145,7 @@ class Probe:
             "Content-Type": "application/x-www-form-urlencoded",
             "X-XSRFToken": xsrf,
         }
-        conn.request("POST", "/login", body=body, headers=headers)
+        conn.request("POST", f"{base}login", body=body, headers=headers)
         resp = conn.getresponse()
         resp.read()
         self._keep(resp)
@@ -220,7 +236,8 @@ class LiveView:
         return self._passwords
 
     def read(self, running: dict[str, tuple[int, int | None]]) -> dict[str, Reading]:
-        """``{username: (pid, port)}`` of the running servers -> a reading of each."""
+        """``{username: (pid, port)}`` of the running servers (port None: on its socket,
+        proxy mode) -> a reading of each."""
         for username in list(self.probes):
             probe = self.probes[username]
             if username not in running or running[username][0] != probe.pid:
@@ -230,11 +247,13 @@ class LiveView:
                 password = self.passwords().get(username) or None
                 self.probes[username] = Probe(username, pid, port, password)
         probes = list(self.probes.values())
+        table = ProcessTable()
+        for probe in probes:
+            probe.uid = table.uid.get(probe.pid)
         if probes:
             with ThreadPoolExecutor(max_workers=min(HTTP_WORKERS, len(probes))) as pool:
                 list(pool.map(lambda p: p.ask(self.settings), probes))
         readings = {}
-        table = ProcessTable()
         for probe in probes:
             reading = probe.processes(table)
             count, busy = probe.kernel_state

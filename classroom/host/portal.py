@@ -1,9 +1,14 @@
 """The portal: a small tornado page that sends each student to their own Jupyter server.
 
+With ``access = redirect``:
+
     GET /                  the course title and a username form (never a list of students)
     GET /go?username=NAME  and  GET /user/NAME: 302 to that student's running server
     GET /healthz           JSON: status, course name, number of running servers
     anything else, an unknown user or a stopped server: a friendly page, status 404
+
+With ``access = proxy`` the portal is the only door: a login, and each student's
+requests forwarded to their own server (``proxy.py``); ``/healthz`` as above.
 
 A redirect is only ever ``SCHEME://HOST:PORT/PATH`` built from checked parts: HOST is
 ``[launch] server_address`` or the host name of the browser's Host header (strictly
@@ -20,6 +25,7 @@ import logging
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import threading
 from collections.abc import Callable, Mapping
@@ -42,10 +48,12 @@ from ..core.addresses import (
     listen_address,
     portal_url,
     probe_host,
+    proxied,
     socket_host,
 )
 from ..core.errors import EXIT_PARTIAL, ClassroomError, InvalidInput
 from ..core.settings import Settings
+from . import proxy
 from .portal_pages import LEAD, SECURITY_HEADERS, csp, form, note, render
 
 log = logging.getLogger("classroom")
@@ -264,13 +272,18 @@ class UserHandler(Handler):
 class HealthHandler(Handler):
     """{"status": "ok", "course": NAME, "running": N}; 503 when the servers cannot be looked up."""
 
+    def counts(self, entry: Any) -> bool:
+        if proxied(self.portal.settings):  # on a socket: port 0
+            return isinstance(entry, Mapping) and entry.get("port") == 0
+        return _server_port(entry) is not None
+
     def get(self) -> None:
         running = self.lookup()
         if running is None:
             self.set_status(503)
             self.finish({"status": "error", "course": self.portal.settings.name, "running": None})
             return
-        count = sum(1 for entry in running.values() if _server_port(entry) is not None)
+        count = sum(1 for entry in running.values() if self.counts(entry))
         self.finish({"status": "ok", "course": self.portal.settings.name, "running": count})
 
 
@@ -304,6 +317,31 @@ def make_app(settings: Settings, lookup: Lookup, *, probe: bool = True) -> torna
         title=settings.title or settings.name,
     )
     args = {"portal": portal}
+    common = {
+        "log_function": _log_request,
+        "compress_response": False,
+        "xsrf_cookies": False,
+        "serve_traceback": False,
+    }
+    if proxied(settings):
+        try:
+            keys = proxy.application_settings(settings)
+            routes, gate = proxy.routes(settings)
+        except (OSError, sqlite3.Error) as exc:
+            raise PortalError(
+                f"portal: cannot keep sessions in {settings.state_dir}: {exc} "
+                "(run setup first; the portal runs as root)"
+            ) from None
+        not_found, not_found_args = proxy.not_found(gate)
+        app = tornado.web.Application(
+            [(r"/healthz", HealthHandler, args), *routes],
+            default_handler_class=not_found,
+            default_handler_args=not_found_args,
+            **keys,
+            **common,
+        )
+        app.settings["gate"] = gate
+        return app
     return tornado.web.Application(
         [
             (r"/", LandingHandler, args),
@@ -313,10 +351,7 @@ def make_app(settings: Settings, lookup: Lookup, *, probe: bool = True) -> torna
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
-        log_function=_log_request,
-        compress_response=False,
-        xsrf_cookies=False,
-        serve_traceback=False,
+        **common,
     )
 
 
@@ -367,7 +402,6 @@ def serve(
     Raises ``PortalError`` if it cannot listen; never touches the students' servers.
     """
     settings: Settings = course.settings
-    app = make_app(settings, lookup)
     context = tls_context(settings)
     address = listen_address(settings.ip) or None  # a wildcard: IPv4 and IPv6
     try:
@@ -378,6 +412,12 @@ def serve(
             f"{exc.strerror or exc} (stop what uses the port, or change [launch] portal_port "
             f"in {settings.where('launch', 'portal_port')}); the students' servers keep running"
         ) from None
+    try:
+        app = make_app(settings, lookup)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     url = portal_url(settings, sockets[0].getsockname()[1])
     click.echo(
         f"Portal: {url}  (Ctrl-C, or closing this terminal, stops the portal; "
@@ -389,6 +429,7 @@ def serve(
     try:
         asyncio.run(_run(app, sockets, context, url, ready, stop, tick, catch_signals=main_thread))
     finally:
+        proxy.close_quietly(app.settings.get("gate"))
         for sock in sockets:
             sock.close()
         for sig, handler in saved.items():

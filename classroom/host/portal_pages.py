@@ -38,6 +38,12 @@ font:inherit;font-weight:600;font-size:1.05rem;color:var(--on-accent);background
 border:0;border-radius:10px;cursor:pointer}
 button:hover{background:var(--accent-hover)}
 button:focus-visible{outline:3px solid var(--text);outline-offset:2px}
+.gap{margin-top:1rem}
+a.button{display:block;text-align:center;min-height:48px;padding:.75rem 1rem;font-weight:600;
+font-size:1.05rem;color:var(--on-accent);background:var(--accent);border-radius:10px;
+text-decoration:none}
+a.button:hover{background:var(--accent-hover)}
+button.quiet{background:transparent;color:var(--accent);border:1px solid var(--border)}
 .note{margin:0 0 1.25rem;padding:.8rem 1rem;border-left:4px solid var(--note-edge);
 background:var(--note-bg);border-radius:8px;overflow-wrap:anywhere}
 .note strong{display:block;margin-bottom:.15rem}
@@ -63,7 +69,7 @@ PAGE = """<!doctype html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
+<meta name="referrer" content="{referrer}">
 <meta name="robots" content="noindex, nofollow">
 <link rel="icon" href="data:,">
 <title>{head_title}</title>
@@ -90,9 +96,14 @@ FORM = """<form method="get" action="/go">
 <p class="foot">You will be asked for your password on the next page.</p>"""
 
 
-def render(title: str, body: str, head_title: str = "") -> str:
-    """A complete page: the course title as heading, ``body`` (already HTML) below it."""
+def render(title: str, body: str, head_title: str = "", referrer: str = "no-referrer") -> str:
+    """A complete page: the course title as heading, ``body`` (already HTML) below it.
+
+    ``referrer``: the page's referrer policy (proxy mode's forms need ``same-origin``, so
+    that browsers send the Origin the portal checks, not ``null``).
+    """
     return PAGE.format(
+        referrer=referrer,
         head_title=html.escape(head_title or title),
         css=CSS,
         mark=MARK,
@@ -130,4 +141,46 @@ def csp(form_target: str = "") -> str:
     return (
         f"default-src 'none'; style-src '{CSS_HASH}'; img-src data:; "
         f"form-action {targets}; frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+# --- proxy mode: the login form and what a logged-in student sees ------------------------
+
+LOGIN_FORM = """<form method="post" action="/login">
+<input type="hidden" name="next" value="{next}">
+<label for="username">Username</label>
+<input id="username" name="username" type="text" value="{value}" required maxlength="{maxlength}"
+ autocomplete="username" autocapitalize="off" autocorrect="off" spellcheck="false"
+ inputmode="text" enterkeyhint="next"{focus_user}>
+<label for="password" class="gap">Password</label>
+<input id="password" name="password" type="password" required maxlength="{maxpassword}"
+ autocomplete="current-password" enterkeyhint="go"{focus_password}>
+<p class="help">The username and password on the slip from your teacher.</p>
+<button type="submit">Log in</button>
+</form>"""
+
+LOGIN_LEAD = '<p class="lead">Log in to open your own Jupyter notebooks.</p>'
+MAX_PASSWORD = 256
+
+
+def login_form(value: str = "", next_url: str = "") -> str:
+    """Username and password; after a failure the username is kept and the password focused."""
+    return LOGIN_FORM.format(
+        value=html.escape(value),
+        next=html.escape(next_url),
+        maxlength=MAX_INPUT,
+        maxpassword=MAX_PASSWORD,
+        focus_user="" if value else " autofocus",
+        focus_password=" autofocus" if value else "",
+    )
+
+
+def signed_in(username: str) -> str:
+    """What ``/`` shows a student who is logged in: their notebooks, or log out."""
+    name = html.escape(username)
+    return (
+        f'<p class="lead">You are logged in as <code>{name}</code>.</p>'
+        f'<p><a class="button" href="/user/{name}/">Open my notebooks</a></p>'
+        '<form method="post" action="/logout"><button type="submit" class="quiet">'
+        "Log out</button></form>"
     )

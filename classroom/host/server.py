@@ -4,7 +4,7 @@
 None while it runs (else how it ended), ``stop()`` escalates with named timeouts
 (``processes.stop_processes``). The record keeps only what finds the process again:
 pid, start time and uid (a pid is only ever signalled while all three still match),
-and the port and URL that reach it. Launch, shutdown, status, remove and the portal's
+and the port and URL that reach it (port 0: a Unix socket, proxy mode). Launch, shutdown, status, remove and the portal's
 lookup all go through this object; the ``servers`` and ``ports`` tables are read and
 written here only (under ``--dry-run``, not written at all).
 
@@ -19,7 +19,9 @@ import contextlib
 import http.client
 import os
 import pwd
+import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,9 +30,9 @@ from typing import Any
 
 import psutil
 
-from ..core.addresses import https, probe_host, server_url
+from ..core.addresses import https, probe_host, proxied, server_path, server_url
 from ..core.errors import ClassroomError, StepFailed
-from ..core.launchplan import exec_argv, server_args
+from ..core.launchplan import exec_argv, server_args, socket_path
 from ..core.settings import Settings
 from . import hooks, logwriter
 from .forkserver import ForkServer, ForkServerError
@@ -67,9 +69,17 @@ class Server:
         return cls(pw.pw_name, pw.pw_uid, pw=pw)
 
     def place(self, settings: Settings, port: int) -> None:
-        """Give it ``port`` (and the address that goes with it); forget any old process."""
-        self.port, self.url = port, server_url(settings, port)
+        """Give it ``port`` (0 in proxy mode: a socket) and the address that goes with it;
+        forget any old process."""
+        if proxied(settings):
+            port = 0
+        self.port, self.url = port, server_url(settings, port, self.username)
         self.pid = self.start_time = None
+
+    @property
+    def on_socket(self) -> bool:
+        """It listens on a Unix socket (started in proxy mode), not on a port."""
+        return self.port == 0
 
     # --- the record ----------------------------------------------------------------------
 
@@ -134,9 +144,10 @@ class Server:
         Not recorded yet: ``save`` it.
         """
         assert self.pw is not None, "a server is started for an account"
-        args = server_args(settings, self.pw.pw_dir, self.port)
+        args = server_args(settings, self.pw.pw_dir, self.port, self.username)
         self.pid, self.mode = None, "exec"
-        fd, self.log_offset = open_log(settings, self.username, f"launch: port {self.port}")
+        where = "socket" if self.on_socket else f"port {self.port}"
+        fd, self.log_offset = open_log(settings, self.username, f"launch: {where}")
         try:
             if forker is not None:
                 log = str(log_path(settings, self.username))
@@ -187,22 +198,37 @@ class Server:
         return not stop_servers([self], **timeouts)
 
     def wait_ready(self, settings: Settings, timeout: float) -> str | None:
-        """None once it answers HTTP on its port; else why not (it exited, or timed out)."""
+        """None once it answers HTTP on its port (or socket); else why not (it exited, or
+        timed out)."""
         deadline = time.monotonic() + timeout
-        host = probe_host(settings.ip)
-        context = None
-        if https(settings):
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE  # only asking "do you answer?" of our own server
+        path = server_path(self.username) + "api"
+        if self.on_socket:
+            sock = str(socket_path(settings, self.username))
+
+            def ready(proc: psutil.Process) -> bool:
+                return _answers_on_socket(sock, self.uid, path)
+
+            where = "on its socket"
+        else:
+            host = probe_host(settings.ip)
+            context = None
+            if https(settings):
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE  # only asking "do you answer?" of our server
+
+            def ready(proc: psutil.Process) -> bool:
+                return _answers(host, self.port, context, path) and _listens(proc, self.port)
+
+            where = f"on port {self.port}"
         while True:
             proc = self.process()
             if proc is None:
                 return STOPPED_EARLY
-            if _answers(host, self.port, context) and _listens(proc, self.port):
+            if ready(proc):
                 return None
             if time.monotonic() >= deadline:
-                return f"it did not answer on port {self.port} within {timeout:g} s"
+                return f"it did not answer {where} within {timeout:g} s"
             time.sleep(READY_POLL)
 
 
@@ -251,19 +277,64 @@ def log_pipe(log_fd: int) -> Iterator[int | None]:
                 os.close(fd)
 
 
-def _answers(host: str, port: int, context: ssl.SSLContext | None) -> bool:
+def _answers(host: str, port: int, context: ssl.SSLContext | None, path: str = "/api") -> bool:
     try:
         if context is not None:
             conn = http.client.HTTPSConnection(host, port, timeout=2, context=context)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=2)
         try:
-            conn.request("GET", "/api")
+            conn.request("GET", path)
             conn.getresponse().read()
         finally:
             conn.close()
     except (OSError, http.client.HTTPException):
         return False
+    return True
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class _SocketConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket whose listener must run as ``uid`` (root follows the
+    student's links: the peer's uid, not the path, says whose server it is)."""
+
+    def __init__(self, path: str, uid: int, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path, self.uid = path, uid
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+            if peer_uid(sock) != self.uid:
+                raise ConnectionRefusedError(f"{self.path} is not served by uid {self.uid}")
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def socket_connection(path: str, uid: int, timeout: float) -> http.client.HTTPConnection:
+    """An HTTP connection to the server on the Unix socket ``path`` (proxy mode); it
+    refuses to talk to a listener that is not ``uid``."""
+    return _SocketConnection(path, uid, timeout)
+
+
+def _answers_on_socket(path: str, uid: int, url_path: str) -> bool:
+    conn = socket_connection(path, uid, timeout=2)
+    try:
+        conn.request("GET", url_path)
+        conn.getresponse().read()
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
     return True
 
 
@@ -356,6 +427,8 @@ def remember_ports(state: State, servers: Iterable[Server]) -> None:
         return
     with state.transaction():
         for server in servers:
+            if server.on_socket:
+                continue  # proxy mode: the port the student had stays theirs
             state.execute(
                 "INSERT OR REPLACE INTO ports (username, port) VALUES (?, ?)",
                 (server.username, server.port),
@@ -368,9 +441,10 @@ def remember_ports(state: State, servers: Iterable[Server]) -> None:
 def _status(server: Server | None) -> dict:
     if server is None:
         return {"server": "stopped", "port": None, "pid": None, "url": None}
+    port = server.port or None  # 0: a socket (proxy mode), reached through the portal
     if server.poll() is not None:
-        return {"server": "died", "port": server.port, "pid": server.pid, "url": None}
-    return {"server": "running", "port": server.port, "pid": server.pid, "url": server.url}
+        return {"server": "died", "port": port, "pid": server.pid, "url": None}
+    return {"server": "running", "port": port, "pid": server.pid, "url": server.url}
 
 
 def server_status(course: Any, username: str) -> dict:
@@ -379,13 +453,18 @@ def server_status(course: Any, username: str) -> dict:
 
 
 def running_servers(settings: Any) -> dict[str, dict]:
-    """{username: {'port', 'url'}} of the servers running now; a fresh read-only look at the state."""
+    """{username: {'port', 'url', 'uid'}} of the servers running now (port 0: on a socket);
+    a fresh read-only look at the state."""
     state = State.peek(settings.state_dir)
     try:
         servers = Server.all_recorded(state)
     finally:
         state.close()
-    return {s.username: {"port": s.port, "url": s.url} for s in servers if s.poll() is None}
+    return {
+        s.username: {"port": s.port, "url": s.url, "uid": s.uid}
+        for s in servers
+        if s.poll() is None
+    }
 
 
 def forget_server(course: Any, username: str, stop: bool = True) -> None:
