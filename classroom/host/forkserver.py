@@ -3,15 +3,27 @@
 ``launch`` starts it as ``python -I forkserver.py APP``. It imports the server
 application (``lab``, ``notebook`` or ``server``) and its heavy dependencies,
 ``gc.freeze()``s, then answers one JSON request per line on stdin with one JSON
-line on stdout: ``{"username", "uid", "argv", "log"}`` -> ``{"pid"}`` or ``{"error"}``.
+line on stdout: ``{"username", "uid", "argv", "log", "placement", "exec"}`` ->
+``{"pid"}`` or ``{"error"}``. With ``exec`` (a whole command line) the child runs that
+program instead; ``python -I forkserver.py exec`` imports nothing and only does that
+(``start_mode = exec``).
+
+It is also the class's supervisor: the servers are its children, it is their
+subreaper (``PR_SET_CHILD_SUBREAPER``: a kernel whose server died is adopted by it,
+not by PID 1) and it reaps every one of them, whatever the host's PID 1 does. EOF on
+stdin ends the requests; it then stays until the last process it started or adopted
+has ended, so servers keep running after launch exits, as before.
+
+Each child joins the student's cgroup (``limits.enter``: the placement launch made)
+as root, before it becomes the student: no student code runs outside the limits.
 
 It holds no secret and no roster data: a request carries only a username, the
 uid launch expects, the server's arguments (no secret in them) and the log path.
 The child becomes the student before any Jupyter code runs, then reads its own
 settings (the password hash included) from the student's ``~/.jupyter``.
 
-The script side imports only the standard library and ``identity.py`` (stdlib-only,
-loaded by path when run as a script), so it runs without the ``classroom`` package;
+The script side imports only the standard library, ``identity.py`` and ``limits.py``
+(stdlib-only, loaded by path when run as a script), so it runs without the ``classroom`` package;
 ``ForkServer`` is the client ``launch`` uses.
 """
 
@@ -39,14 +51,16 @@ def _sibling(name: str):
     spec = importlib.util.spec_from_file_location(f"_classroom_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
 if __package__:
-    from . import identity
+    from . import identity, limits
 else:  # ``python -I forkserver.py``: no package, and its folder is not on sys.path
     identity = _sibling("identity")
+    limits = _sibling("limits")
 
 APPS = {
     "lab": ("jupyterlab.labapp", "LabApp", "jupyter-lab"),
@@ -129,6 +143,8 @@ PRELOAD = (
 BECAME_FD = 3  # the child's end of the pipe that says "I am the student now" (then closed)
 FIRST_FD = 4  # every descriptor from here up is closed in the child
 BECAME = b"ok"
+EXEC = "exec"  # the "app" of a fork server that imports nothing and only starts programs
+PR_SET_CHILD_SUBREAPER = 36
 # The fork server's environment carries this padding so that each child can write its own
 # (clean) environment over the block the kernel shows as /proc/PID/environ.
 ENV_PAD = "CLASSROOM_ENV_PAD"
@@ -156,14 +172,18 @@ def threads() -> int:
 
 
 def reply(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # launch is gone: the requests end with EOF anyway
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
 
 
 def serve(app: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for launch; EOF on stdin ends us
+    become_subreaper()
+    signal.signal(signal.SIGCHLD, reap)
     try:
-        preload(app)
+        if app != EXEC:
+            preload(app)
     except Exception as exc:  # reported to launch, which falls back to exec
         reply({"error": f"cannot import the {app} application: {type(exc).__name__}: {exc}"})
         return 1
@@ -181,15 +201,54 @@ def serve(app: str) -> int:
             reply({"pid": spawn(app, request)})
         except Exception as exc:  # one bad request is that student's failure, not ours
             reply({"error": f"{type(exc).__name__}: {exc}"})
+    supervise()
     return 0
 
 
+def become_subreaper() -> None:
+    """Orphans of our servers (their kernels) become our children, not PID 1's."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        sys.stderr.write(f"classroom: PR_SET_CHILD_SUBREAPER failed: {os.strerror(err)}\n")
+
+
+def reap(*_: object) -> None:
+    """Collect every child that has ended (SIGCHLD): no zombie waits for PID 1."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def supervise() -> None:
+    """After the last request: reap until no child of ours (started or adopted) is left."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
 def spawn(app: str, request: dict) -> int:
-    """Fork twice (so the server is nobody's child here) and return the server's pid."""
+    """Fork the student's server (our child: we reap it) and return its pid once it is
+    the student."""
     username = str(request["username"])
     uid = int(request["uid"])
     args = [str(a) for a in request["argv"]]
     log_path = str(request["log"])
+    placement = dict(request.get("placement") or {})
+    program = request.get("exec")
+    if program is None and app == EXEC:
+        raise ValueError("this fork server only starts programs (no exec command given)")
     pw = pwd.getpwnam(username)
     if pw.pw_uid != uid or uid == 0:
         raise PermissionError(f"{username} has uid {pw.pw_uid}, not {uid}: refused")
@@ -197,34 +256,17 @@ def spawn(app: str, request: dict) -> int:
         raise RuntimeError("the fork server has more than one thread; refusing to fork")
     sys.stdout.flush()
     sys.stderr.flush()
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # intermediate: fork the server, tell its pid once it is the student, vanish
-        code = 1
-        try:
-            os.close(rfd)
-            became_r, became_w = os.pipe()
-            server = os.fork()
-            if server == 0:
-                os.close(wfd)
-                os.close(became_r)
-                become_server(app, pw, args, log_path, became_w)  # never returns
-            os.close(became_w)
-            if read_all(became_r) == BECAME:
-                os.write(wfd, str(server).encode())
-            else:
-                os.write(wfd, b"!")
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    data = read_all(rfd)
-    os.waitpid(pid, 0)
-    if not data:
-        raise RuntimeError("fork failed")
-    if data == b"!":
+    became_r, became_w = os.pipe()
+    server = os.fork()
+    if server == 0:
+        os.close(became_r)
+        if program is not None:
+            become_program(pw, [str(a) for a in program], log_path, became_w, placement)
+        become_server(app, pw, args, log_path, became_w, placement)  # never returns
+    os.close(became_w)
+    if read_all(became_r) != BECAME:
         raise RuntimeError(f"the server stopped before it became {username} (see its log)")
-    return int(data)
+    return server
 
 
 def read_all(fd: int) -> bytes:
@@ -238,29 +280,48 @@ def read_all(fd: int) -> bytes:
     return data
 
 
-def become_server(
-    app: str, pw: pwd.struct_passwd, args: list[str], log_path: str, became: int
-) -> None:
-    """In the child: drop everything of root's, become the student, run the server. Never returns.
+def become_student(pw: pwd.struct_passwd, log_path: str, became: int, placement: dict) -> None:
+    """In the child: join the student's cgroup, drop everything of root's, become the
+    student, then say so on ``became`` (and close it), so the pid launch records is never
+    that of a process still running as root. Raises on any failure."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.dup2(became, BECAME_FD)
+    os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a freshly started Python
+    limits.enter(placement)  # as root, before any code of the student's can run
+    identity.become(pw)
+    os.write(BECAME_FD, BECAME)
+    os.close(BECAME_FD)
 
-    Once it is the student it writes ``BECAME`` to ``became`` (and closes it), so the pid
-    launch records is never that of a process still running as root.
-    """
+
+def become_program(
+    pw: pwd.struct_passwd, argv: list[str], log_path: str, became: int, placement: dict
+) -> None:
+    """In the child: become the student, then ``execve`` ``argv`` (exec mode). Never returns."""
     try:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.dup2(became, BECAME_FD)
-        os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
-        os.setsid()
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a freshly started Python
-        identity.become(pw)
-        os.write(BECAME_FD, BECAME)
-        os.close(BECAME_FD)
+        become_student(pw, log_path, became, placement)
+        os.chdir(pw.pw_dir)
+        os.umask(0o077)
+        os.execve(argv[0], argv, identity.student_env(pw))
+    except BaseException as exc:  # noqa: BLE001 - the child must never return into the server
+        with contextlib.suppress(Exception):
+            os.write(2, f"classroom: cannot start {pw.pw_name}'s server: {exc}\n".encode())
+    os._exit(127)
+
+
+def become_server(
+    app: str, pw: pwd.struct_passwd, args: list[str], log_path: str, became: int, placement: dict
+) -> None:
+    """In the child: become the student (``become_student``), run the server. Never returns."""
+    try:
+        become_student(pw, log_path, became, placement)
         env = identity.student_env(pw)
         os.environ.clear()
         os.environ.update(env)
@@ -354,13 +415,15 @@ class ForkServer:
         self.app = app
         self.buffer = b""
         self.ready = False
+        self.spawned = 0  # servers it started: once it has any, it stays to supervise them
 
     @classmethod
     def start(
         cls, app: str, *, python: str | None = None, log_path: str | None = None
     ) -> ForkServer:
-        """Start it (it imports in the background); ``wait_ready`` before ``spawn``."""
-        if app not in APPS:
+        """Start it (it imports in the background); ``wait_ready`` before ``spawn``.
+        ``app`` ``exec``: one that imports nothing and only starts programs."""
+        if app not in APPS and app != EXEC:
             raise ForkServerError(f"unknown app {app!r}")
         python = python or sys.executable
         stderr = subprocess.DEVNULL
@@ -430,11 +493,25 @@ class ForkServer:
         self.ready = True
 
     def spawn(
-        self, username: str, uid: int, argv: list[str], log_path: str, timeout: float = 30
+        self,
+        username: str,
+        uid: int,
+        argv: list[str],
+        log_path: str,
+        timeout: float = 30,
+        *,
+        placement: dict | None = None,
+        program: list[str] | None = None,
     ) -> int:
-        """Ask for one student's server; return its pid. ``ForkServerError`` if the server is gone."""
+        """Ask for one student's server; return its pid. ``placement``: the student's cgroup
+        (``limits.prepare``); ``program``: run this command instead of the preloaded app.
+        ``ForkServerError`` if the fork server is gone; ``ValueError`` if this request failed."""
         self.wait_ready(timeout)
         request = {"username": username, "uid": uid, "argv": argv, "log": log_path}
+        if placement:
+            request["placement"] = placement
+        if program is not None:
+            request["exec"] = program
         try:
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
@@ -442,24 +519,28 @@ class ForkServer:
             raise ForkServerError(f"it stopped ({exc.strerror or exc})") from None
         message = self._read_reply(timeout)
         if "pid" in message:
+            self.spawned += 1
             return int(message["pid"])
         raise ValueError(message.get("error") or f"unexpected answer {message}")
 
     def close(self, timeout: float = 5) -> None:
-        """EOF on its stdin ends it; the servers it forked keep running."""
+        """EOF on its stdin: no more requests. With servers started it stays, their
+        supervisor, until the last has ended; without, it ends now (killed after
+        ``timeout`` if it does not)."""
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
+        if not self.spawned:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
         with contextlib.suppress(OSError):
             self.proc.stdout.close()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in APPS:
-        sys.stderr.write(f"usage: forkserver.py {{{'|'.join(APPS)}}}\n")
+    if len(sys.argv) != 2 or (sys.argv[1] not in APPS and sys.argv[1] != EXEC):
+        sys.stderr.write(f"usage: forkserver.py {{{'|'.join([*APPS, EXEC])}}}\n")
         sys.exit(2)
     sys.exit(serve(sys.argv[1]))
