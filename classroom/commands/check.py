@@ -16,6 +16,7 @@ from ..core import settings as settings_mod
 from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
 from ..core.roster import Roster
 from ..core.settings import Settings
+from ..host import limits
 from ..host.files import world_readable_chain
 from ..host.ports import port_free
 from ..host.system import CommandFailed, is_root, login_defs, run
@@ -27,6 +28,7 @@ PROBE_TIMEOUT = 120  # seconds for the servers' Python to import Jupyter as nobo
 class Findings:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    limits: dict = field(default_factory=dict)  # which mechanism enforces [limits] here
 
 
 def students_can_run_python(python: Path) -> str | None:
@@ -120,6 +122,18 @@ def check_system_accounts(roster: Roster, found: Findings) -> None:
             )
 
 
+def check_limits(s: Settings, found: Findings, host: limits.Host | None = None) -> None:
+    """Which mechanism enforces [limits] on this host; a warning for each set limit it cannot."""
+    host = host or limits.detect()
+    wanted = limits.Limits.of(s)
+    found.limits = {
+        "mechanism": host.summary(),
+        "enforced_by": host.enforces(),
+        "set": wanted.describe(),
+    }
+    found.warnings += [f"{s.where('limits', '')}: {w}" for w in host.cannot(wanted)]
+
+
 def check(config_path: Path, as_json: bool = False) -> int:
     """Print every problem and warning (or JSON); exit 0 when there is no problem, else 2."""
     found = Findings()
@@ -133,6 +147,7 @@ def check(config_path: Path, as_json: bool = False) -> int:
     if settings is not None:
         check_paths(settings, found)
         check_ports(settings, roster, found)
+        check_limits(settings, found)
         reason = students_can_run_python(Path(sys.executable))
         if reason:
             found.problems.append(f"servers' Python: {reason}")
@@ -141,9 +156,17 @@ def check(config_path: Path, as_json: bool = False) -> int:
     ok = not found.problems
     n = len(roster) if roster else 0
     if as_json:
-        report = {"ok": ok, "problems": found.problems, "warnings": found.warnings, "students": n}
+        report = {
+            "ok": ok,
+            "problems": found.problems,
+            "warnings": found.warnings,
+            "students": n,
+            "limits": found.limits,
+        }
         click.echo(json.dumps(report, indent=2))
     else:
+        if found.limits:
+            click.echo(f"limits: {found.limits['mechanism']}; set: {found.limits['set']}")
         for p in found.problems:
             click.echo(f"problem: {p}")
         for w in found.warnings:
