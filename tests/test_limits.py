@@ -729,3 +729,19 @@ def test_check_says_which_mechanism_applies(tmp_path):
     )
     report = json.loads(r.stdout)["limits"]
     assert report["enforced_by"] == HOST.enforces() and report["mechanism"] == HOST.summary()
+
+
+def test_memory_without_a_cgroup_is_the_server_trees_unique_memory():
+    from classroom.host.processes import tree_memory
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.2)
+        mine = tree_memory(os.getpid())
+        assert mine is not None and mine > 0
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        assert tree_memory(dead.pid) is None
+    finally:
+        child.kill()
+        child.wait()
