@@ -180,7 +180,6 @@ def reply(message: dict) -> None:
 def serve(app: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for launch; EOF on stdin ends us
     become_subreaper()
-    signal.signal(signal.SIGCHLD, reap)
     try:
         if app != EXEC:
             preload(app)
@@ -194,6 +193,7 @@ def serve(app: str) -> int:
             {"error": f"the fork server has {threads()} threads after importing; it must have one"}
         )
         return 1
+    signal.signal(signal.SIGCHLD, reap)  # only now: an import may wait for a child of its own
     reply({"ready": True, "pid": os.getpid(), "app": app})
     for line in sys.stdin.buffer:
         try:
