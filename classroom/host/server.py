@@ -151,7 +151,9 @@ class Server:
             if self.pid is None:
                 self.pid = self._exec(settings, args, fd, placement)
             if self.pid is not None:
-                self.start_time = psutil.Process(self.pid).create_time()
+                # gone already (its supervisor reaps at once): wait_ready says it stopped early
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self.start_time = psutil.Process(self.pid).create_time()
         finally:
             os.close(fd)
         return self.url
