@@ -28,7 +28,7 @@ from conftest import answers, login, needs_root, status
 
 from classroom.core.errors import InvalidInput
 from classroom.core.settings import load
-from classroom.host import limits, system
+from classroom.host import forkserver, limits, system
 from classroom.host.limits import Host, Limits
 
 MB = 1 << 20
@@ -343,37 +343,54 @@ os._exit(0)
 
 @needs_root
 @needs_cgroups
-def test_kill_all_ends_a_process_that_forks_and_exits_in_a_loop(ready_course):
+def test_kill_all_ends_a_process_that_forks_and_exits_in_a_loop(ready_course, tmp_path):
+    """The loop runs as the student under the class's supervisor (an exec-only fork
+    server), which joins it to the cgroup and reaps what it leaves behind, as in class."""
     c = ready_course
     a, b = c.usernames
     pw = c.pw(a)
     placement = limits.prepare(HOST, c.name, a, Limits(tasks=64))
     other = limits.prepare(HOST, c.name, b, Limits())
-    bystander = as_student(c.pw(b), "import time; time.sleep(120)", other)
-    proc = as_student(pw, FORK_LOOP, placement)
     course_dirs = {f.parent for f in limits.locate(c.name, a)}
+    supervisor = forkserver.ForkServer.start("exec")
     try:
+        supervisor.wait_ready(30)
+
+        def start(user, code, where):
+            argv = [sys.executable, "-c", code]
+            log = str(tmp_path / f"{user}.log")
+            return supervisor.spawn(user, c.pw(user).pw_uid, [], log, placement=where, program=argv)
+
+        bystander = start(b, "import time; time.sleep(120)", other)
+        start(a, FORK_LOOP, placement)
         folders = limits.locate(c.name, a)
         assert folders and all(f.name == a for f in folders)
         deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # the first one has forked and gone
+        while len(limits.members(folders)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert limits.members(folders), "the loop is not running in the cgroup"
         assert limits.kill_all(c.name, a)
         assert not limits.members(folders)
         time.sleep(0.5)
         assert alive_of(pw.pw_uid) == []  # nothing of the loop escaped the cgroup
-        assert bystander.poll() is None  # another student's process was not touched
+        assert psutil.Process(bystander).is_running()  # another student's: untouched
         assert limits.release(c.name, a)
         assert limits.locate(c.name, a) == []
         assert limits.locate(c.name, b)  # the course's cgroup stays while b's is there
+        assert limits.release(c.name, b)
+        assert course_dirs and not any(d.exists() for d in course_dirs)  # the last one took it
+        supervisor.close()
+        deadline = time.monotonic() + 10
+        while zombies_of(pw.pw_uid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert zombies_of(pw.pw_uid) == []  # the supervisor reaped every one
+        supervisor.proc.wait(10)  # and ended with nothing left to supervise
     finally:
-        limits.kill_all(c.name, a)
-        bystander.kill()
-        bystander.wait()
         limits.release(c.name, a)
         limits.release(c.name, b)
-    assert course_dirs and not any(d.exists() for d in course_dirs)  # the last one takes it
+        supervisor.close()
+        if supervisor.proc.poll() is None:
+            supervisor.proc.kill()
 
 
 # --- a class: real servers, real kernels -----------------------------------------------------
