@@ -455,7 +455,8 @@ def _thaw(folder: Path) -> None:
 
 def release(course: str, username: str, timeout: float = KILL_TIMEOUT, **where: Any) -> bool:
     """Empty the student's cgroup (``kill_all``) and remove it, and the course's when it is
-    the last; True once nothing of it is left."""
+    the last (``classroom/`` stays: another course may be making its own under it now);
+    True once nothing of it is left."""
     if not kill_all(course, username, timeout, **where):
         return False
     gone = True
@@ -466,11 +467,9 @@ def release(course: str, username: str, timeout: float = KILL_TIMEOUT, **where: 
             log.warning("cannot remove %s: %s", folder, exc.strerror)
             gone = False
             continue
-        for parent in (folder.parent, folder.parent.parent):  # COURSE, then classroom
-            try:
-                parent.rmdir()
-            except OSError:  # another student's or course's is still there
-                break
+        # the course's too when it is the last; classroom/ stays, shared by every course
+        with contextlib.suppress(OSError):  # another student's is still there
+            folder.parent.rmdir()
     return gone
 
 
