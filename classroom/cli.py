@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -15,6 +16,7 @@ from . import __version__
 from .commands.course import Course, open_course
 from .core.errors import EXIT_USAGE, ClassroomError, Refused
 from .core.settings import Settings, default_config_path
+from .host import interrupts
 
 log = logging.getLogger("classroom")
 
@@ -58,6 +60,31 @@ def resolve_config(config: Path | None) -> Path:
 class Obj:
     verbose = False
     quiet = False
+    handler: logging.Handler | None = None
+
+    def set(self, verbose: bool = False, quiet: bool = False) -> None:
+        """-v / -q, given before or after the command."""
+        self.verbose = self.verbose or verbose
+        self.quiet = self.quiet or quiet
+        if self.handler is not None:
+            self.handler.setLevel(logging.DEBUG if self.verbose else logging.WARNING)
+
+
+def verbosity_options(func: Callable) -> Callable:
+    """-v/--verbose and -q/--quiet after the command too (``notebooks status CONFIG -q``)."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.ensure_object(Obj).set(**{param.name: True})
+
+    for flags, name, text in (
+        (("-q", "--quiet"), "quiet", "Only failures and the summary line."),
+        (("-v", "--verbose"), "verbose", "Show every command run, and tracebacks."),
+    ):
+        func = click.option(
+            *flags, name, is_flag=True, expose_value=False, callback=remember, help=text
+        )(func)
+    return func
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -75,22 +102,26 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
       launch    start one Jupyter server per student, and the portal page
       shutdown  stop the students' servers
       retrieve  collect the students' work for grading (every version kept)
+      return    hand each student's feedback back into their home
       remove    archive and delete the accounts at the end of term
       status    what exists and what runs;   check   is the config and roster valid
 
     Commands that change something need root (sudo), except with --dry-run.
     """
     obj = ctx.ensure_object(Obj)
-    obj.verbose, obj.quiet = verbose, quiet
     handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    obj.handler = handler
+    obj.set(verbose=verbose, quiet=quiet)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
 
 
 def course_command(
-    *, changes: bool = True, precheck: Callable[[Settings], None] | None = None
+    *,
+    changes: bool = True,
+    precheck: Callable[[Settings], None] | None = None,
+    name: str | None = None,
 ) -> Callable[[Callable[..., int]], click.Command]:
     """A command run on the opened course: CONFIG, then --dry-run, --only, --yes if it ``changes``.
 
@@ -103,24 +134,30 @@ def course_command(
         @functools.wraps(func)
         @click.pass_context
         def command(ctx: click.Context, config, only=(), dry_run=False, yes=False, **options):
-            course = open_course(
-                resolve_config(config),
-                ctx.command.name,
-                changes=changes,
-                dry_run=dry_run,
-                only=tuple(only),
-                yes=yes,
-                quiet=ctx.obj.quiet,
-                precheck=precheck,
-            )
-            try:
-                code = func(course, only=tuple(only), **options)
-            finally:
-                course.close()
+            # Ctrl-C, SIGTERM, a hang-up: the step in progress finishes, then the command
+            # says what it did and did not do (host.interrupts).
+            with interrupts.catching():
+                course = open_course(
+                    resolve_config(config),
+                    ctx.command.name,
+                    changes=changes,
+                    dry_run=dry_run,
+                    only=tuple(only),
+                    yes=yes,
+                    quiet=ctx.obj.quiet,
+                    precheck=precheck,
+                )
+                try:
+                    code = func(course, only=tuple(only), **options)
+                except KeyboardInterrupt:
+                    code = course.stopped(interrupts.stopped_by())
+                finally:
+                    course.close()
             ctx.exit(code)
 
         command = change_options(command) if changes else only_option(command)
-        return cli.command(epilog=CONFIG_HELP)(config_argument(command))
+        command = verbosity_options(command)
+        return cli.command(name, epilog=CONFIG_HELP)(config_argument(command))
 
     return decorate
 
@@ -158,15 +195,43 @@ def setup(course: Course, **options: Any) -> int:
     "--source", type=click.Path(file_okay=False, path_type=Path), help="Send this folder instead."
 )
 @click.option("--folder", metavar="NAME", help="Into HOME/NAME instead of [material] folder.")
-def send(course: Course, **options: Any) -> int:
+@click.option(
+    "--shared", is_flag=True, help="Into the class's shared folder instead of into every home."
+)
+def send(course: Course, shared: bool, **options: Any) -> int:
     """Copy the tutorial material into every student's home, never losing an edit.
 
     Files the student edited are kept; the new version is written beside them
-    and listed as a conflict (--force overwrites after a backup).
+    and listed as a conflict (--force overwrites after a backup). --shared copies
+    it once into the class's shared folder ([shared] folder) instead.
     """
-    from .commands import material
+    if shared:
+        from .commands.shared import send_shared
 
-    return material.send(course, **options)
+        return send_shared(course, **options)
+    from .commands.send import send as send_material
+
+    return send_material(course, **options)
+
+
+@course_command(name="return")
+@click.option(
+    "--force", is_flag=True, help="Overwrite edited files (the student's version is backed up)."
+)
+@click.option(
+    "--source",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Return DIR/USERNAME/ from this folder instead of [return] source.",
+)
+@click.option("--folder", metavar="NAME", help="Into HOME/NAME instead of [return] folder.")
+def return_(course: Course, **options: Any) -> int:
+    """Hand each student's feedback (DIR/USERNAME/) back into their home, by send's rules.
+
+    A student with no folder in DIR is unchanged; edits are kept as with send.
+    """
+    from .commands.returns import return_feedback
+
+    return return_feedback(course, **options)
 
 
 @course_command()
@@ -195,9 +260,9 @@ def shutdown(course: Course, **options: Any) -> int:
 
 def deadline_value(ctx: click.Context, param: click.Parameter, value: str | None):
     """--deadline as a datetime, checked before the course is opened."""
-    from .commands import collect
+    from .core.retrieverules import parse_deadline
 
-    return collect.parse_deadline(value) if value else None
+    return parse_deadline(value) if value else None
 
 
 @course_command()
@@ -205,13 +270,13 @@ def deadline_value(ctx: click.Context, param: click.Parameter, value: str | None
     "--deadline",
     metavar='"YYYY-MM-DD HH:MM"',
     callback=deadline_value,
-    help="Mark files modified after it as late.",
+    help="Mark files the student changed after it as late (a date alone: the end of that day).",
 )
 def retrieve(course: Course, **options: Any) -> int:
     """Collect every student's work into DESTINATION/USERNAME/TIMESTAMP/ (every version kept)."""
-    from .commands import collect
+    from .commands.retrieve import retrieve as collect
 
-    return collect.retrieve(course, **options)
+    return collect(course, **options)
 
 
 @course_command()
@@ -224,6 +289,7 @@ def remove(course: Course, **options: Any) -> int:
 
 @course_command(changes=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per student.")
+@click.option("--watch", is_flag=True, help="A live table, every 2 s until Ctrl-C.")
 def status(course: Course, **options: Any) -> int:
     """Show each student's account, server, last send and last retrieve."""
     from .commands import status
@@ -234,6 +300,7 @@ def status(course: Course, **options: Any) -> int:
 @cli.command(epilog=CONFIG_HELP)
 @config_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@verbosity_options
 @click.pass_context
 def check(ctx: click.Context, config: Path | None, as_json: bool) -> None:
     """Check the config, the roster and this host; change nothing (no root needed)."""
@@ -247,15 +314,16 @@ def main(argv: list[str] | None = None) -> None:
     verbose = "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv)
     try:
         code = cli.main(args=argv, prog_name="notebooks.py", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # Ctrl-C at a question: asked before any change
         click.echo("Aborted: nothing was changed.", err=True)
         sys.exit(Refused.exit_code)
     except click.ClickException as exc:  # our domain errors are click exceptions too
         exc.show()
         own = isinstance(exc, ClassroomError)
         sys.exit(exc.exit_code if own or exc.exit_code not in (1, 2) else EXIT_USAGE)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+    except KeyboardInterrupt:  # before the command began its work, or while it closed
+        with contextlib.suppress(OSError):
+            click.echo("Interrupted.", err=True)
         sys.exit(130)
     except Exception as exc:  # last resort: a message, not a traceback, unless -v
         if verbose:
@@ -275,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     type=click.Choice(["jupyterhub", "z2jh"]),
     help="jupyterhub: jupyterhub_config.py for a hub on a host; z2jh: values.yaml for the Helm chart.",
 )
+@verbosity_options
 @click.pass_context
 def export(ctx, config, outdir, target):
     """Write the class as a JupyterHub (or Zero to JupyterHub) configuration into OUTDIR.

@@ -13,8 +13,8 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 TEST=no
 [ "${1:-}" = "--test" ] && TEST=yes
 
-PKGS="python3 python3-venv python3-dev passwd tar"
-[ "$TEST" = yes ] && PKGS="$PKGS chromium fonts-dejavu-core rsync procps openssl nodejs"
+PKGS="python3 python3-venv python3-dev passwd tar acl sudo"
+[ "$TEST" = yes ] && PKGS="$PKGS chromium fonts-dejavu-core rsync procps openssl nodejs keyutils zbar-tools"
 if ! dpkg -s $PKGS >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q

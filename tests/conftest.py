@@ -153,6 +153,11 @@ class TestCourse:
         with contextlib.suppress(KeyError):
             grp.getgrnam(self.name)
             subprocess.run(["groupdel", self.name], capture_output=True, check=False)
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(f"{self.name}-staff")
+            subprocess.run(["groupdel", f"{self.name}-staff"], capture_output=True, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/etc/sudoers.d/classroom-{self.name}")
         shutil.rmtree(self.home_base, ignore_errors=True)
 
 
@@ -335,6 +340,21 @@ def proc_fds(pid: int) -> dict[int, str]:
     return fds
 
 
+def log_writer_of(pid: int) -> int | None:
+    """The root process that reads ``pid``'s stdout pipe (its log writer), or None."""
+    import psutil
+
+    out = proc_fds(pid).get(1, "")
+    if not out.startswith("pipe:"):
+        return None
+    for proc in psutil.process_iter(["uids"]):
+        if proc.pid != pid and proc.info["uids"] and proc.info["uids"].real == 0:
+            with contextlib.suppress(OSError):
+                if proc_fds(proc.pid).get(0) == out:
+                    return proc.pid
+    return None
+
+
 def write_as(course, username: str, relpath: str, text: str) -> Path:
     """Put a file in a student's home, owned by the student (0600)."""
     pw = course.pw(username)
@@ -486,3 +506,20 @@ class RunningPortal:
         self.stop.set()
         self.thread.join(10)
         assert not self.thread.is_alive()
+
+
+def roots_files(pid: int) -> list[str]:
+    """The descriptors of ``pid`` open for writing on regular files owned by root (as root
+    sees them). Reading root's files is what every process does (a module's .pyc while a
+    kernel imports it); a descriptor it can write through is what must not reach it."""
+    found = []
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            st = os.stat(f"/proc/{pid}/fd/{entry}")
+            with open(f"/proc/{pid}/fdinfo/{entry}") as info:
+                flags = int(info.read().split("flags:")[1].split()[0], 8)
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                continue
+            if st.st_uid == 0 and (st.st_mode & 0o170000) == 0o100000:
+                found.append(f"fd {entry} -> {os.readlink(f'/proc/{pid}/fd/{entry}')}")
+    return found

@@ -1246,7 +1246,8 @@ def test_retrieve_deadline_marks_late_and_size_limit(ready_course):
     t0 = c.home(u0) / "tutorial"
     write_as(c, u0, t0 / "big.bin", b"x" * 4096)
     os.utime(t0 / "data" / "numbers.csv", (1577836800, 1577836800))  # 2020-01-01
-    os.utime(t0 / "lesson.ipynb", None)  # now
+    # SPEC 6.10: late means the student changed it after the deadline (now), not a new mtime
+    write_as(c, u0, t0 / "lesson.ipynb", (t0 / "lesson.ipynb").read_bytes() + b"\n")
     r = c.run("retrieve", "--yes", "--only", u0, "--deadline", "2021-06-01 12:00")
     assert r.returncode == 0, out(r)
     dest = c.base / "submissions"

@@ -360,3 +360,56 @@ def test_credentials_csv_header(ready_course):
     with open(ready_course.state_dir / "credentials.csv", newline="") as f:
         reader = csv.reader(f)
         assert next(reader) == ["username", "name", "email", "password", "notebook_password"]
+
+
+def test_remove_warns_about_work_not_retrieved(ready_course):
+    course = ready_course
+    u0, u1 = course.usernames
+    assert course.run("send", "--yes").returncode == 0
+    answer = course.home(u0) / "tutorial" / "answer.py"
+    answer.write_text("print(42)\n")
+    os.chown(answer, *(lambda p: (p.pw_uid, p.pw_gid))(pwd.getpwnam(u0)))
+    r = course.run("remove", input="n\n")
+    assert r.returncode == 3
+    warned = [line for line in r.stderr.splitlines() if "retrieve" in line]
+    assert warned and u0 in warned[0] and "never retrieved" in warned[0], r.stderr
+    assert course.run("retrieve", "--yes").returncode == 0
+    r = course.run("remove", input="n\n")
+    assert "retrieve" not in r.stderr, r.stderr  # everything is collected now
+    later = time.time() + 120
+    os.utime(answer, (later, later))  # the student works on after the retrieve
+    r = course.run("remove", input="n\n")
+    warned = [line for line in r.stderr.splitlines() if "retrieve" in line]
+    assert warned and u0 in warned[0] and u1 not in warned[0], r.stderr
+    assert all(pwd.getpwnam(u) for u in course.usernames)
+
+
+def test_setup_stopped_by_sigterm_says_what_it_did(make_course):
+    """SIGTERM lets the account in progress finish, then setup names who was done and who
+    was not (exit 130); the next run completes the rest."""
+    course = make_course(10)
+    proc = subprocess.Popen(
+        [__import__("sys").executable, "notebooks.py", "setup", str(course.config), "--yes"],
+        cwd=str(__import__("conftest").ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if sum(1 for u in course.usernames if course.home(u).exists()) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    made = [u for u in course.usernames if course.home(u).exists()]
+    assert 0 < len(made) < 10, "setup finished before it could be stopped"
+    assert proc.returncode == 130, out + err
+    assert "stopped by SIGTERM" in err and "nothing was changed" not in err, err
+    for u in made:
+        assert u in err, (u, err)
+    for u in set(course.usernames) - set(made):
+        assert u in err.split("not done")[1], (u, err)
+    r = course.run("setup", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(course.credentials()) == set(course.usernames)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
+import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, needs_root, random_name, shadow_hash
@@ -290,3 +293,197 @@ def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
         assert grp.getgrnam(course.name).gr_gid != taken
     finally:
         subprocess.run(["groupdel", squatter], check=False)
+
+
+# --- issue 16, item 1 (SPEC 6.11 rule 11): nothing of a removed student lives on -----------
+
+# Forks and exits at once, for ever, in a session of its own: a scan of /proc never sees the
+# live generation (it is a new pid each time). Each generation writes a byte to stdout, so
+# the pipe shows whether any is left: EOF once none is.
+FORK_LOOP = (
+    "import os, time\n"
+    "if os.fork():\n"
+    "    os._exit(0)\n"
+    "os.setsid()\n"
+    "while True:\n"
+    "    if os.fork():\n"
+    "        os._exit(0)\n"
+    "    os.write(1, b'.')\n"
+    "    time.sleep(0.002)\n"
+)
+
+
+def live_pids(uid: int) -> list[int]:
+    """Processes running as ``uid`` (zombies are dead: not counted)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = open(f"/proc/{entry}/status").read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uids = {int(x) for x in fields.get("Uid", "").split()[:3]}
+        if uid in uids and fields.get("State", "").split()[:1] not in (["Z"], ["X"]):
+            found.append(int(entry))
+    return found
+
+
+def kill_uid_for_cleanup(uid: int, gid: int) -> None:
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+    for _ in range(20):
+        subprocess.run([*argv, "kill", "-KILL", "-1"], capture_output=True, check=False)
+        time.sleep(0.05)
+
+
+def as_student(pw: pwd.struct_passwd, code: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            code,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        start_new_session=True,
+    )
+
+
+def still_writing(pipe, seconds: float) -> bool:
+    """True if bytes still arrive on ``pipe`` after ``seconds``; False at EOF (no writer left)."""
+    import select
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([pipe], [], [], 0.2)
+        if ready and not os.read(pipe.fileno(), 1 << 16):
+            return False
+    return True
+
+
+def test_remove_leaves_no_forking_loop_running(ready_course):
+    """A loop that forks and exits at once (after setsid) dodges a scan-then-signal; remove
+    must still leave no process of the student's uid."""
+    u0, u1 = ready_course.usernames
+    pw = pwd.getpwnam(u0)
+    loop = as_student(pw, FORK_LOOP)
+    try:
+        assert still_writing(loop.stdout, 1), "the student's loop did not run"
+        loop.wait(timeout=30)  # the first generation exits at once; the loop goes on
+        r = ready_course.run("remove", "--yes", timeout=180)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out
+        with pytest.raises(KeyError):
+            pwd.getpwnam(u0)
+        assert not still_writing(loop.stdout, 10), f"the loop outlived remove: {out}"
+        assert live_pids(pw.pw_uid) == [], out
+    finally:
+        kill_uid_for_cleanup(pw.pw_uid, pw.pw_gid)
+        loop.stdout.close()
+
+
+def test_a_new_account_never_gets_an_id_the_course_gave(course):
+    """uid and gid of a removed account are never handed out again by the course."""
+    u0, u1 = course.usernames
+    r = course.run("setup", "--yes", "--only", u0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    old = pwd.getpwnam(u0)
+    course_gid = grp.getgrnam(course.name).gr_gid
+    r = course.run("remove", "--yes", "--only", u0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = course.run("setup", "--yes", "--only", u1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    new = pwd.getpwnam(u1)
+    given = {old.pw_uid, old.pw_gid, course_gid}
+    assert new.pw_uid not in given and new.pw_gid not in given, (old, new, course_gid)
+    assert new.pw_gid == new.pw_uid, "the account's own group does not have its id"
+
+
+def test_ids_go_above_the_highest_given_then_below_never_given_ones():
+    from classroom.host.accounts import choose_id
+
+    used, given = {1000, 1005}, {1002, 1003, 1004}
+    assert choose_id(used, given, 1000, 1010, 0) == 1006  # above everything, as useradd
+    used |= set(range(1006, 1011))  # the top of the range is full: the lowest never given
+    assert choose_id(used, given, 1000, 1010, 0) == 1001
+    for attempt in range(1, 5):  # spread out after a collision, never onto a given id
+        assert choose_id(used, given, 1000, 1100, attempt) not in used | given
+
+
+def test_remove_deletes_what_the_student_left_in_shared_tmp(ready_course, tmp_path):
+    u0, u1 = ready_course.usernames
+    pw, other = pwd.getpwnam(u0), pwd.getpwnam(u1)
+    tag = random_name("left-")
+    target = tmp_path / "root-owned-target"
+    target.write_text("root's\n")
+    shared = Path("/tmp") / f"{tag}-shared"  # someone else's folder others may write in
+    made = {
+        "file": Path("/tmp") / f"{tag}-file",
+        "dir": Path("/var/tmp") / f"{tag}-dir",
+        "shm": Path("/dev/shm") / f"{tag}-shm",
+        "link": Path("/tmp") / f"{tag}-link",
+        "deep": shared / "mine.txt",
+    }
+    theirs = Path("/tmp") / f"{tag}-classmate"
+    try:
+        shared.mkdir(mode=0o777)
+        os.chmod(shared, 0o1777)
+        made["file"].write_text("x")
+        made["dir"].mkdir()
+        (made["dir"] / "inner").write_text("y")
+        os.symlink(made["dir"] / "inner", made["dir"] / "back-link")
+        made["shm"].write_bytes(b"z")
+        os.symlink(target, made["link"])
+        made["deep"].write_text("w")
+        for path in [*made.values(), made["dir"] / "inner", made["dir"] / "back-link"]:
+            os.lchown(path, pw.pw_uid, pw.pw_gid)
+        theirs.write_text("v")
+        os.chown(theirs, other.pw_uid, other.pw_gid)
+        r = ready_course.run("remove", "--yes", "--only", u0)
+        assert r.returncode == 0, r.stdout + r.stderr
+        for what, path in made.items():
+            assert not os.path.lexists(path), f"remove left the student's {what}: {path}"
+        assert target.read_text() == "root's\n", "a link was followed"
+        assert shared.is_dir(), "a folder that is not the student's was deleted"
+        assert theirs.exists(), "a classmate's file was deleted"
+    finally:
+        for path in [theirs, *made.values(), shared]:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+def test_half_made_account_is_completed_with_its_skeleton(course):
+    """An account a cut-off run left without its skeleton and password is completed."""
+    skel = course.base / "skel"
+    (skel / ".config").mkdir(parents=True)
+    (skel / "WELCOME.txt").write_text("welcome\n")
+    (skel / ".config" / "course.ini").write_text("[x]\n")
+    course.write_config(accounts={"skeleton": str(skel)})
+    u0, _ = course.usernames
+    r = course.run("setup", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    home = course.home(u0)
+    (home / "WELCOME.txt").unlink()
+    shutil.rmtree(home / ".config")
+    with sqlite3.connect(course.state_dir / "state.db") as db:  # as a run cut off mid-useradd
+        db.execute(
+            "UPDATE accounts SET status = 'creating', password_set = 0 WHERE username = ?", (u0,)
+        )
+    r = course.run("setup", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "adopted" in r.stdout and "skeleton" in r.stdout, r.stdout
+    pw = pwd.getpwnam(u0)
+    for name in ("WELCOME.txt", ".config/course.ini"):
+        assert (home / name).is_file() and (home / name).stat().st_uid == pw.pw_uid, name
+    assert (home / "WELCOME.txt").read_text() == "welcome\n"

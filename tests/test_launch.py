@@ -24,6 +24,7 @@ import requests
 from conftest import (
     CLEAN_ENV,
     answers,
+    log_writer_of,
     login,
     needs_root,
     proc_env,
@@ -238,7 +239,12 @@ def test_launch_runs_each_student_as_the_student(ready_course, mode):
             assert os.readlink(f"/proc/{pid}/cwd") == pw.pw_dir
             fds = proc_fds(pid)
             assert fds[0] == "/dev/null"
-            assert fds[1] == fds[2] == str(c.state_dir / "logs" / f"{u}.log")
+            # its output goes through a pipe to a root log writer (rule 13): the student
+            # holds no descriptor of root's log, in either mode
+            assert fds[1] == fds[2] and fds[1].startswith("pipe:")
+            writer = log_writer_of(pid)
+            assert writer is not None
+            assert proc_fds(writer)[1] == str(c.state_dir / "logs" / f"{u}.log")
             assert not [t for n, t in fds.items() if n > 2 and t.startswith(str(c.state_dir))]
             # never a password or hash in argv
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()

@@ -63,7 +63,7 @@ def test_limits_keys_are_checked(tmp_path):
     with pytest.raises(InvalidInput) as err:
         load(config(tmp_path, "[limits]\nmemory = lots\ncpu = -1\ntasks = 1.5\nmemroy = 1G\n"))
     text = "\n".join(err.value.problems)
-    assert "[limits] memory: not a size: 'lots'" in text
+    assert "[limits] memory: 'lots' is not a size" in text
     assert "[limits] cpu: -1 is not a number of CPUs" in text
     assert "[limits] tasks:" in text
     assert "unknown key 'memroy' in [limits] (did you mean 'memory'?)" in text
@@ -762,3 +762,26 @@ def test_memory_without_a_cgroup_is_the_server_trees_unique_memory():
     finally:
         child.kill()
         child.wait()
+
+
+@needs_root
+@needs_cgroups
+def test_remove_releases_the_students_cgroup(ready_course):
+    """remove kills the student, deletes the account and removes their cgroup; another
+    student's stays."""
+    c = ready_course
+    a, b = c.usernames
+    c.write_config(limits={"tasks": "64"})
+    placement = limits.prepare(HOST, c.name, a, Limits(tasks=64))
+    limits.prepare(HOST, c.name, b, Limits(tasks=64))
+    try:
+        proc = as_student(c.pw(a), "import time; time.sleep(120)", placement)
+        assert limits.members(limits.locate(c.name, a)) == {proc.pid}
+        r = c.run("remove", "--yes", "--only", a)
+        assert r.returncode == 0, r.stdout + r.stderr
+        proc.wait(10)
+        assert limits.locate(c.name, a) == []
+        assert limits.locate(c.name, b)
+    finally:
+        limits.release(c.name, a)
+        limits.release(c.name, b)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from classroom.commands import collect
+from classroom.core import retrieverules
 from classroom.core.errors import InvalidInput
 
 
@@ -36,10 +36,10 @@ def du(path: Path) -> int:
 
 
 def test_parse_deadline():
-    d = collect.parse_deadline("2024-05-01 12:30")
+    d = retrieverules.parse_deadline("2024-05-01 12:30")
     assert (d.year, d.month, d.day, d.hour, d.minute) == (2024, 5, 1, 12, 30)
     with pytest.raises(InvalidInput):
-        collect.parse_deadline("tomorrow")
+        retrieverules.parse_deadline("tomorrow")
 
 
 @needs_root
@@ -292,3 +292,22 @@ def test_retrieve_keeps_empty_folders(ready_course):
     assert {str(p.relative_to(home)) for p in home.rglob("*")} == {
         str(p.relative_to(snap)) for p in snap.rglob("*")
     }
+
+
+@needs_root
+def test_retrieve_removes_what_a_cut_off_retrieve_left(ready_course):
+    """A half-built snapshot of an interrupted retrieve goes at the next retrieve, even when the
+    student changed nothing since (the fast path would start no worker)."""
+    c = ready_course
+    a = c.usernames[0]
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    assert c.run("retrieve", "--yes", "--only", a).returncode == 0
+    dest = c.base / "submissions"
+    partial = dest / a / ".partial-2030-01-01_000000-12345"
+    partial.mkdir()
+    (partial / "lesson.ipynb").write_text("half")
+    (dest / a / ".latest-12345").symlink_to(partial.name)
+    r = c.run("retrieve", "--yes", "--only", a)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "retrieve: 1 unchanged" in r.stdout, r.stdout
+    assert sorted(p.name for p in (dest / a).iterdir() if p.name.startswith(".")) == []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import needs_root
 
-from classroom.commands import material
+from classroom.core import sendrules
 from classroom.host import safefs
 
 
@@ -25,10 +25,10 @@ def sent_files(folder: Path) -> set[str]:
 
 
 def test_beside_name():
-    assert material.beside_name("lesson.ipynb", 1) == "lesson.new.ipynb"
-    assert material.beside_name("lesson.ipynb", 3) == "lesson.new3.ipynb"
-    assert material.beside_name("Makefile", 1) == "Makefile.new"
-    assert material.beside_name(".bashrc", 1) == ".bashrc.new"
+    assert sendrules.beside_name("lesson.ipynb", 1) == "lesson.new.ipynb"
+    assert sendrules.beside_name("lesson.ipynb", 3) == "lesson.new3.ipynb"
+    assert sendrules.beside_name("Makefile", 1) == "Makefile.new"
+    assert sendrules.beside_name(".bashrc", 1) == ".bashrc.new"
 
 
 def test_patterns():
@@ -275,14 +275,14 @@ def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeyp
     import types
 
     from classroom.commands import course as course_mod
-    from classroom.commands import material
+    from classroom.commands import send
 
     c = ready_course
     a = c.usernames[0]
     pa = c.pw(a)
     fixed = dt.datetime(2030, 1, 2, 3, 4, 5)
     monkeypatch.setattr(
-        material, "dt", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: fixed))
+        send, "dt", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: fixed))
     )
 
     def send_force():
@@ -290,7 +290,7 @@ def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeyp
             c.config, "send", changes=True, yes=True, only=(a,), quiet=True
         )
         try:
-            return material.send(crs, only=(a,), force=True)
+            return send.send(crs, only=(a,), force=True)
         finally:
             crs.close()
 
@@ -304,3 +304,84 @@ def test_send_force_twice_in_one_second_keeps_both_backups(ready_course, monkeyp
     kept = sorted((p / "lesson.ipynb").read_text() for p in backup.iterdir())
     assert kept == ["first answers", "second answers"]
     assert sorted(p.name for p in backup.iterdir()) == ["2030-01-02_030405", "2030-01-02_030405.2"]
+
+
+@needs_root
+def test_send_removes_what_a_cut_off_send_left(ready_course):
+    """A temporary file of an interrupted send goes at the next send, even one with nothing to
+    send (the fast path would not start a worker); a student's look-alike files stay."""
+    c = ready_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    folder = c.home(a) / "tutorial"
+    left = folder / "data" / ".classroom-0123456789ab.tmp"
+    mine = folder / ".classroom-mine.tmp"
+    for p in (left, mine):
+        p.write_bytes(b"half a copy")
+        own(p, pa)
+    r = c.run("send", "--yes", "--only", a)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not left.exists(), "the temporary file of a cut-off send is still there"
+    assert mine.read_bytes() == b"half a copy"
+    again = c.run("send", "--yes", "--only", a)
+    assert "send: 1 unchanged, 0 failed" in again.stdout, again.stdout
+
+
+@needs_root
+def test_send_force_removes_only_its_own_untouched_new_versions(ready_course):
+    """--force replaces an edited file: the course's NAME.new.EXT beside it goes (it is now the
+    file itself); one the student edited stays, and the state forgets what it removed."""
+    c = ready_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    src = c.base / "tutorial"
+    (src / "notes.txt").write_text("notes v1\n")
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    fa = c.home(a) / "tutorial"
+    for name in ("lesson.ipynb", "notes.txt"):
+        (fa / name).write_text(f"my {name}\n")
+        own(fa / name, pa)
+    (src / "lesson.ipynb").write_text("lesson v2\n")
+    (src / "notes.txt").write_text("notes v2\n")
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    assert (fa / "lesson.new.ipynb").read_text() == "lesson v2\n"
+    (fa / "notes.new.txt").write_text("I wrote in the new version too\n")  # the student's now
+
+    r = c.run("send", "--yes", "--force", "--only", a)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "lesson.new.ipynb removed" in r.stdout, r.stdout
+    assert not (fa / "lesson.new.ipynb").exists()
+    assert (fa / "notes.new.txt").read_text() == "I wrote in the new version too\n"
+    assert (fa / "lesson.ipynb").read_text() == "lesson v2\n"
+    # the student later saves a file of that name: theirs, never taken for the course's
+    (fa / "lesson.new.ipynb").write_text("lesson v2\n")
+    own(fa / "lesson.new.ipynb", pa)
+    (fa / "lesson.ipynb").write_text("edited again\n")
+    own(fa / "lesson.ipynb", pa)
+    (src / "lesson.ipynb").write_text("lesson v3\n")
+    assert c.run("send", "--yes", "--only", a).returncode == 0
+    assert (fa / "lesson.new.ipynb").read_text() == "lesson v2\n"
+    assert (fa / "lesson.new2.ipynb").read_text() == "lesson v3\n"
+
+
+@needs_root
+def test_send_says_how_many_students_have_a_running_server(ready_course):
+    """While servers run, send says how many, and what the students see and should click."""
+    c = ready_course
+    a, b = c.usernames
+    assert c.run("send", "--yes").returncode == 0
+    try:
+        r = c.run("launch", "--yes", "--no-portal", "--only", a, timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (c.base / "tutorial" / "lesson.ipynb").write_text("lesson v2")
+        r = c.run("send", "--yes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "1 of these students have a running server (1 got a file changed in place)" in (
+            r.stdout
+        ), r.stdout
+        assert '"File Changed"' in r.stdout and '"Revert"' in r.stdout, r.stdout
+        r = c.run("send", "--yes", "--only", b)
+        assert "running server" not in r.stdout, r.stdout
+    finally:
+        c.run("shutdown", "--yes", timeout=240)

@@ -10,11 +10,16 @@ write or chown anything outside the student's own files, hang, or fill the disk.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
+import re
+import shutil
+import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -300,3 +305,297 @@ def test_race_swapping_folder_for_symlink(sent_course):
     r = c.run("retrieve", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert (dest / a / "latest" / "data" / "f39.csv").read_text() == "student file 39\n"
+
+
+# --- SPEC §6.11 rule 15: a student's file names reach the teacher's terminal without controls ---
+
+HOSTILE_NAMES = ["\x1b]0;pwned\x07title.txt", "\x1b[2K\x1b[1A started.py", "csi\u009b31mred.txt"]
+
+
+def control_chars(text: str) -> list[str]:
+    """What a terminal would act on: C0 controls but newline and tab, DEL, C1, bidi controls."""
+    import unicodedata
+
+    return sorted(
+        {
+            f"U+{ord(ch):04X}"
+            for ch in text
+            if ch not in "\n\t" and unicodedata.category(ch) in "CcCf"
+        }
+    )
+
+
+@needs_root
+def test_retrieve_shows_file_names_without_control_characters(sent_course):
+    c = sent_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    folder = c.home(a) / "tutorial"
+    for name in HOSTILE_NAMES:
+        (folder / name).write_text("x\n")
+        own(folder / name, pa)
+        (folder / f"link-{name}").symlink_to("/etc/passwd")  # skipped, and named
+        own(folder / f"link-{name}", pa)
+    r = c.run("retrieve", "--yes", "--deadline", "2000-01-01 00:00")  # every new file late
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "late" in r.stdout and "skipped" in r.stdout, r.stdout
+    assert "\\x1b]0;pwned\\x07title.txt" in r.stdout, r.stdout
+    assert not control_chars(r.stdout + r.stderr), repr(r.stdout + r.stderr)
+
+
+@needs_root
+def test_send_shows_file_names_without_control_characters(ready_course):
+    c = ready_course
+    a = c.usernames[0]
+    pa = c.pw(a)
+    for name in HOSTILE_NAMES:
+        (c.base / "tutorial" / name).write_text("v1\n")
+    first = c.run("send", "--yes")
+    assert first.returncode == 0, first.stdout + first.stderr
+    for name in HOSTILE_NAMES:  # the student edits them, the teacher changes them: conflicts
+        (c.home(a) / "tutorial" / name).write_text("mine\n")
+        own(c.home(a) / "tutorial" / name, pa)
+        (c.base / "tutorial" / name).write_text("v2\n")
+    second = c.run("send", "--yes")
+    assert second.returncode in (0, 1), second.stdout + second.stderr
+    assert "conflict" in second.stdout, second.stdout
+    for r in (first, second):
+        assert not control_chars(r.stdout + r.stderr), repr(r.stdout + r.stderr)
+
+
+# --- SPEC §6.11 rule 14: a student who stops their own worker or reader stalls no one else -------
+#
+# Each student's part has an overall deadline, ``workers.STUDENT_DEADLINE`` (300 s and more):
+# these tests lower it to 5 s in the command's own process (``DEADLINE_5S``) and fail if the
+# command still runs well after it. The student SIGSTOPs every process of theirs as soon as it
+# appears, and lets them run for a moment every 2 s (which once reset the reader's timeout).
+
+DEADLINE_5S = (
+    "import sys; from classroom.host import workers; workers.STUDENT_DEADLINE = 5.0; "
+    "from classroom.cli import main; main(sys.argv[1:])"
+)
+
+STOPPER = r"""
+import os, signal, sys, time
+pulse = float(sys.argv[1])
+print("ready", flush=True)
+last = time.monotonic()
+while True:
+    try:
+        os.kill(-1, signal.SIGSTOP)  # every process of mine but this one
+    except ProcessLookupError:
+        pass
+    if pulse and time.monotonic() - last > pulse:  # a moment of progress now and then
+        os.kill(-1, signal.SIGCONT)
+        time.sleep(0.001)
+        last = time.monotonic()
+    time.sleep(0.0005)
+"""
+
+KILL_UID = """
+import os, signal, sys
+os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[1]))
+for _ in range(50):
+    os.kill(-1, signal.SIGKILL)  # every process of the student's (stopped ones too)
+"""
+
+
+def run_with_short_deadline(c, *args: str, bound: float = 60) -> subprocess.CompletedProcess:
+    """``notebooks.py ARGS CONFIG --yes`` with each student's deadline at 5 s; fails the test if it
+    still runs after ``bound`` seconds: one student held up the class."""
+    from conftest import PYTHON, ROOT
+
+    command = [PYTHON, "-c", DEADLINE_5S, args[0], str(c.config), *args[1:], "--yes"]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers
+        out, err = proc.communicate()
+        pytest.fail(f"`{' '.join(args)}` still ran after {bound} s: {out}{err}")
+    assert "Traceback" not in err, err
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def stopper(c, username: str, pulse: float = 0.0):
+    """As the student: SIGSTOP every other process of theirs, as soon as it appears."""
+    from conftest import PYTHON
+
+    pw = c.pw(username)
+    proc = subprocess.Popen(
+        [PYTHON, "-c", STOPPER, str(pulse)],
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=[],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run([PYTHON, "-c", KILL_UID, str(pw.pw_uid), str(pw.pw_gid)], check=True)
+
+
+def failed_line(text: str, username: str) -> bool:
+    return re.search(rf"^\s*{re.escape(username)}: FAILED", text, re.M) is not None
+
+
+@needs_root
+def test_send_is_not_stalled_by_a_student_who_stops_the_worker(ready_course):
+    c = ready_course
+    staller, other = c.usernames
+    many = c.base / "tutorial" / "many"
+    many.mkdir()
+    for i in range(3000):  # a worker that takes a while
+        (many / f"n{i:05d}.txt").write_text(f"{i}\n")
+    with stopper(c, staller):
+        r = run_with_short_deadline(c, "send")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert failed_line(r.stdout, staller), r.stdout
+    assert "not done within 5 s" in r.stdout, r.stdout
+    assert (c.home(other) / "tutorial" / "many" / "n02999.txt").exists()
+
+
+@needs_root
+def test_retrieve_is_not_stalled_by_a_student_who_stops_the_reader(sent_course):
+    c = sent_course
+    staller, other = c.usernames
+    c.write_config(retrieve={"max_total_size": "1M"})  # the deadline grows with it
+    pw = c.pw(staller)
+    many = c.home(staller) / "tutorial" / "many"
+    many.mkdir()
+    own(many, pw)
+    for i in range(5000):  # a reader that takes a while
+        (many / f"n{i:05d}.txt").write_text(f"{i}\n")
+        own(many / f"n{i:05d}.txt", pw)
+    answer = c.home(other) / "tutorial" / "answer.py"
+    answer.write_text("print(42)\n")
+    own(answer, c.pw(other))
+    with stopper(c, staller, pulse=2.0):
+        r = run_with_short_deadline(c, "retrieve")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert failed_line(r.stdout, staller), r.stdout
+    assert re.search(rf"^\s*{other}: collected", r.stdout, re.M), r.stdout
+    dest = c.base / "submissions"
+    assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
+    assert not (dest / staller).exists() or not [
+        p for p in (dest / staller).iterdir() if p.name.startswith(".partial-")
+    ], "the failed student's half-built snapshot was left"
+
+
+# --- SPEC §6.11 rule 14: what a home can make retrieve write is bounded ---------------------------
+
+FLOOD = r"""
+import os, sys
+links, folders = int(sys.argv[1]), int(sys.argv[2])
+base = os.path.join(os.path.expanduser("~"), "tutorial")
+fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+for i in range(folders):  # many empty folders
+    os.mkdir(f"f{i:06d}", dir_fd=fd)
+for depth in range(15):  # 15 nested folders with 255-character names
+    name = (f"{depth:02d}" + "d" * 255)[:255]
+    os.mkdir(name, dir_fd=fd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+for i in range(links):  # at the bottom, many symlinks: each one is a skipped entry
+    os.symlink("/etc/passwd", f"l{i:06d}", dir_fd=fd)
+with open(os.path.join(base, "lesson.ipynb"), "a") as f:  # and one real edit
+    f.write("\n# my answer\n")
+"""
+
+
+def user_rows(dest: Path, username: str) -> list[dict]:
+    csv.field_size_limit(1 << 24)
+    return [row for row in manifest_rows(dest) if row["username"] == username]
+
+
+def snapshot_names(dest: Path, username: str) -> list[str]:
+    return sorted(
+        p.name
+        for p in (dest / username).iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
+
+
+MEASURED = """
+import json, resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"code": r.returncode, "out": r.stdout, "err": r.stderr, "peak": peak}))
+"""
+
+
+def retrieve_measured(c) -> tuple[subprocess.CompletedProcess, int]:
+    """``retrieve --yes``, and the largest resident size any of its processes reached (bytes)."""
+    import json
+
+    from conftest import NOTEBOOKS, PYTHON
+
+    command = [PYTHON, str(NOTEBOOKS), "retrieve", str(c.config), "--yes"]
+    wrapper = subprocess.run(
+        [PYTHON, "-c", MEASURED, *command], capture_output=True, text=True, timeout=600, check=True
+    )
+    got = json.loads(wrapper.stdout)
+    return subprocess.CompletedProcess(command, got["code"], got["out"], got["err"]), got["peak"]
+
+
+@needs_root
+def test_retrieve_flood_is_bounded_and_not_repeated(sent_course):
+    """15 nested 255-character folders, 20,000 symlinks, 10,500 empty folders, one edit: at
+    most 10,000 manifest rows (and a summary row) and 10,000 folders, a small state, bounded
+    memory, and the same home again makes no new snapshot and no new row."""
+    from conftest import PYTHON
+
+    c = sent_course
+    flooder, other = c.usernames
+    dest = c.base / "submissions"
+    pw = c.pw(flooder)
+    subprocess.run(
+        [PYTHON, "-c", FLOOD, "20000", "10500"],
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=[],
+        env={"HOME": pw.pw_dir},
+        check=True,
+        timeout=300,
+    )
+    answer = c.home(other) / "tutorial" / "answer.py"
+    answer.write_text("print(42)\n")
+    own(answer, c.pw(other))
+    try:
+        r, peak = retrieve_measured(c)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert peak < 400 << 20, f"a process of retrieve used {peak >> 20} MB"
+        rows = user_rows(dest, flooder)
+        assert 0 < len(rows) <= 10_001, f"{len(rows)} manifest rows for one student"
+        summary = [row for row in rows if row["path"] == ""]
+        assert len(summary) == 1 and "not listed" in summary[0]["status"], summary
+        assert {"lesson.ipynb", "data/numbers.csv"} <= {row["path"] for row in rows}
+        (snap,) = snapshot_names(dest, flooder)
+        folders = sum(len(d) for _, d, _ in os.walk(dest / flooder / snap))
+        assert folders <= 10_000, f"{folders} folders in one snapshot"
+        assert (dest / flooder / "latest" / "lesson.ipynb").read_text().endswith("# my answer\n")
+        assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
+        state_db = c.state_dir / "state.db"
+        assert state_db.stat().st_size < 16 << 20, f"state.db: {state_db.stat().st_size} bytes"
+        size = (dest / "manifest.csv").stat().st_size
+
+        again = c.run("retrieve", "--yes", timeout=600)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert snapshot_names(dest, flooder) == [snap], "the same skipped entries: a new snapshot"
+        assert (dest / "manifest.csv").stat().st_size == size, "nothing changed, yet new rows"
+        assert "retrieve: 2 unchanged" in again.stdout, again.stdout
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

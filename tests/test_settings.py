@@ -123,3 +123,35 @@ def test_server_address_host_is_accepted(tmp_path):
         "[course]\nname = c1\nroster = r.csv\n[launch]\nserver_address = class.example.org\n",
     )
     assert settings.load(p).server_address == "class.example.org"
+
+
+@pytest.mark.parametrize(
+    "section, key, value, says",
+    [
+        ("launch", "start_timeout", "60s", "'60s' is not a number of seconds; write 60"),
+        ("launch", "start_timeout", "2 min", "write 120"),
+        ("hooks", "timeout", "soon", "write e.g. 60"),
+        ("launch", "idle_timeout", "1h", "write 3600"),
+        ("launch", "portal_port", "eighty", "'eighty' is not a whole number"),
+        ("accounts", "home_mode", "rwx", "'rwx' is not a mode in octal"),
+        ("retrieve", "max_file_size", "0", "would let no file through"),
+        ("retrieve", "max_total_size", "lots", "'lots' is not a size"),
+    ],
+)
+def test_values_are_explained_in_the_teachers_terms(tmp_path, section, key, value, says):
+    p = write(tmp_path, f"[course]\nname = c1\nroster = r.csv\n[{section}]\n{key} = {value}\n")
+    with pytest.raises(InvalidInput) as e:
+        settings.load(p)
+    text = str(e.value)
+    assert f"[{section}] {key}" in text and says in text, text
+    for internal in ("could not convert", "float", "invalid literal", "int()"):
+        assert internal not in text, text
+
+
+def test_human_sizes_read_as_written():
+    from classroom.core.sizes import human_size, parse_size
+
+    assert human_size(parse_size("20M")) == "20 MB"
+    assert human_size(200 << 20) == "200 MB"
+    assert human_size(1536) == "1.5 KB"
+    assert human_size(12) == "12 bytes"

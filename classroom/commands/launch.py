@@ -8,13 +8,14 @@ for them together, and move a server whose port someone took meanwhile. Report.
 from __future__ import annotations
 
 import shlex
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import click
 import psutil
 
 from ..core.errors import ClassroomError, Refused, StepFailed
 from ..core.launchplan import assign_ports, exec_argv, server_args
+from ..core.text import printable
 from ..host import accounts, hooks
 from ..host.identity import server_python
 from ..host.ports import port_free
@@ -30,13 +31,16 @@ from ..host.server import (
     server_status,
     stop_servers,
 )
-from ..host.serverhome import prepare_home, read_tls
+from ..host.serverhome import prepare_homes, read_tls
 from ..host.serverlogs import ensure_log_dir, failure
-from .course import Course, Report
+from ..host.workers import student_deadline
+from .course import Course, Report, progress
 from .shutdown import shutdown
+from .terminal import awaited
 
 PORT_RETRIES = 2  # times a server whose port someone took meanwhile is tried on another
 FAILED_START = {"polite": 2, "term": 2, "kill": 2}  # timeouts for a server that did not answer
+PREPARE_DEADLINE = 60  # seconds for one student's home to be made ready (a few small files)
 
 
 def launch(course: Course, *, only=(), portal=True, stop_on_exit=False) -> int:
@@ -157,7 +161,8 @@ def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn)
 
 
 def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> list[Server]:
-    """As each student (before any thread exists here): the root folder, the TLS copies."""
+    """As each student, all at once (before any thread exists here): the root folder, the
+    TLS copies; a student whose part takes longer than the deadline fails alone."""
     try:
         tls = read_tls(course.settings)
     except OSError as exc:
@@ -172,14 +177,13 @@ def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> lis
             "(it runs as the student); see README, 'Security'"
         )
     ready = []
-    for server in servers:
-        assert server.pw is not None
-        try:
-            prepare_home(course.settings, server.pw, tls)
-        except StepFailed as exc:
-            report.failed(server.username, f"preparing the home failed: {exc}")
-            continue
-        ready.append(server)
+    pws = [server.pw for server in servers]
+    errors = prepare_homes(course.settings, pws, tls, student_deadline(base=PREPARE_DEADLINE))
+    for server, error in zip(servers, errors, strict=True):
+        if error:
+            report.failed(server.username, f"preparing the home failed: {printable(error)}")
+        else:
+            ready.append(server)
     return ready
 
 
@@ -231,7 +235,9 @@ def _spawn_all(
         try:
             server.start(course.settings, forker)
         except (OSError, ValueError, psutil.Error) as exc:
-            report.failed(server.username, f"the server could not be started: {exc}")
+            report.failed(
+                server.username, f"the server could not be started: {printable(str(exc))}"
+            )
             continue
         server.save(course.state)
         spawned.append(server)
@@ -246,7 +252,14 @@ def _wait_all(
     meanwhile (another course launching at the same time, say)."""
     s = course.settings
     with ThreadPoolExecutor(max_workers=max(1, min(64, len(spawned)))) as pool:
-        waits = list(pool.map(lambda server: server.wait_ready(s, s.start_timeout), spawned))
+        futures = {pool.submit(server.wait_ready, s, s.start_timeout): server for server in spawned}
+        waiting = {server.username: None for server in spawned}  # in roster order
+        answered = as_completed(futures)
+        for done in progress(
+            answered, "servers answering", len(futures), waiting=lambda: awaited(waiting)
+        ):
+            waiting.pop(futures[done].username)
+        waits = [future.result() for future in futures]
     failed = []
     for server, problem in zip(spawned, waits, strict=True):
         if problem is None:
@@ -263,7 +276,7 @@ def _wait_all(
         if retry_ports and problem == STOPPED_EARLY and not port_free(s.ip, server.port):
             retry.append(server)
         else:
-            report.failed(server.username, failure(s, server.username, problem))
+            report.failed(server.username, failure(s, server.username, problem, server.log_offset))
     return retry
 
 

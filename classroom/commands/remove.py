@@ -7,29 +7,41 @@ selected refuses the whole command before any change.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 
 from ..core.errors import Refused, StepFailed
-from ..host import credentials
+from ..host import credentials, interrupts, leftovers, limits
 from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspect
 from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
-from ..host.processes import processes_of, stop_processes
+from ..host.leftovers import SHARED_TMP
+from ..host.processes import kill_every_process_of, processes_of, stop_processes
 from ..host.system import dry_run
+from . import shared, staff
 from .course import Course, Report, progress
+from .terminal import working
 
 WORKERS = max(2, os.cpu_count() or 2)
+SCAN_LIMIT = 10_000  # entries of a home looked at for changes since the last retrieve
 
 
 def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
-    """Confirm, stop everything the students run, archive each home, delete account and home."""
+    """Confirm, stop everything the students run, archive each home, delete account and home.
+
+    Without ``--only``: every account the course created, the roster's and those the
+    roster no longer has (named in the question).
+    """
     s = course.settings
     report = course.report("remove")
-    accounts = [inspect(course, st) for st in course.students(only)]
+    students = course.students(only, dropped=True)
+    report.expect(st.username for st in students)
+    accounts = [inspect(course, st) for st in students]
     foreign = [a for a in accounts if a.kind == FOREIGN]
     if foreign:
         raise Refused(
@@ -44,10 +56,15 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
             report.done(a.username, "removed", "; ".join([*steps, "userdel --remove"]))
         for a in gone:
             report.unchanged(a.username)
+        shared.remove_shared(course, report, only)
+        staff.remove_staff(course, report, only)
         return report.finish()
+    warn_unretrieved(course, present)
     if present and not course.yes:
-        confirm(present, s.archive)
-    stop_everything(course, present)
+        confirm(course, present, s.archive)
+    groups = {g for a in present if a.pw for g in os.getgrouplist(a.pw.pw_name, a.pw.pw_gid)}
+    with working(f"stopping the processes of {len(present)} student(s)"):
+        stop_everything(course, present)
     remove_accounts(course, report, present)
     for a in gone:
         if course.state.account(a.username) is not None:  # deleted outside the course
@@ -58,31 +75,89 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     credentials.update(
         s.state_dir / "credentials.csv", {}, drop=removed | {a.username for a in gone}
     )
+    uids = {a.pw.pw_uid for a in present if a.username in removed and a.pw is not None}
+    left = leftovers.delete_owned(uids, groups)
+    if left:
+        report.note(f"{left} file(s) and folder(s) of theirs deleted in {', '.join(SHARED_TMP)}")
     if remove_group(course):
-        report.note(f"group {s.group} deleted")
+        report.changed(f"group {s.group} deleted")
+    shared.remove_shared(course, report, only)
+    staff.remove_staff(course, report, only)
     return report.finish()
 
 
-def confirm(present: list[Account], archive: bool) -> None:
+def confirm(course: Course, present: list[Account], archive: bool) -> None:
     """Ask before deleting; ``Refused`` (nothing changed) unless the teacher says yes."""
     names = ", ".join(a.username for a in present)
+    listed = set(course.roster.names())
+    dropped = [a.username for a in present if a.username not in listed]
     what = "archived and deleted" if archive else "deleted WITHOUT an archive"
     click.echo(f"These {len(present)} accounts and their homes will be {what}: {names}")
+    if dropped:
+        click.echo(
+            f"Of these, {len(dropped)} are no longer in the roster (the course created them): "
+            f"{', '.join(dropped)}"
+        )
     if not click.confirm("Go on?", default=False):
         raise Refused("remove declined: nothing was changed")
 
 
+def warn_unretrieved(course: Course, present: list[Account]) -> None:
+    """Warn about homes whose work changed since the last retrieve (or never retrieved):
+    what is not collected now is only in the archive afterwards."""
+    s = course.settings
+    late = []
+    for a in present:
+        if a.pw is None:
+            continue
+        folder = os.path.join(a.pw.pw_dir, s.material_folder)
+        newest = newest_change(folder)
+        if newest is None:
+            continue
+        last = course.state.last(a.username, "retrieve")
+        if last is None:
+            late.append(f"{a.username} (never retrieved)")
+        elif newest > dt.datetime.fromisoformat(last).timestamp() + 1:
+            late.append(f"{a.username} (changed after {last})")
+    if late:
+        click.echo(
+            f"warning: work in HOME/{s.material_folder} changed since the last retrieve: "
+            f"{', '.join(late)}; run 'sudo notebooks retrieve "
+            f"{shlex.quote(str(s.config_file))}' first to grade their latest work",
+            err=True,
+        )
+
+
+def newest_change(folder: str) -> float | None:
+    """The newest mtime of any file or folder under ``folder`` (root looks, never through a
+    link, at most ``SCAN_LIMIT`` entries); None when there is no such folder or it is empty."""
+    newest = None
+    seen = 0
+    try:
+        for _top, dirs, files, top_fd in os.fwalk(folder, follow_symlinks=False):
+            for name in dirs + files:
+                seen += 1
+                with contextlib.suppress(OSError):
+                    mtime = os.stat(name, dir_fd=top_fd, follow_symlinks=False).st_mtime
+                    newest = mtime if newest is None else max(newest, mtime)
+            if seen >= SCAN_LIMIT:
+                break
+    except OSError:
+        return None
+    return newest
+
+
 def stop_everything(course: Course, present: list[Account]) -> None:
-    """Stop the students' recorded servers, then every process they still run."""
+    """Stop the students' recorded servers, then every process they still run: politely
+    first, then ``kill(-1, SIGKILL)`` as each of them, which no forking loop escapes."""
     from ..host import server as servers_mod
 
     for a in present:
         with contextlib.suppress(Exception):
             servers_mod.forget_server(course, a.username, stop=True)
-    # Every process the students still run, all at once: one scan, one grace period.
     uids = {a.pw.pw_uid for a in present if a.pw}
-    stop_processes([], [p for procs in processes_of(uids).values() for p in procs])
     stop_processes([], [p for procs in processes_of(uids).values() for p in procs], term=2, kill=2)
+    kill_every_process_of((a.pw.pw_uid, a.pw.pw_gid) for a in present if a.pw is not None)
 
 
 def remove_accounts(course: Course, report: Report, present: list[Account]) -> None:
@@ -113,10 +188,25 @@ def remove_accounts(course: Course, report: Report, present: list[Account]) -> N
                 detail = {"archive": str(archived or "")}
                 with course.state.transaction():
                     course.state.record("remove", a.username, "archived", detail)
-                delete_account(course, a)
-                with course.state.transaction():
-                    course.state.forget_account(a.username)
-                    course.state.record("remove", a.username, "removed", detail)
+                ids = [(a.pw.pw_uid, a.pw.pw_gid)]
+                with interrupts.shielded():  # deleted and forgotten, or neither
+                    # Again just before userdel: a login between the first stop and now.
+                    kill_every_process_of(ids)
+                    delete_account(course, a)
+                    with course.state.transaction():
+                        course.state.forget_account(a.username)
+                        course.state.record("remove", a.username, "removed", detail)
+                    # and after it: nothing of that uid outlives the account
+                    survivors = kill_every_process_of(ids)[a.pw.pw_uid]
+                    # its cgroup (``[limits]``) goes with it; what is left there is SIGKILLed
+                    released = dry_run() or limits.release(s.name, a.username)
+                if survivors:
+                    raise StepFailed(
+                        f"account deleted, but processes of uid {a.pw.pw_uid} survived "
+                        f"SIGKILL: {', '.join(map(str, survivors))}; stop them by hand"
+                    )
+                if not released:
+                    raise StepFailed("account deleted, but its cgroup is not empty; remove again")
                 report.done(a.username, "removed", f"archive {archived}" if archived else "")
             except StepFailed as exc:
                 report.failed(a.username, str(exc))

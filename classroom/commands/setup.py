@@ -6,6 +6,7 @@ reports nothing to do. Under ``--dry-run`` the plan is printed and nothing chang
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import shlex
@@ -15,10 +16,10 @@ from pathlib import Path
 import click
 
 from ..core import passwords
-from ..core.errors import CommandFailedForAll, InvalidInput, StepFailed
+from ..core.errors import EXIT_OK, CommandFailedForAll, InvalidInput, StepFailed
 from ..core.secret import Secret
 from ..core.settings import Settings
-from ..host import credentials
+from ..host import credentials, hooks, interrupts
 from ..host.accounts import (
     FOREIGN,
     MISSING,
@@ -31,9 +32,12 @@ from ..host.accounts import (
     set_passwords,
     useradd_argv,
 )
-from ..host.files import world_readable_chain, write_atomic
+from ..host.files import changeable_by_others, world_readable_chain, write_atomic
 from ..host.homefiles import write_student_files
-from ..host.system import as_user, dry_run, sudo_caller
+from ..host.state import check_private_dir
+from ..host.system import dry_run, sudo_caller
+from ..host.workers import as_user
+from . import shared, staff
 from .course import Course, Report, progress
 
 STUDENT_FILES_TIMEOUT = 60  # seconds to write one student's Jupyter config and profile
@@ -41,7 +45,32 @@ WORKERS = max(2, os.cpu_count() or 2)
 
 
 def precheck(settings: Settings) -> None:
-    """Before anything is created: refuse a home_base others could plant homes in."""
+    """Before anything is created: refuse (``InvalidInput``, exit 2) what ``problems`` finds."""
+    found = problems(settings)
+    if found:
+        raise InvalidInput(found)
+
+
+def problems(settings: Settings) -> list[str]:
+    """What setup refuses before any change (``check`` reports the same): a home base
+    others could plant homes in, a state folder that is someone else's, and files that
+    decide what root does (config, roster, hooks, skeleton, profile) that someone other
+    than root or the teacher can change."""
+    found = []
+    try:
+        check_home_base(settings)
+    except InvalidInput as exc:
+        found += exc.problems
+    try:
+        check_private_dir(settings.state_dir)
+    except InvalidInput as exc:
+        found += exc.problems
+    found += untrusted_inputs(settings)
+    return found
+
+
+def check_home_base(settings: Settings) -> None:
+    """Refuse a home_base others could plant homes in."""
     base = settings.home_base
     where = settings.where("accounts", "home_base")
     try:
@@ -56,13 +85,46 @@ def precheck(settings: Settings) -> None:
             f"(it is uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}); other users could "
             "plant a home there"
         )
+    shared.precheck(settings)
+    staff.precheck(settings)
 
 
-def make_home_base(course: Course) -> None:
+def untrusted_inputs(settings: Settings) -> list[str]:
+    """The files root acts on that someone other than root or the teacher could change."""
+    s = settings
+    inputs: list[tuple[str, Path]] = [(f"{s.config_file}", s.config_file)]
+    inputs.append((s.where("course", "roster"), s.roster))
+    for key in ("pre_spawn", "post_stop"):
+        try:
+            hook = hooks.configured(s, key)
+        except InvalidInput:
+            continue  # named by check and by the command that runs it
+        if hook is not None and hook.kind == "executable":
+            inputs.append((s.where("hooks", key), Path(hook.target)))
+    if s.skeleton:
+        inputs.append((s.where("accounts", "skeleton"), s.skeleton))
+    if s.profile and "/" in s.profile:
+        inputs.append((s.where("accounts", "profile"), Path(s.profile)))
+    caller = sudo_caller()
+    teacher = {caller.pw_uid} if caller else set()
+    found = []
+    for where, path in inputs:
+        why = changeable_by_others(path, teacher)
+        if why:
+            found.append(
+                f"{where}: {why}; root acts on {path}: make it root's (or yours) and not "
+                "writable by others (chmod go-w)"
+            )
+    return found
+
+
+def make_home_base(course: Course, report: Report) -> None:
     """Create home_base (root's, 0755) and check it again; warn when students cannot reach it."""
     base = course.settings.home_base
-    base.mkdir(parents=True, exist_ok=True, mode=0o755)
-    precheck(course.settings)
+    if not base.is_dir():
+        base.mkdir(parents=True, exist_ok=True, mode=0o755)
+        report.changed(f"{base} created")
+    check_home_base(course.settings)
     blocked = world_readable_chain(base)
     if blocked is not None:
         click.echo(
@@ -112,39 +174,108 @@ def setup(
     reset_passwords: bool = False,
     handout: Path | None = None,
 ) -> int:
-    """Create or align each selected student's account; write credentials and handout."""
+    """Create or align each selected student's account; write credentials and handout.
+
+    A stop signal (Ctrl-C) ends it between steps: an account is made, or aligned, or
+    given its password whole, and the report says who was done and who was not.
+    """
     report = course.report("setup")
     if handout and not Path(handout).parent.is_dir():
         raise InvalidInput(f"--handout {handout}: the folder {Path(handout).parent} does not exist")
     profile = teacher_profile(course)
     group = check_group(course)
-    accounts = [inspect(course, st) for st in course.students(only)]
+    students = course.students(only)
+    report.expect(st.username for st in students)
+    accounts = [inspect(course, st) for st in students]
+    warn_dropped(course)
     if dry_run():
-        return show_plan(course, report, accounts, group is None, reset_passwords, handout)
-    make_home_base(course)
+        return show_plan(course, report, accounts, group is None, reset_passwords, handout, only)
+    make_home_base(course, report)
     try:
-        if ensure_group(course):
-            report.note(f"group {course.settings.group} created")
+        with interrupts.shielded():
+            if ensure_group(course):
+                report.changed(f"group {course.settings.group} created")
     except StepFailed as exc:
         raise CommandFailedForAll(
             f"creating the course group {course.settings.group} failed, nothing else done: {exc}"
         ) from None
     changed, need_password = make_accounts(course, report, accounts, reset_passwords)
-    give_passwords(course, report, need_password, profile)
-    for username, changes in changed.items():
-        if username in report.failures:
-            continue
-        if changes == ["created"]:
-            report.done(username, "created")
-        else:
-            report.done(username, "updated", "; ".join(changes))
-    write_handouts(course, report, handout)
+    with interrupts.shielded():
+        new = give_passwords(course, report, need_password, profile)
+        for username, what in staff.ensure(course, report, accounts, only).items():
+            if changed.get(username) != ["created"]:  # a new assistant comes in the group
+                changed.setdefault(username, []).append(what)
+        for username, what in shared.ensure(course, report, accounts).items():
+            if changed.get(username) != ["created"]:  # a new account comes with its link
+                changed.setdefault(username, []).append(what)
+        for username, changes in changed.items():
+            if username in report.failures:
+                continue
+            if changes == ["created"]:
+                report.done(username, "created")
+            else:
+                report.done(username, "updated", "; ".join(changes))
+    code = restart_servers(course, report, list(new))
+    write_handouts(course, report, handout, [st.username for st in students] if only else None)
+    if only:
+        show_passwords(new, course.settings.notebook_password == "same")
     if need_password:
         state_dir = course.settings.state_dir
         report.note(
             f"passwords: {state_dir / 'credentials.csv'}; handout: {state_dir / 'handout.html'}"
         )
-    return report.finish()
+    return max(report.finish(), code)
+
+
+def warn_dropped(course: Course) -> None:
+    """Name the students the roster no longer has whose accounts the course keeps, and
+    the command that removes them (SPEC 6.10)."""
+    gone = [st.username for st in course.dropped()]
+    if gone:
+        click.echo(f"warning: {dropped_message(course, gone)}", err=True)
+
+
+def dropped_message(course: Course, gone: list[str]) -> str:
+    """One line: who was dropped from the roster, and what to run (setup and check say it)."""
+    remove = " ".join(
+        ["sudo notebooks remove", shlex.quote(str(course.settings.config_file))]
+        + [f"--only {u}" for u in gone]
+    )
+    return (
+        f"{len(gone)} account(s) of the course are no longer in the roster: {', '.join(gone)}; "
+        f"they keep their account, home and password until you run: {remove} "
+        "(or put them back in the roster)"
+    )
+
+
+def show_passwords(new: dict[str, tuple[Secret, Secret]], same: bool) -> None:
+    """With ``--only``, the new passwords on the terminal (the teacher hands them out now)."""
+    for username, (unix, notebook) in new.items():
+        extra = "" if same else f", Jupyter password: {notebook.reveal()}"
+        click.echo(f"  {username}: new password: {unix.reveal()}{extra}")
+
+
+def restart_servers(course: Course, report: Report, usernames: list[str]) -> int:
+    """Restart the running servers of students who got a new password, so the new one
+    logs in at once and the old one no longer does; the exit status of that."""
+    from ..host.server import Server
+    from .launch import launch
+    from .shutdown import shutdown
+
+    running = []
+    for username in usernames:
+        server = Server.recorded(course.state, username)
+        if server is not None and server.process() is not None:
+            running.append(username)
+    if not running:
+        return EXIT_OK
+    report.note(
+        f"restarting the running server of {', '.join(running)}: the new password "
+        "works at once, the old one no longer"
+    )
+    quiet = dataclasses.replace(course, quiet=True)
+    code = shutdown(quiet, only=tuple(running))
+    return max(code, launch(quiet, only=tuple(running), portal=False))
 
 
 def show_plan(
@@ -154,6 +285,7 @@ def show_plan(
     new_group: bool,
     reset_passwords: bool,
     handout: Path | None,
+    only: tuple[str, ...] = (),
 ) -> int:
     """The dry run: what setup would do to each student, and the summary line."""
     if not course.state_readable:
@@ -165,6 +297,8 @@ def show_plan(
         report.note(f"would write the handout to {handout}")
     if new_group:
         click.echo(f"  would run: groupadd -- {course.settings.group}")
+    staffed = staff.ensure(course, report, accounts, only)
+    linked = shared.ensure(course, report, accounts)
     for acc in accounts:
         try:
             if acc.kind == FOREIGN:
@@ -174,6 +308,8 @@ def show_plan(
                 report.done(acc.username, "created", shlex.join(argv))
             else:
                 changes = [c.what for c in alignment(course, acc)]
+                changes += [linked[acc.username]] if acc.username in linked else []
+                changes += [staffed[acc.username]] if acc.username in staffed else []
                 if needs_password(course, acc, reset_passwords):
                     changes.append("new password")
                 if changes:
@@ -196,24 +332,27 @@ def make_accounts(
             if acc.kind == FOREIGN:
                 report.failed(acc.username, acc.why)
                 continue
-            if acc.kind == MISSING:
-                pw = create_account(course, acc.student)
-                changed[acc.username] = ["created"]
-                need_password.append((acc, pw))
-                continue
-            changes = []
-            for change in alignment(course, acc):
-                change.make()
-                changes.append(change.what)
-            if needs_password(course, acc, reset_passwords):
-                changes.append("new password")
-                need_password.append((acc, pwd.getpwnam(acc.username)))
-            if not changes:
-                report.unchanged(acc.username)
-                continue
-            changed[acc.username] = changes
-            with course.state.transaction():
-                course.state.record("setup", acc.username, "updated", {"changes": changes})
+            with interrupts.shielded():  # one account, whole
+                if acc.kind == MISSING:
+                    pw = create_account(course, acc.student)
+                    changed[acc.username] = ["created"]
+                    need_password.append((acc, pw))
+                    report.progress(acc.username, "created, without a password yet")
+                    continue
+                changes = []
+                for change in alignment(course, acc):
+                    change.make()
+                    changes.append(change.what)
+                if needs_password(course, acc, reset_passwords):
+                    changes.append("new password")
+                    need_password.append((acc, pwd.getpwnam(acc.username)))
+                if not changes:
+                    report.unchanged(acc.username)
+                    continue
+                changed[acc.username] = changes
+                with course.state.transaction():
+                    course.state.record("setup", acc.username, "updated", {"changes": changes})
+                report.progress(acc.username, "updated, without the new password yet")
         except StepFailed as exc:
             report.failed(acc.username, str(exc))
     return changed, need_password
@@ -224,10 +363,11 @@ def give_passwords(
     report: Report,
     pending: list[tuple[Account, pwd.struct_passwd]],
     profile: dict[str, str],
-) -> None:
-    """New passwords: credentials file first, then chpasswd (stdin), then Jupyter hash, then state."""
+) -> dict[str, tuple[Secret, Secret]]:
+    """New passwords: credentials file first, then chpasswd (stdin), then Jupyter hash, then
+    state. Returns {username: (Unix password, Jupyter password)} of those now set."""
     if not pending:
-        return
+        return {}
     s = course.settings
     state = course.state
     # Until both chpasswd and the Jupyter config are done, the account has no known password:
@@ -261,7 +401,7 @@ def give_passwords(
         except StepFailed as exc:
             for acc, _ in pending:
                 report.failed(acc.username, f"setting the password failed: {exc}")
-            return
+            return {}
 
         def write(item: tuple[Account, pwd.struct_passwd]) -> str | None:
             acc, pw = item
@@ -289,16 +429,24 @@ def give_passwords(
         for username in done:
             state.password_known(username, True)
             state.record("setup", username, "password set")
+    return {username: new[username] for username in done}
 
 
-def write_handouts(course: Course, report: Report, handout: Path | None) -> None:
-    """STATE_DIR/handout.html (root's) and, with ``--handout``, a copy owned by the teacher."""
+def write_handouts(
+    course: Course, report: Report, handout: Path | None, selected: list[str] | None
+) -> None:
+    """STATE_DIR/handout.html (root's, the whole roster) and, with ``--handout``, a copy
+    owned by the teacher: the ``selected`` students' slips (``--only``), else everyone's."""
     s = course.settings
     rows = credentials.read(s.state_dir / "credentials.csv")
-    names = set(course.roster.names())
-    page = credentials.handout_html(s, {u: r for u, r in rows.items() if u in names})
+    names = course.roster.names()  # roster order: the slips follow it
+    page = credentials.handout_html(s, {u: rows[u] for u in names if u in rows})
+    if warning := credentials.address_warning(s):
+        click.echo(f"warning: {warning}", err=True)
     write_atomic(s.state_dir / "handout.html", page)
     if handout:
+        chosen = names if selected is None else [u for u in names if u in set(selected)]
+        page = credentials.handout_html(s, {u: rows[u] for u in chosen if u in rows})
         caller = sudo_caller()
         owner = (caller.pw_uid, caller.pw_gid) if caller and caller.pw_uid != 0 else None
         write_atomic(Path(handout), page, owner=owner)

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from ..core.roster import Student
 from ..host import accounts, hooks, limits
 from ..host.processes import other_jupyter, server_tree
 from ..host.server import Server, stop_servers
 from .course import Course, Report
+from .terminal import working
 
 
 @dataclass
@@ -55,10 +57,13 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
     report = course.report("shutdown")
     post_stop = hooks.configured(course.settings, "post_stop")
     stops = plan(course, only, all_jupyter, report)
-    stopped = _stop_all(course, report, stops)  # under --dry-run, the chokepoints change nothing
-    stopped = _release_cgroups(course, report, stopped)
-    students = [(st.username, st.home, st.server.port if st.server else None) for st in stopped]
-    errors = hooks.run_all(course.settings, post_stop, students)
+    with working(f"stopping {len(stops)} student(s)' servers"):
+        stopped = _stop_all(
+            course, report, stops
+        )  # under --dry-run, the chokepoints change nothing
+        stopped = _release_cgroups(course, report, stopped)
+        students = [(st.username, st.home, st.server.port if st.server else None) for st in stopped]
+        errors = hooks.run_all(course.settings, post_stop, students)
     for stop, error in zip(stopped, errors, strict=True):
         if error:
             report.failed(stop.username, f"stopped, but the post_stop {error}")
@@ -70,7 +75,15 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
 def plan(course: Course, only: tuple[str, ...], all_jupyter: bool, report: Report) -> list[Stop]:
     """What to stop for each selected student; those with nothing to stop are unchanged."""
     stops = []
-    for student in course.students(only):
+    students = course.students(only, dropped=True)
+    if not only:  # every server the course started, whoever's it is now
+        named = {st.username for st in students}
+        students += [
+            Student(server.username)
+            for server in Server.all_recorded(course.state)
+            if server.username not in named
+        ]
+    for student in students:
         server = Server.recorded(course.state, student.username)
         acc = accounts.inspect(course, student)
         proc = server.process() if server else None

@@ -15,8 +15,15 @@ from .course import Course
 HEADERS = ["username", "name", "account", "server", "memory", "last send", "last retrieve"]
 
 
-def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False) -> int:
-    """A table (or JSON list) of account, server, last send and last retrieve per student."""
+def status(
+    course: Course, *, only: tuple[str, ...] = (), as_json: bool = False, watch: bool = False
+) -> int:
+    """A table (or JSON list) of account, server, last send and last retrieve per student;
+    ``watch``: the live view (``commands.watch``)."""
+    if watch and not as_json:
+        from .watch import watch as live
+
+        return live(course, lambda: student_rows(course, only))
     rows = student_rows(course, only)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -29,9 +36,11 @@ def status(course: Course, *, only: tuple[str, ...] = (), as_json: bool = False)
     print_table(rows)
     counts = {k: sum(r["account"] == k for r in rows) for k in (OK, MISSING, FOREIGN)}
     running = sum(r["server"] == "running" for r in rows)
+    dropped = sum(not r["in_roster"] for r in rows)
+    gone = f", {dropped} no longer in the roster" if dropped else ""
     click.echo(
         f"status: {len(rows)} students, {counts[OK]} accounts ok, {counts[MISSING]} missing, "
-        f"{counts[FOREIGN]} foreign, {running} servers running"
+        f"{counts[FOREIGN]} foreign, {running} servers running{gone}"
     )
     click.echo(limits_line(course))
     return 0
@@ -57,17 +66,20 @@ def memory_in_use(course: Course, username: str, pid: int | None) -> int | None:
 
 
 def student_rows(course: Course, only: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One dict per selected student (the JSON of ``status --json``)."""
+    """One dict per selected student (the JSON of ``status --json``), students the roster
+    no longer has but the course still has an account of too (``in_roster``: false)."""
     from ..host import server as servers_mod
 
     rows = []
-    for st in course.students(only):
+    listed = set(course.roster.names())
+    for st in course.students(only, dropped=True):
         acc = inspect(course, st)
         server = servers_mod.server_status(course, st.username) if acc.kind == OK else {}
         rows.append(
             {
                 "username": st.username,
                 "name": st.full_name,
+                "in_roster": st.username in listed,
                 "account": acc.kind,
                 "server": server.get("server", "stopped"),
                 "port": server.get("port"),
@@ -91,8 +103,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if server == "running":
             server = f"running :{r['port']} pid {r['pid']}"
         memory = limits.size_text(r["memory"]) if r["memory"] is not None else "-"
+        name = r["name"] if r["in_roster"] else f"{r['name']} (not in the roster)".lstrip()
         table.append(
-            [r["username"], r["name"], r["account"], server, memory]
+            [r["username"], name, r["account"], server, memory]
             + [r["last_send"] or "-", r["last_retrieve"] or "-"]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(HEADERS, *table, strict=False)]

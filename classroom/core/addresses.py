@@ -153,6 +153,31 @@ def server_url(settings: Any, port: int) -> str:
     return url(settings, port)
 
 
+def listen_address(ip: str) -> str:
+    """What a server of the class binds for ``[launch] ip``: '' (every address of both
+    IPv4 and IPv6, as tornado reads it) for a wildcard, else the address itself.
+
+    Holding both stacks is what keeps a student from binding ``[::]:PORT`` (IPv6 only)
+    on a class port and answering a browser that comes over IPv6 (SPEC §6.11 rule 12).
+    """
+    return "" if ip in WILDCARD_IPS else ip.strip("[]")
+
+
+def stacks(ip: str) -> str:
+    """How the class listens for ``[launch] ip``, in the teacher's words (``check`` says it)."""
+    if ip in WILDCARD_IPS:
+        return "IPv4 and IPv6 (every address): no student can take a class port on either"
+    try:
+        version = ipaddress.ip_address(ip.strip("[]")).version
+    except ValueError:
+        return f"the addresses of {ip} only"
+    return (
+        f"IPv{version} on {ip} only: a browser that reaches this host another way (IPv6 "
+        "to a name with an AAAA record, localhost) could meet a student's socket on a class "
+        "port; a wildcard ip holds them all"
+    )
+
+
 def probe_host(ip: str) -> str:
     """Where the tool itself knocks to see a server on ``ip`` answer."""
     if ip in ("", "*", "0.0.0.0"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from .addresses import https
+from .addresses import https, listen_address
 from .errors import StepFailed
 from .settings import Settings
 
@@ -35,7 +35,7 @@ def tls_paths(settings: Settings, home: str) -> tuple[str, str] | None:
 def server_args(settings: Settings, home: str, port: int) -> list[str]:
     """The server's command-line settings. No secret: the password hash stays in ~/.jupyter."""
     args = [
-        f"--ServerApp.ip={settings.ip}",
+        f"--ServerApp.ip={listen_address(settings.ip)}",
         f"--ServerApp.port={port}",
         "--ServerApp.port_retries=0",
         f"--ServerApp.root_dir={root_dir(settings, home)}",

@@ -20,10 +20,13 @@ from typing import Any
 from .addresses import USERNAME, host_from_setting
 from .errors import InvalidInput
 from .roster import parse_columns
+from .sizes import parse_size
 
 COURSE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+DURATION = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?)?\s*$", re.I
+)
 STATE_BASE = Path("/var/lib/classroom")
 
 # A parser reads a key's text (``base`` is the config file's folder, for relative
@@ -32,15 +35,6 @@ Parser = Callable[[str, Path], Any]
 
 
 # --- parsers ------------------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """``'20M'`` -> 20971520. Accepts plain bytes and K, M, G, T (powers of 1024)."""
-    m = SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use e.g. 500K, 20M, 1G)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -91,7 +85,12 @@ def matching(pattern: re.Pattern[str], message: str) -> Parser:
 
 def integer(lo: int, hi: int) -> Parser:
     def parse(value: str, base: Path) -> int:
-        number = int(value)
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a whole number; write one from {lo} to {hi}"
+            ) from None
         if not lo <= number <= hi:
             raise ValueError(f"{number} is not between {lo} and {hi}")
         return number
@@ -99,11 +98,45 @@ def integer(lo: int, hi: int) -> Parser:
     return parse
 
 
-def positive(value: str, base: Path) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError(f"must be more than 0, not {value}")
-    return number
+def _in_seconds(value: str) -> float | None:
+    """``'60s'``, ``'2 min'``, ``'1h'`` as seconds (for the hint); None if it is none of these."""
+    m = DURATION.match(value)
+    if not m:
+        return None
+    unit = (m.group(2) or "s")[0].lower()
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def seconds(low: float, whole: bool = False) -> Parser:
+    """A number of seconds, at least ``low`` (more than 0 when ``low`` is 0 and not ``whole``)."""
+
+    def parse(value: str, base: Path) -> float | int:
+        try:
+            number: float | int = int(value) if whole else float(value)
+        except ValueError:
+            hint = _in_seconds(value)
+            if hint is not None and whole:
+                hint = round(hint)
+            write = f"write {hint:g}" if hint is not None else "write e.g. 60"
+            raise ValueError(f"{value!r} is not a number of seconds; {write}") from None
+        if number < low or (not whole and number <= 0):
+            least = f"{low:g} or more" if whole else "more than 0"
+            raise ValueError(f"{value} seconds: must be {least}")
+        return number
+
+    return parse
+
+
+def limit() -> Parser:
+    """A size limit (``20M``); 0 is refused: it would let nothing through."""
+
+    def parse(value: str, base: Path) -> int:
+        number = parse_size(value)
+        if number == 0:
+            raise ValueError(f"{value!r} would let no file through; write a size such as 20M")
+        return number
+
+    return parse
 
 
 def cpus(value: str, base: Path) -> float:
@@ -124,7 +157,10 @@ def choice(*options: str) -> Parser:
 
 
 def home_mode(value: str, base: Path) -> int:
-    mode = int(value, 8)
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a mode in octal; write e.g. 0700") from None
     if mode & 0o007:
         raise ValueError(
             f"{value} lets other users in; homes are never world-readable (use 0700 or 0750)"
@@ -156,6 +192,14 @@ def home_folder(value: str, base: Path) -> str:
     if not safe_folder(value):
         raise ValueError(f"{value!r} must be a relative path inside the home, without '..'")
     return value.strip("/")
+
+
+def link_name(value: str, base: Path) -> str:
+    """One name in the home (``shared``): no folder, no '..'."""
+    name = value.strip()
+    if not safe_folder(name) or "/" in name:
+        raise ValueError(f"{value!r} must be one name (HOME/NAME), without '/' or '..'")
+    return name
 
 
 def words(fallback: tuple[str, ...] = ()) -> Parser:
@@ -216,6 +260,13 @@ KEYS: tuple[Key, ...] = (
         "",
         "FIELD:HEADER pairs for headers the roster does not know",
     ),
+    Key(
+        "course",
+        "staff_group",
+        matching(GROUP_NAME, "{!r} is not a valid group name"),
+        "",
+        "default: COURSE-staff; the assistants, who write the shared folder",
+    ),
     Key("accounts", "home_base", path("/home"), "/home", "homes are HOME_BASE/USERNAME"),
     Key("accounts", "shell", shell, "/bin/bash", "the students' login shell"),
     Key("accounts", "home_mode", home_mode, "0700", "never world-readable"),
@@ -265,8 +316,8 @@ KEYS: tuple[Key, ...] = (
         "files never collected",
         field="retrieve_exclude",
     ),
-    Key("retrieve", "max_file_size", lambda v, b: parse_size(v), "20M", "larger files skipped"),
-    Key("retrieve", "max_total_size", lambda v, b: parse_size(v), "200M", "per student per run"),
+    Key("retrieve", "max_file_size", limit(), "20M", "larger files skipped"),
+    Key("retrieve", "max_total_size", limit(), "200M", "per student per run"),
     Key("launch", "app", choice("lab", "notebook", "server"), "lab", "what each server runs"),
     Key("launch", "ip", text("0.0.0.0"), "0.0.0.0", "where the students' servers listen"),
     Key("launch", "portal_port", integer(1, 65535), "8000", "the portal's port"),
@@ -276,12 +327,14 @@ KEYS: tuple[Key, ...] = (
     Key("launch", "certfile", path(), "", "HTTPS when both are set"),
     Key("launch", "keyfile", path(), "", "HTTPS when both are set"),
     Key("launch", "root", choice("folder", "home"), "folder", "where each server opens"),
-    Key("launch", "start_timeout", positive, "60", "seconds each server gets to answer"),
+    Key("launch", "start_timeout", seconds(0), "60", "seconds each server gets to answer"),
     Key("launch", "start_mode", choice("fork", "exec"), "fork", "fork or exec"),
-    Key("launch", "idle_timeout", integer(0, 10**8), "0", "seconds; 0: never stop idle servers"),
+    Key(
+        "launch", "idle_timeout", seconds(0, whole=True), "0", "seconds; 0: never stop idle servers"
+    ),
     Key("hooks", "pre_spawn", text(), "", "an executable, or module:function"),
     Key("hooks", "post_stop", text(), "", "an executable, or module:function"),
-    Key("hooks", "timeout", positive, "60", "seconds a hook gets", field="hook_timeout"),
+    Key("hooks", "timeout", seconds(0), "60", "seconds a hook gets", field="hook_timeout"),
     Key(
         "limits",
         "memory",
@@ -306,6 +359,19 @@ KEYS: tuple[Key, ...] = (
         "processes and threads per student; 0 = no limit",
         field="tasks_limit",
     ),
+    Key(
+        "shared",
+        "folder",
+        path(),
+        "",
+        "the class's shared folder; empty: none",
+        field="shared_folder",
+    ),
+    Key(
+        "shared", "link", link_name, "shared", "each home gets HOME/LINK to it", field="shared_link"
+    ),
+    Key("return", "source", path("feedback"), "feedback", "DIR/USERNAME/", field="return_source"),
+    Key("return", "folder", home_folder, "feedback", "HOME/FOLDER", field="return_folder"),
     Key("remove", "archive", lambda v, b: parse_bool(v), "yes", "tar.gz of each home first"),
     Key("remove", "archive_dir", path(), "", "default: STATE_DIR/archive"),
 )
@@ -321,6 +387,7 @@ DERIVED: dict[str, Callable[[Any], Any]] = {
     "roster": lambda s: s.config_file.parent / "students.csv",
     "group": lambda s: s.name,
     "state_dir": lambda s: STATE_BASE / (s.name or "course"),
+    "staff_group": lambda s: f"{s.name}-staff",
     "title": lambda s: s.name,
     "archive_dir": lambda s: s.state_dir / "archive",
 }
@@ -412,7 +479,7 @@ def load(path: Path | str) -> Settings:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InvalidInput(
-            f"{path}: config file not found (give its path: notebooks.py COMMAND my.cfg)"
+            f"{path}: config file not found (give its path: notebooks COMMAND my.cfg)"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{path}: cannot read the config file: {exc}") from None
@@ -425,6 +492,27 @@ def load(path: Path | str) -> Settings:
     except configparser.Error as exc:
         raise InvalidInput(f"{path}: {' '.join(str(exc).split())}") from None
     return _validate(path, parser, _key_lines(text))
+
+
+def _shared_problems(values: dict[str, Any]) -> list[str]:
+    """The shared folder is never where the students' homes are (they could change it), and
+    its link does not take the place of the folders send and return fill."""
+    shared = values.get("shared_folder")
+    if shared is None:
+        return []
+    problems = []
+    home_base = values.get("home_base") or Path(DEFAULTS["accounts"]["home_base"])
+    if shared == home_base or home_base in shared.parents or shared in home_base.parents:
+        problems.append(
+            f"[shared] folder {shared} is in or around home_base {home_base}, where the "
+            "students' homes are; choose a folder outside it (e.g. /srv/classroom/COURSE)"
+        )
+    link = values.get("shared_link") or DEFAULTS["shared"]["link"]
+    for section, key in (("material", "material_folder"), ("return", "return_folder")):
+        folder = values.get(key) or DEFAULTS[section]["folder"]
+        if folder.split("/")[0] == link:
+            problems.append(f"[shared] link {link!r} is where [{section}] folder goes; rename one")
+    return problems
 
 
 def _validate(
@@ -465,6 +553,7 @@ def _validate(
         problems.append(
             f"{at('launch', 'certfile')}: [launch] certfile and keyfile go together: set both or neither"
         )
+    problems += [f"{at('shared', 'folder')}: {p}" for p in _shared_problems(values)]
     if problems:
         raise InvalidInput(
             problems,

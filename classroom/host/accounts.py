@@ -12,9 +12,11 @@ state, and whether that state could be read.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
+import random
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +26,16 @@ from typing import Any
 from ..core.errors import InvalidInput, StepFailed
 from ..core.roster import Student
 from ..core.secret import Secret
+from ..core.sizes import human_size
+from . import interrupts
 from .system import login_defs, run, run_account_tool
+from .workers import as_user
 
 OK, MISSING, FOREIGN = "ok", "missing", "foreign"
-ATTEMPTS = 5  # useradd / groupadd finding the id just chosen taken by another program
+ATTEMPTS = 10  # useradd / groupadd finding the id just chosen taken by another program
+SYSTEM_SKELETON = "/etc/skel"  # what useradd copies when [accounts] skeleton is not set
+SKELETON_LIMIT = 64 << 20  # bytes of skeleton a half-made home is completed with
+SKELETON_TIMEOUT = 120  # seconds to copy it as the student
 
 
 @dataclass(frozen=True)
@@ -122,97 +130,132 @@ def free_id(used: set[int], low: int, high: int) -> int:
     raise StepFailed(f"no free id left in {low}..{high} (see /etc/login.defs)")
 
 
+def choose_id(used: set[int], given: set[int], low: int, high: int, attempt: int) -> int:
+    """A free id the course never ``given``: above the highest it gave while there is one
+    (as useradd takes the highest + 1), else the lowest free one it never gave.
+
+    After a collision (``attempt`` > 0) the choice is spread out: a program creating
+    accounts at the same moment also takes the highest + 1, again and again.
+    """
+    taken = used | given
+    try:
+        first = free_id(taken, max(low, max(given, default=0) + 1), high)
+    except StepFailed:
+        first = free_id(taken, low, high)
+    for _ in range(64 if attempt else 0):
+        candidate = first + random.randrange(1, 16 * attempt + 1)
+        if candidate <= high and candidate not in taken:
+            return candidate
+    return first
+
+
 # --- the course group -------------------------------------------------------------------------
 
 
-def check_group(course: Any) -> grp.struct_group | None:
-    """The course group if it exists; refuse a group that is not safe to make students join.
+def check_group(
+    course: Any, name: str | None = None, meta: str = "group"
+) -> grp.struct_group | None:
+    """The course group (or another group the course owns: ``name``, its state keys
+    ``META_gid``/``META_creating``, its config key ``[course] META``) if it exists; refuse a
+    group that is not safe to make students join.
 
     A group the course did not create is refused when it is a system group, any
     account's primary group, or has members who are not in the roster: joining
     it would give the students that group's files.
     """
     settings = course.settings
+    name = name or settings.group
     try:
-        group = grp.getgrnam(settings.group)
+        group = grp.getgrnam(name)
     except KeyError:
         return None
-    if course.state.meta("group_gid") == str(group.gr_gid):
+    if course.state.meta(f"{meta}_gid") == str(group.gr_gid):
         return group
-    if course.state.meta("group_creating") == f"{settings.group}:{group.gr_gid}":
+    if course.state.meta(f"{meta}_creating") == f"{name}:{group.gr_gid}":
         return group  # made by a run that was cut off; adopted by ensure_group
-    where = settings.where("course", "group")
+    key = meta
+    where = settings.where("course", key)
     gid_min = int(login_defs().get("GID_MIN", "1000") or 1000)
     if group.gr_gid < gid_min:
         raise InvalidInput(
-            f"{where}: group '{settings.group}' is a system group (gid {group.gr_gid}); "
-            "choose another [course] group"
+            f"{where}: group '{name}' is a system group (gid {group.gr_gid}); "
+            f"choose another [course] {key}"
         )
     primary = [p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid]
     outsiders = sorted(set(group.gr_mem) - set(course.roster.names()))
     if primary or outsiders:
         who = ", ".join((primary + outsiders)[:5])
         raise InvalidInput(
-            f"{where}: group '{settings.group}' exists, the course did not create it, and it "
-            f"already belongs to others ({who}); choose another [course] group"
+            f"{where}: group '{name}' exists, the course did not create it, and it "
+            f"already belongs to others ({who}); choose another [course] {key}"
+        )
+    if meta != "group":
+        raise InvalidInput(
+            f"{where}: group '{name}' exists and the course did not create it; it gives "
+            f"its members sudo for this course: choose another [course] {key}"
         )
     return group
 
 
-def ensure_group(course: Any) -> bool:
-    """Create the course group if it is missing (gid recorded first); True if it was created."""
-    name = course.settings.group
+def ensure_group(course: Any, name: str | None = None, meta: str = "group") -> bool:
+    """Create the course group (or ``name``, see ``check_group``) if it is missing (gid recorded
+    first); True if it was created."""
+    name = name or course.settings.group
     state = course.state
-    group = check_group(course)
+    group = check_group(course, name, meta)
     if group is not None:
-        if state.meta("group_creating") == f"{name}:{group.gr_gid}":
+        if state.meta(f"{meta}_creating") == f"{name}:{group.gr_gid}":
             with state.transaction():
-                state.set_meta("group_gid", str(group.gr_gid))
-                state.set_meta("group_creating", None)
+                state.set_meta(f"{meta}_gid", str(group.gr_gid))
+                state.set_meta(f"{meta}_creating", None)
                 state.record("setup", None, "group adopted", {"gid": group.gr_gid})
         return False
     defs = login_defs()
     gid_min = int(defs.get("GID_MIN", "1000") or 1000)
     gid_max = int(defs.get("GID_MAX", "60000") or 60000)
-    for _attempt in range(ATTEMPTS):
-        gid = free_id({g.gr_gid for g in grp.getgrall()}, gid_min, gid_max)
+    for attempt in range(ATTEMPTS):
+        used = {g.gr_gid for g in grp.getgrall()}
+        gid = choose_id(used, state.given_ids(), gid_min, gid_max, attempt)
         with state.transaction():
-            state.set_meta("group_creating", f"{name}:{gid}")
+            state.set_meta(f"{meta}_creating", f"{name}:{gid}")
+            state.give_ids(gid)
         try:
-            run_account_tool(["groupadd", "--gid", str(gid), "--", name])
+            with interrupts.shielded():
+                run_account_tool(["groupadd", "--gid", str(gid), "--", name])
             break
         except StepFailed as exc:
             with state.transaction():
-                state.set_meta("group_creating", None)
+                state.set_meta(f"{meta}_creating", None)
             if "already exists" in str(exc) and f"'{gid}'" in str(exc):
                 continue  # another program took that gid meanwhile
             raise
     else:
         raise StepFailed("groupadd kept finding its gid taken; try again")
     with state.transaction():
-        state.set_meta("group_gid", str(gid))
-        state.set_meta("group_creating", None)
+        state.set_meta(f"{meta}_gid", str(gid))
+        state.set_meta(f"{meta}_creating", None)
         state.record("setup", None, "group created", {"group": name, "gid": gid})
     return True
 
 
-def remove_group_if_empty(course: Any) -> bool:
-    """Delete the course group once nobody is in it (only the one the course made); True if deleted."""
-    name = course.settings.group
+def remove_group_if_empty(course: Any, name: str | None = None, meta: str = "group") -> bool:
+    """Delete the course group (or ``name``, see ``check_group``) once nobody is in it (only
+    the one the course made); True if deleted."""
+    name = name or course.settings.group
     state = course.state
-    gid = state.meta("group_gid")
+    gid = state.meta(f"{meta}_gid")
     try:
         group = grp.getgrnam(name)
     except KeyError:
         if gid:
             with state.transaction():
-                state.set_meta("group_gid", None)
+                state.set_meta(f"{meta}_gid", None)
         return False
     if gid != str(group.gr_gid) or members(name):
         return False
     run_account_tool(["groupdel", "--", name])
     with state.transaction():
-        state.set_meta("group_gid", None)
+        state.set_meta(f"{meta}_gid", None)
         state.record("remove", None, "group deleted", {"group": name})
     return True
 
@@ -243,7 +286,12 @@ def useradd_argv(settings: Any, student: Student) -> list[str]:
 
 
 def create_account(course: Any, student: Student) -> pwd.struct_passwd:
-    """useradd with a uid chosen and recorded first, so a cut-off run adopts exactly that account."""
+    """useradd with a uid chosen and recorded first, so a cut-off run adopts exactly that account.
+
+    The uid is one the course never gave (``choose_id``) and free as a gid too, so
+    useradd gives the account's own group the same id. A stop signal
+    waits until the account is made and recorded (one step).
+    """
     state = course.state
     home = course.settings.home_base / student.username
     if os.path.lexists(home):
@@ -251,31 +299,60 @@ def create_account(course: Any, student: Student) -> pwd.struct_passwd:
             f"{home} already exists and would become {student.username}'s home; "
             "move it away (or change [accounts] home_base) and run setup again"
         )
+    _clear_half_made_group(course, student.username)
     defs = login_defs()
-    for _attempt in range(ATTEMPTS):
-        uid = free_id({p.pw_uid for p in pwd.getpwall()}, defs.uid_min, defs.uid_max)
-        with state.transaction():
-            state.claim_account(student.username, uid, str(home))
-        argv = useradd_argv(course.settings, student)
-        argv[1:1] = ["--uid", str(uid)]
-        try:
-            run_account_tool(argv)
-            break
-        except StepFailed as exc:
+    with interrupts.shielded():
+        for attempt in range(ATTEMPTS):
+            used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+            uid = choose_id(used, state.given_ids(), defs.uid_min, defs.uid_max, attempt)
             with state.transaction():
-                state.forget_account(student.username)
-            if "not unique" in str(exc):  # another program took that uid meanwhile
-                continue
-            raise
-    else:
-        raise StepFailed("useradd kept finding its uid taken; try again")
-    pw = pwd.getpwnam(student.username)
-    if pw.pw_uid != uid:
-        raise StepFailed(f"useradd gave uid {pw.pw_uid}, not {uid}")
-    with state.transaction():
-        state.account_made(student.username)
-        state.record("setup", student.username, "account created", {"uid": pw.pw_uid})
+                state.claim_account(student.username, uid, str(home))
+                state.give_ids(uid)
+            argv = useradd_argv(course.settings, student)
+            argv[1:1] = ["--uid", str(uid)]
+            try:
+                run_account_tool(argv)
+                break
+            except StepFailed as exc:
+                with state.transaction():
+                    state.forget_account(student.username)
+                if "not unique" in str(exc):  # another program took that uid meanwhile
+                    continue
+                raise
+        else:
+            raise StepFailed("useradd kept finding its uid taken; try again")
+        pw = pwd.getpwnam(student.username)
+        if pw.pw_uid != uid:
+            raise StepFailed(f"useradd gave uid {pw.pw_uid}, not {uid}")
+        with state.transaction():
+            state.give_ids(pw.pw_gid)
+            state.account_made(student.username)
+            state.record(
+                "setup", student.username, "account created", {"uid": pw.pw_uid, "gid": pw.pw_gid}
+            )
     return pw
+
+
+def _clear_half_made_group(course: Any, username: str) -> None:
+    """A group named ``username`` without its account is left by a useradd that was cut
+    off after /etc/group: delete it when the course was making that account; refuse
+    any other (useradd would fail on it)."""
+    try:
+        group = grp.getgrnam(username)
+    except KeyError:
+        return
+    row = course.state.account(username)
+    if (
+        row is None
+        or row["status"] != "creating"
+        or row["uid"] != group.gr_gid
+        or members(username)
+    ):
+        raise StepFailed(
+            f"a group named {username} exists (gid {group.gr_gid}) but no such account; "
+            f"the course did not make it: rename the student, or remove that group yourself"
+        )
+    run_account_tool(["groupdel", "--", username])
 
 
 def alignment(course: Any, account: Account) -> list[Change]:
@@ -296,22 +373,33 @@ def alignment(course: Any, account: Account) -> list[Change]:
                 state.record("setup", pw.pw_name, "account adopted", {"uid": pw.pw_uid})
 
         changes.append(Change("account adopted after an interrupted run", adopt))
+    own = own_group_change(pw)
+    if own is not None:
+        changes.append(own)
     if pw.pw_name not in _listed_members(settings.group):
         usermod = ["usermod", "--append", "--groups", settings.group, "--", pw.pw_name]
         changes.append(
             Change(f"added to group {settings.group}", lambda: run_account_tool(usermod))
         )
+    skeleton = settings.skeleton or Path(SYSTEM_SKELETON)
     home = Path(pw.pw_dir)
     try:
         st = os.lstat(home)
     except FileNotFoundError:
-        return [*changes, Change("home created", lambda: make_home(pw, settings.home_mode))]
+
+        def home_with_skeleton() -> None:
+            make_home(pw, settings.home_mode)
+            fill_skeleton(pw, skeleton)
+
+        return [*changes, Change("home created", home_with_skeleton)]
     if not stat.S_ISDIR(st.st_mode):
         raise StepFailed(f"home {home} is not a folder; fix it by hand")
     if st.st_uid != pw.pw_uid:
         raise StepFailed(
             f"home {home} is owned by uid {st.st_uid}, not {pw.pw_name}; fix it by hand"
         )
+    if account.adopt and missing_skeleton(pw, skeleton):
+        changes.append(Change("skeleton completed", lambda: fill_skeleton(pw, skeleton)))
     mode = stat.S_IMODE(st.st_mode)
     if mode != settings.home_mode:
         changes.append(
@@ -321,6 +409,90 @@ def alignment(course: Any, account: Account) -> list[Change]:
             )
         )
     return changes
+
+
+def own_group_change(pw: pwd.struct_passwd) -> Change | None:
+    """The account's own group (its name, the account's gid), made if a cut-off useradd
+    left it out; ``StepFailed`` when something else holds that name or gid."""
+    try:
+        group = grp.getgrgid(pw.pw_gid)
+    except KeyError:
+        group = None
+    if group is not None:
+        if group.gr_name == pw.pw_name:
+            return None
+        raise StepFailed(
+            f"{pw.pw_name}'s primary group is {group.gr_name} (gid {pw.pw_gid}), not its own; "
+            "fix it by hand (usermod --gid)"
+        )
+    try:
+        taken = grp.getgrnam(pw.pw_name)
+    except KeyError:
+        argv = ["groupadd", "--gid", str(pw.pw_gid), "--", pw.pw_name]
+        return Change(f"own group {pw.pw_name} created", lambda: run_account_tool(argv))
+    raise StepFailed(
+        f"{pw.pw_name} has gid {pw.pw_gid}, which has no group, and the group {pw.pw_name} has "
+        f"gid {taken.gr_gid}; fix it by hand (usermod --gid {pw.pw_name} {pw.pw_name})"
+    )
+
+
+def _skeleton_entries(folder: Path) -> list[tuple[str, int, bytes | None]]:
+    """What ``folder`` holds, read by root: (relative path, mode, data or None for a
+    folder); links and special files are left out, as useradd leaves them."""
+    entries: list[tuple[str, int, bytes | None]] = []
+    total = 0
+    for top, dirs, files, top_fd in os.fwalk(folder, follow_symlinks=False):
+        rel_top = os.path.relpath(top, folder)
+        for name in sorted(dirs):
+            st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+            entries.append((os.path.normpath(os.path.join(rel_top, name)), st.st_mode, None))
+        for name in sorted(files):
+            st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            total += st.st_size
+            if total > SKELETON_LIMIT:
+                raise StepFailed(
+                    f"the skeleton {folder} holds more than {human_size(SKELETON_LIMIT)}"
+                )
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=top_fd)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(SKELETON_LIMIT + 1)
+            entries.append((os.path.normpath(os.path.join(rel_top, name)), st.st_mode, data))
+    return entries
+
+
+def missing_skeleton(pw: pwd.struct_passwd, folder: Path) -> bool:
+    """True when a file or folder of the skeleton is not in the home (root looks, no links)."""
+    if not folder.is_dir():
+        return False
+    for rel, _mode, _data in _skeleton_entries(folder):
+        if not os.path.lexists(os.path.join(pw.pw_dir, rel)):
+            return True
+    return False
+
+
+def fill_skeleton(pw: pwd.struct_passwd, folder: Path) -> None:
+    """Copy what of the skeleton the home lacks, as the student (nothing is overwritten)."""
+    if folder.is_dir():
+        as_user(pw, _fill, pw.pw_dir, _skeleton_entries(folder), timeout=SKELETON_TIMEOUT)
+
+
+def _fill(home: str, entries: list[tuple[str, int, bytes | None]]) -> None:
+    """In a child that is the student: create each missing entry (never through a link)."""
+    for rel, mode, data in entries:
+        path = os.path.join(home, rel)
+        if data is None:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, stat.S_IMODE(mode) | 0o700)
+            continue
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), stat.S_IMODE(mode) & 0o755 | 0o600)
 
 
 def _listed_members(group_name: str) -> list[str]:
@@ -392,3 +564,16 @@ def delete_account(course: Any, account: Account) -> None:
         raise StepFailed(f"userdel failed with status {result.returncode}: {result.stderr.strip()}")
     if own_home and home.is_dir() and not home.is_symlink():
         run(["rm", "-rf", "--one-file-system", "--", str(home)])
+    _delete_own_group(username, now_acc.pw.pw_gid)
+
+
+def _delete_own_group(username: str, gid: int) -> None:
+    """userdel leaves the account's own group when its gid was not the account's (a
+    half-made account): delete it once no one uses it."""
+    try:
+        group = grp.getgrnam(username)
+    except KeyError:
+        return
+    if group.gr_gid != gid or group.gr_mem or any(p.pw_gid == gid for p in pwd.getpwall()):
+        return
+    run_account_tool(["groupdel", "--", username])

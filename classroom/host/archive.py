@@ -28,11 +28,15 @@ def check_archive_dir(folder: Path) -> None:
 
 def archive_home(folder: Path, pw: pwd.struct_passwd) -> Path:
     """tar.gz of the home into ``folder`` (0600 root); the name says who and when."""
+    return archive_folder(folder, Path(pw.pw_dir), pw.pw_name)
+
+
+def archive_folder(folder: Path, path: Path, stem: str) -> Path:
+    """tar.gz of ``path`` into ``folder`` as STEM-TIMESTAMP.tar.gz (0600 root)."""
     check_archive_dir(folder)
-    target = folder / f"{pw.pw_name}-{time.strftime('%Y%m%d-%H%M%S')}.tar.gz"
-    home = Path(pw.pw_dir)
+    target = folder / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.tar.gz"
     with replacing(target) as pending:
         argv = ["tar", "--create", "--gzip", "--sparse", "--one-file-system"]
-        argv += ["--file", str(pending.path), "--directory", str(home.parent), "--", home.name]
+        argv += ["--file", str(pending.path), "--directory", str(path.parent), "--", path.name]
         run(argv, timeout=TAR_TIMEOUT)
     return target

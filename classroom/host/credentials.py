@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import io
+import socket
 from pathlib import Path
 
-from ..core.addresses import portal_url
+from ..core.addresses import host_name, portal_url, public_host
 from ..core.secret import Secret
 from .files import write_atomic
 
@@ -56,16 +58,20 @@ dt { color: #555; }
 .secret, .user { font-family: "DejaVu Sans Mono", "Liberation Mono", "Courier New", monospace;
   font-size: 160%; letter-spacing: .12em; font-weight: bold; }
 .note { font-size: 85%; color: #444; }
+.slip { display: flex; gap: 1.5em; align-items: center; flex-wrap: wrap; }
+.slip:before { flex-basis: 100%; }
+.qr svg { width: 8em; height: 8em; display: block; }
 @media print { .slip { page-break-inside: avoid; } }
 """
 
 
 def handout_html(settings, rows: dict[str, dict[str, str]]) -> str:
-    """One slip per student with name, username, password(s) and the portal address."""
+    """One slip per student, in the order of ``rows`` (the roster's): name, username,
+    password(s), the portal address and a QR code of it (inline SVG: no external file)."""
     address = portal_url(settings)
+    qr = qr_svg(address)
     slips = []
-    for username in sorted(rows):
-        row = rows[username]
+    for username, row in rows.items():
         nb = row.get("notebook_password") or ""
         notebook = (
             f"<dt>Notebook password</dt><dd class='secret'>{html.escape(nb)}</dd>"
@@ -74,6 +80,7 @@ def handout_html(settings, rows: dict[str, dict[str, str]]) -> str:
         )
         slips.append(
             f"""<section class="slip">
+<div class="fields">
 <h2>{html.escape(settings.title)}: {html.escape(row.get("name") or username)}</h2>
 <dl>
 <dt>Username</dt><dd class="user">{html.escape(username)}</dd>
@@ -81,8 +88,10 @@ def handout_html(settings, rows: dict[str, dict[str, str]]) -> str:
 {notebook}
 <dt>Jupyter</dt><dd><a href="{html.escape(address)}">{html.escape(address)}</a></dd>
 </dl>
-<p class="note">Open the address, type your username, then log in with your password.
-Keep this slip private.</p>
+<p class="note">Open the address (or scan the code), type your username, then log in
+with your password. Keep this slip private.</p>
+</div>
+<div class="qr" role="img" aria-label="QR code of {html.escape(address)}">{qr}</div>
 </section>"""
         )
     return f"""<!doctype html>
@@ -93,3 +102,42 @@ Keep this slip private.</p>
 {"".join(slips)}
 </body></html>
 """
+
+
+def qr_code(address: str):
+    """The QR code (segno) of ``address``; medium error correction, for printed slips."""
+    import segno
+
+    return segno.make(address, error="m", micro=False)
+
+
+def qr_svg(address: str) -> str:
+    """The QR code of ``address`` as an inline ``<svg>`` (scales with its CSS box)."""
+    return qr_code(address).svg_inline(scale=4, border=4, omitsize=True)
+
+
+def address_warning(settings) -> str | None:
+    """A warning when the slips' address is a short host name (no dot, no server_address):
+    students' laptops and phones usually cannot resolve it. None when it is fine."""
+    if settings.server_address:
+        return None
+    host = public_host(settings)
+    if "." in host or host.startswith("[") or host_name(host) is None:
+        return None
+    ip = primary_ip()
+    example = f" (this host's address looks like {ip})" if ip else ""
+    return (
+        f"{settings.where('launch', 'server_address')}: the handout and launch give students "
+        f"{portal_url(settings)}, but '{host}' has no dot: students' devices may not resolve it. "
+        f"Set [launch] server_address to a name their devices resolve (e.g. class.example.org) "
+        f"or to this host's IP address{example}"
+    )
+
+
+def primary_ip() -> str | None:
+    """The IPv4 address this host reaches other networks from (no packet is sent), or None."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("192.0.2.1", 9))  # TEST-NET-1: routing only; UDP connect sends nothing
+        ip = sock.getsockname()[0]
+        return None if ip.startswith(("0.", "127.")) else ip
+    return None

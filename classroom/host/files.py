@@ -9,8 +9,11 @@ written (the write is logged).
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
+import pwd
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,3 +83,49 @@ def world_readable_chain(path: Path) -> Path | None:
         if part.is_dir() and not mode & 0o001:
             return part
     return None
+
+
+def changeable_by_others(path: Path, trusted: set[int]) -> str | None:
+    """Why someone other than root and the ``trusted`` uids could change what ``path``
+    holds (the file, or a folder above it), or None.
+
+    Group write counts only where the group is not root's or the owner's own (the
+    user-private group Debian gives every account); a sticky folder (``/tmp``) only
+    lets others remove what is theirs.
+    """
+    path = Path(os.path.abspath(path))
+    owners = {0, *trusted}
+
+    def own_group(st: os.stat_result) -> bool:
+        if st.st_gid == 0:
+            return True
+        try:
+            group = grp.getgrgid(st.st_gid)
+            owner = pwd.getpwuid(st.st_uid)
+        except KeyError:
+            return False
+        return group.gr_name == owner.pw_name and not set(group.gr_mem) - {owner.pw_name}
+
+    for part in [path, *path.parents]:
+        try:
+            st = os.stat(part)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{part}: {exc.strerror}"
+        sticky = part != path and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in owners:
+            return f"{part} belongs to uid {st.st_uid}, not to root or you"
+        if mode & 0o002 and not sticky:
+            return f"{part} can be changed by every user (mode {mode:04o})"
+        if mode & 0o020 and not sticky and not own_group(st):
+            return f"{part} can be changed by the group {_group_name(st.st_gid)} (mode {mode:04o})"
+    return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

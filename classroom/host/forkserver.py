@@ -8,11 +8,15 @@ line on stdout: ``{"username", "uid", "argv", "log", "placement", "exec"}`` ->
 program instead; ``python -I forkserver.py exec`` imports nothing and only does that
 (``start_mode = exec``).
 
-It is also the class's supervisor: the servers are its children, it is their
+It is also the class's supervisor: the servers (and their log writers) are its
+children, orphaned to it by the intermediate process that forked them; it is their
 subreaper (``PR_SET_CHILD_SUBREAPER``: a kernel whose server died is adopted by it,
 not by PID 1) and it reaps every one of them, whatever the host's PID 1 does. EOF on
 stdin ends the requests; it then stays until the last process it started or adopted
 has ended, so servers keep running after launch exits, as before.
+
+A server's stdout and stderr are a pipe into a small root log writer (``logwriter.py``)
+that appends to its log: the student never holds a descriptor of root's.
 
 Each child joins the student's cgroup (``limits.enter``: the placement launch made)
 as root, before it becomes the student: no student code runs outside the limits.
@@ -22,8 +26,8 @@ uid launch expects, the server's arguments (no secret in them) and the log path.
 The child becomes the student before any Jupyter code runs, then reads its own
 settings (the password hash included) from the student's ``~/.jupyter``.
 
-The script side imports only the standard library, ``identity.py`` and ``limits.py``
-(stdlib-only, loaded by path when run as a script), so it runs without the ``classroom`` package;
+The script side imports only the standard library, ``identity.py``, ``limits.py`` and
+``logwriter.py`` (stdlib-only, loaded by path when run as a script), so it runs without the ``classroom`` package;
 ``ForkServer`` is the client ``launch`` uses.
 """
 
@@ -57,10 +61,11 @@ def _sibling(name: str):
 
 
 if __package__:
-    from . import identity, limits
+    from . import identity, limits, logwriter
 else:  # ``python -I forkserver.py``: no package, and its folder is not on sys.path
     identity = _sibling("identity")
     limits = _sibling("limits")
+    logwriter = _sibling("logwriter")
 
 APPS = {
     "lab": ("jupyterlab.labapp", "LabApp", "jupyter-lab"),
@@ -145,6 +150,7 @@ FIRST_FD = 4  # every descriptor from here up is closed in the child
 BECAME = b"ok"
 EXEC = "exec"  # the "app" of a fork server that imports nothing and only starts programs
 PR_SET_CHILD_SUBREAPER = 36
+BECOME_TIMEOUT = 10  # seconds a child gets from fork to "I am the student now"
 # The fork server's environment carries this padding so that each child can write its own
 # (clean) environment over the block the kernel shows as /proc/PID/environ.
 ENV_PAD = "CLASSROOM_ENV_PAD"
@@ -239,8 +245,12 @@ def supervise() -> None:
 
 
 def spawn(app: str, request: dict) -> int:
-    """Fork the student's server (our child: we reap it) and return its pid once it is
-    the student."""
+    """Fork the student's server and return its pid once it is the student.
+
+    An intermediate child starts the server's log writer, forks the server and exits: the
+    server and the writer are then orphans the kernel gives to us, their subreaper (we
+    reap them). The intermediate gives up on a server not the student within
+    ``BECOME_TIMEOUT``, so a student who stops it cannot hold up the next request."""
     username = str(request["username"])
     uid = int(request["uid"])
     args = [str(a) for a in request["argv"]]
@@ -256,39 +266,94 @@ def spawn(app: str, request: dict) -> int:
         raise RuntimeError("the fork server has more than one thread; refusing to fork")
     sys.stdout.flush()
     sys.stderr.flush()
-    became_r, became_w = os.pipe()
-    server = os.fork()
-    if server == 0:
-        os.close(became_r)
-        if program is not None:
-            become_program(pw, [str(a) for a in program], log_path, became_w, placement)
-        become_server(app, pw, args, log_path, became_w, placement)  # never returns
-    os.close(became_w)
-    if read_all(became_r) != BECAME:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate: start the log writer, fork the server, tell its pid, vanish
+        code = 1
+        try:
+            # Its own children are waited for here, not reaped behind its back by reap().
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(rfd)
+            output = log_output(log_path)
+            became_r, became_w = os.pipe()
+            server = os.fork()
+            if server == 0:
+                os.close(wfd)
+                os.close(became_r)
+                if program is not None:
+                    become_program(pw, [str(a) for a in program], output, became_w, placement)
+                become_server(app, pw, args, output, became_w, placement)  # never returns
+            os.close(became_w)
+            os.close(output)
+            # Once it is the student's the student can stop it before it says so: give up
+            # then, or one student would hold up the fork server and every student after.
+            if read_all(became_r, BECOME_TIMEOUT) == BECAME:
+                os.write(wfd, str(server).encode())
+            else:
+                with contextlib.suppress(OSError):
+                    os.kill(server, signal.SIGKILL)
+                os.write(wfd, b"!")
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - told to the fork server, never raised here
+            with contextlib.suppress(Exception):
+                os.write(wfd, f"?{type(exc).__name__}: {exc}".encode()[:500])
+        finally:
+            # The server and its log writer are orphaned: the kernel gives them to the
+            # nearest subreaper, this fork server, which reaps them (supervise).
+            os._exit(code)
+    os.close(wfd)
+    data = read_all(rfd)
+    with contextlib.suppress(ChildProcessError):  # reap() may have collected it already
+        os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError("fork failed")
+    if data == b"!":
         raise RuntimeError(f"the server stopped before it became {username} (see its log)")
-    return server
+    if data.startswith(b"?"):
+        raise RuntimeError(data[1:].decode(errors="replace"))
+    return int(data)
 
 
-def read_all(fd: int) -> bytes:
-    """Everything until EOF; the descriptor is closed."""
-    data = b""
+def log_output(log_path: str) -> int:
+    """The write end of a pipe into a new log writer that appends to ``log_path``."""
+    log_fd = os.open(
+        log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     try:
-        while chunk := os.read(fd, 64):
+        _, output = logwriter.spawn_writer(sys.executable, log_fd)
+    finally:
+        os.close(log_fd)
+    return output
+
+
+def read_all(fd: int, timeout: float | None = None) -> bytes:
+    """Everything until EOF, or what came within ``timeout`` seconds; the descriptor is closed."""
+    data = b""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    break
+            chunk = os.read(fd, 64)
+            if not chunk:
+                break
             data += chunk
     finally:
         os.close(fd)
     return data
 
 
-def become_student(pw: pwd.struct_passwd, log_path: str, became: int, placement: dict) -> None:
-    """In the child: join the student's cgroup, drop everything of root's, become the
-    student, then say so on ``became`` (and close it), so the pid launch records is never
-    that of a process still running as root. Raises on any failure."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+def become_student(pw: pwd.struct_passwd, output: int, became: int, placement: dict) -> None:
+    """In the child: stdout and stderr on ``output`` (the log writer's pipe), join the
+    student's cgroup, drop everything of root's, become the student, then say so on
+    ``became`` (and close it), so the pid launch records is never that of a process still
+    running as root. Raises on any failure."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
     os.dup2(became, BECAME_FD)
     os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
     os.setsid()
@@ -302,11 +367,11 @@ def become_student(pw: pwd.struct_passwd, log_path: str, became: int, placement:
 
 
 def become_program(
-    pw: pwd.struct_passwd, argv: list[str], log_path: str, became: int, placement: dict
+    pw: pwd.struct_passwd, argv: list[str], output: int, became: int, placement: dict
 ) -> None:
     """In the child: become the student, then ``execve`` ``argv`` (exec mode). Never returns."""
     try:
-        become_student(pw, log_path, became, placement)
+        become_student(pw, output, became, placement)
         os.chdir(pw.pw_dir)
         os.umask(0o077)
         os.execve(argv[0], argv, identity.student_env(pw))
@@ -317,11 +382,12 @@ def become_program(
 
 
 def become_server(
-    app: str, pw: pwd.struct_passwd, args: list[str], log_path: str, became: int, placement: dict
+    app: str, pw: pwd.struct_passwd, args: list[str], output: int, became: int, placement: dict
 ) -> None:
-    """In the child: become the student (``become_student``), run the server. Never returns."""
+    """In the child: become the student (``become_student``), run the server with stdout
+    and stderr on ``output``. Never returns."""
     try:
-        become_student(pw, log_path, became, placement)
+        become_student(pw, output, became, placement)
         env = identity.student_env(pw)
         os.environ.clear()
         os.environ.update(env)

@@ -39,6 +39,7 @@ from ..core.addresses import (
     host_from_header,
     host_from_setting,
     https,
+    listen_address,
     portal_url,
     probe_host,
     socket_host,
@@ -54,6 +55,8 @@ Lookup = Callable[[], Mapping[str, Mapping[str, Any]]]
 
 PROBE_TIMEOUT = 2.0  # seconds to wait for a student's port to accept a connection
 STOP_TIMEOUT = 5.0  # seconds open connections get to finish when the portal stops
+# Each stops the portal, not the servers; SIGHUP: the teacher's terminal closed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class PortalError(ClassroomError):
@@ -366,7 +369,7 @@ def serve(
     settings: Settings = course.settings
     app = make_app(settings, lookup)
     context = tls_context(settings)
-    address = None if settings.ip in ("", "*") else settings.ip.strip("[]")
+    address = listen_address(settings.ip) or None  # a wildcard: IPv4 and IPv6
     try:
         sockets = tornado.netutil.bind_sockets(settings.portal_port, address=address)
     except OSError as exc:
@@ -376,14 +379,13 @@ def serve(
             f"in {settings.where('launch', 'portal_port')}); the students' servers keep running"
         ) from None
     url = portal_url(settings, sockets[0].getsockname()[1])
-    click.echo(f"Portal: {url}  (Ctrl-C stops the portal)")
+    click.echo(
+        f"Portal: {url}  (Ctrl-C, or closing this terminal, stops the portal; "
+        "the students' servers keep running)"
+    )
     log.info("portal: listening on %s:%d as %s", settings.ip, sockets[0].getsockname()[1], url)
     main_thread = threading.current_thread() is threading.main_thread()
-    saved = (
-        {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        if main_thread
-        else {}
-    )
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main_thread else {}
     try:
         asyncio.run(_run(app, sockets, context, url, ready, stop, tick, catch_signals=main_thread))
     finally:
@@ -392,8 +394,17 @@ def serve(
         for sig, handler in saved.items():
             with contextlib.suppress(TypeError, ValueError):
                 signal.signal(sig, handler)
-    click.echo("Portal stopped.")
+    with contextlib.suppress(OSError):  # after a hang-up the terminal is gone
+        click.echo("Portal stopped.")
     log.info("portal: stopped")
+
+
+def _stopping(sig: int, done: asyncio.Event) -> None:
+    """SIGINT, SIGTERM or a hang-up (the teacher's terminal closed): the portal stops."""
+    if sig == signal.SIGHUP:
+        with contextlib.suppress(OSError):
+            click.echo("The terminal was closed (SIGHUP): the portal stops; servers keep running.")
+    done.set()
 
 
 async def _run(
@@ -419,9 +430,9 @@ async def _run(
     server.add_sockets(sockets)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM) if catch_signals else ()
+    signals = STOP_SIGNALS if catch_signals else ()
     for sig in signals:
-        loop.add_signal_handler(sig, done.set)
+        loop.add_signal_handler(sig, _stopping, sig, done)
     try:
         if ready:
             ready(url)

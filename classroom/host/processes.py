@@ -20,6 +20,8 @@ log = logging.getLogger("classroom")
 POLITE_TIMEOUT = 10.0  # SIGTERM to the server: jupyter_server's own clean stop (kernels, files)
 TERM_TIMEOUT = 5.0  # SIGTERM to whatever of its processes is left (kernels, terminals)
 KILL_TIMEOUT = 5.0  # SIGKILL to the rest
+UID_KILL_TIMEOUT = 10.0  # kill(-1, SIGKILL) as a removed student, until none of theirs is left
+SETTLE_TIMEOUT = 0.5  # for SIGKILLed processes to exit before another round
 START_TIME_SLACK = 0.05  # process start times are in clock ticks
 JUPYTER_WORDS = ("jupyter", "ipykernel", "ipython")
 
@@ -181,3 +183,92 @@ def tree_memory(pid: int) -> int | None:
             except psutil.AccessDenied:
                 total += p.memory_info().rss
     return total
+
+
+def kill_every_process_of(
+    ids: Iterable[tuple[int, int]], timeout: float = UID_KILL_TIMEOUT
+) -> dict[int, list[int]]:
+    """SIGKILL every process running as each (uid, gid) of ``ids``, whatever it does to
+    dodge it; {uid: pids a scan of /proc still finds afterwards} (normally empty lists).
+
+    A scan-then-signal misses a loop that forks and exits (every pid seen is gone by the
+    time it is signalled). So a child that has become the uid calls ``kill(-1, SIGKILL)``:
+    the kernel signals every process of that uid in one pass that no fork can slip past,
+    and a process with SIGKILL pending cannot fork, so a scan of /proc after it is
+    conclusive. Rounds repeat while the scan finds one, within ``timeout``. Under
+    ``--dry-run`` nothing is signalled.
+    """
+    todo = dict(ids)
+    if 0 in todo:
+        raise ValueError("refusing to kill every process of root")
+    if dry_run():
+        log.debug("dry run, not killed: every process of uid(s) %s", sorted(todo))
+        return {uid: [] for uid in todo}
+    left: dict[int, list[int]] = {uid: [] for uid in todo}
+    deadline = time.monotonic() + timeout
+    # Always a first round: a scan that finds nothing proves nothing (the loop's pids
+    # come and go).
+    while todo:
+        for uid, gid in todo.items():
+            _kill_all_as(uid, gid)
+        left = _live_pids(set(left))
+        settle = time.monotonic() + SETTLE_TIMEOUT
+        while any(left.get(uid) for uid in todo) and time.monotonic() < settle:
+            time.sleep(0.01)  # SIGKILLed processes take a moment to exit
+            left = _live_pids(set(left))
+        todo = {uid: gid for uid, gid in todo.items() if left.get(uid)}
+        if time.monotonic() > deadline:
+            break
+    for uid in todo:  # what a process of that uid could not signal (a set-uid program's)
+        for pid in left[uid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    if todo:
+        time.sleep(0.1)
+        left = _live_pids(set(left))
+    for uid, pids in left.items():
+        if pids:
+            log.warning("uid %d: processes survived SIGKILL: %s", uid, pids)
+    return left
+
+
+def _kill_all_as(uid: int, gid: int) -> None:
+    """One ``kill(-1, SIGKILL)`` from a child that has become ``uid`` (and ``gid``)."""
+    pid = os.fork()
+    if pid == 0:  # the child: system calls only, then _exit
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, signal.SIGKILL)  # every process of uid but this one
+            code = 0
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+
+
+def _live_pids(uids: set[int]) -> dict[int, list[int]]:
+    """{uid: pids in /proc running as it (real, effective or saved), not zombies}."""
+    found: dict[int, list[int]] = {uid: [] for uid in uids}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{entry}/status", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            status = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        head, _, rest = status.partition(b"\nUid:")
+        state = head.partition(b"\nState:")[2].split(None, 1)[:1]
+        if state in ([b"Z"], [b"X"]):
+            continue
+        for uid in {int(x) for x in rest.split(None, 4)[:3] if x.isdigit()} & uids:
+            found[uid].append(int(entry))
+    return found

@@ -1,4 +1,4 @@
-"""Safe file work inside folders that students control, and a pool of forked workers.
+"""Safe file work inside folders that students control.
 
 How a path inside a student's folder is handled (SPEC §5 rule 4):
 
@@ -11,8 +11,10 @@ How a path inside a student's folder is handled (SPEC §5 rule 4):
   every read is capped;
 - symlinks, FIFOs, sockets, devices, mount points and folders nested absurdly
   deep are never opened, only reported;
-- the processes that do this run as the student (``run_as``), so the kernel
-  also refuses anything the student could not do themselves.
+- the processes that do this run as the student (``workers.become``), so the
+  kernel also refuses anything the student could not do themselves;
+- the functions that change something (``ensure_dir``, ``replace_file``,
+  ``move``) change nothing under ``--dry-run``.
 """
 
 from __future__ import annotations
@@ -20,24 +22,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
-import gc
 import hashlib
-import json
 import os
 import re
-import resource
-import select
-import signal
+import secrets
 import stat
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from .system import dry_run
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
+TEMP_PREFIX, TEMP_SUFFIX = ".classroom-", ".tmp"  # replace_file's temporary names
+TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + "[0-9a-f]{12}" + re.escape(TEMP_SUFFIX))
 MAX_DEPTH = 64
 MAX_ENTRIES = 100_000
 
@@ -83,6 +83,34 @@ def _explain(exc: OSError, what: str) -> Unsafe:
     return Unsafe(f"{what}: {exc.strerror or exc}")
 
 
+def _replaced(st: os.stat_result, expect: os.stat_result | None) -> bool:
+    return expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino)
+
+
+def _open_checked(
+    parent_fd: int | None,
+    name: str,
+    flags: int,
+    what: str,
+    check: Callable[[os.stat_result], str | None],
+) -> tuple[int, os.stat_result]:
+    """Open ``name`` of ``parent_fd`` with ``flags``, then vet it with fstat: ``check`` names
+    a problem (the descriptor is closed and ``Unsafe`` raised) or None."""
+    try:
+        fd = os.open(name, flags, dir_fd=parent_fd)
+    except OSError as exc:
+        raise _explain(exc, what) from None
+    try:
+        st = os.fstat(fd)
+        problem = check(st)
+        if problem is not None:
+            raise Unsafe(f"{what} {problem}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def open_dir(
     parent_fd: int | None,
     name: str,
@@ -93,62 +121,219 @@ def open_dir(
     what: str | None = None,
 ) -> int:
     """Open folder ``name`` of ``parent_fd`` without following a symlink; check it with fstat."""
-    what = what or name
-    try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as exc:
-        raise _explain(exc, what) from None
-    try:
-        st = os.fstat(fd)
-        if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
-            raise Unsafe(f"{what} was replaced while it was being read")
+
+    def check(st: os.stat_result) -> str | None:
+        if _replaced(st, expect):
+            return "was replaced while it was being read"
         if dev is not None and st.st_dev != dev:
-            raise Unsafe(f"{what} is on another filesystem (a mount point)")
+            return "is on another filesystem (a mount point)"
         if uid is not None and st.st_uid != uid:
-            raise Unsafe(f"{what} belongs to uid {st.st_uid}, not to the student")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+            return f"belongs to uid {st.st_uid}, not to the student"
+        return None
+
+    return _open_checked(parent_fd, name, DIR_FLAGS, what or name, check)[0]
 
 
 def open_file(
     dir_fd: int, name: str, *, expect: os.stat_result | None = None, what: str = ""
 ) -> tuple[int, os.stat_result]:
     """Open regular file ``name`` of ``dir_fd`` for reading, never following a link; fstat-checked."""
-    what = what or name
-    try:
-        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        raise _explain(exc, what) from None
-    try:
-        st = os.fstat(fd)
+
+    def check(st: os.stat_result) -> str | None:
         if not stat.S_ISREG(st.st_mode):
-            raise Unsafe(f"{what} is {kind(st)}")
-        if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
-            raise Unsafe(f"{what} was replaced while it was being read")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
+            return f"is {kind(st)}"
+        return "was replaced while it was being read" if _replaced(st, expect) else None
+
+    return _open_checked(dir_fd, name, FILE_FLAGS, what or name, check)
+
+
+def lstat(dir_fd: int, name: str) -> os.stat_result | None:
+    """What ``name`` in ``dir_fd`` is, not following a link; None if there is nothing."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+# --- changes: the one place that writes in a student's folder (nothing under --dry-run) ----------
 
 
 def ensure_dir(
-    parent_fd: int, name: str, *, mode: int, uid: int, dev: int | None, what: str
-) -> tuple[int, bool]:
-    """Open folder ``name`` (creating it with ``mode`` if missing); return (fd, created)."""
+    parent_fd: int | None, name: str, *, mode: int, uid: int, dev: int | None, what: str
+) -> int | None:
+    """Open folder ``name`` of ``parent_fd``, creating it with ``mode`` if missing.
+
+    Under ``--dry-run`` a missing folder is not made: None (as for a ``parent_fd``
+    of None, a folder that would have been made).
+    """
+    if parent_fd is None:
+        return None
     created = False
-    try:
-        os.mkdir(name, mode, dir_fd=parent_fd)
-        created = True
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise _explain(exc, what) from None
+    if not dry_run():
+        try:
+            os.mkdir(name, mode, dir_fd=parent_fd)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _explain(exc, what) from None
+    elif lstat(parent_fd, name) is None:
+        return None
     fd = open_dir(parent_fd, name, uid=uid, dev=dev, what=what)
     if created:
         os.fchmod(fd, mode)
-    return fd, created
+    return fd
+
+
+def replace_file(
+    dir_fd: int | None,
+    name: str,
+    fill: Callable[[int], None],
+    *,
+    mode: int,
+    times_ns: tuple[int, int] | None = None,
+) -> os.stat_result | None:
+    """Write ``name`` in ``dir_fd`` whole or not at all; return the new file's stat.
+
+    ``fill(fd)`` writes a new file under a temporary name, which then gets ``mode``
+    (and ``times_ns``, atime and mtime) and is renamed over ``name``. Under
+    ``--dry-run`` nothing is written: None.
+    """
+    if dry_run() or dir_fd is None:
+        return None
+    tmp = f"{TEMP_PREFIX}{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    fd = os.open(tmp, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+    try:
+        fill(fd)
+        os.fchmod(fd, mode)
+        if times_ns is not None:
+            os.utime(fd, ns=times_ns)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return os.fstat(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(fd)
+
+
+def unlink(dir_fd: int, name: str) -> None:
+    """Delete the name ``name`` of ``dir_fd`` (a link is removed, never followed); nothing under
+    ``--dry-run``; nothing if it is gone already."""
+    if dry_run():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def leftovers(dir_fd: int) -> list[str]:
+    """The temporary files of ``replace_file`` in ``dir_fd`` (left by a run that was cut off):
+    regular files with exactly the tool's temporary names, nothing else."""
+    with os.scandir(dir_fd) as entries:
+        return [
+            e.name
+            for e in entries
+            if TEMP_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+        ]
+
+
+def remove_leftovers(dir_fd: int | None) -> int:
+    """Delete ``leftovers(dir_fd)`` (never followed: an unlink of a name); how many.
+    Nothing under ``--dry-run``."""
+    if dry_run() or dir_fd is None:
+        return 0
+    names = leftovers(dir_fd)
+    for name in names:
+        unlink(dir_fd, name)
+    return len(names)
+
+
+def move(from_fd: int, name: str, to_fd: int | None) -> None:
+    """Move ``name`` (whatever it is, never followed) from one open folder to another, same name.
+
+    A rename: nothing is read or copied. Nothing under ``--dry-run``.
+    """
+    if dry_run() or to_fd is None:
+        return
+    os.rename(name, name, src_dir_fd=from_fd, dst_dir_fd=to_fd)
+
+
+# --- HOME/FOLDER -----------------------------------------------------------------------------------
+
+
+class NoHome(Unsafe):
+    """The home itself cannot be opened safely."""
+
+
+class Missing(Unsafe):
+    """A folder on the way to HOME/FOLDER is not there."""
+
+
+class NotAFolder(Unsafe):
+    """Something else than a folder is where a folder on the way to HOME/FOLDER should be."""
+
+
+@dataclass
+class HomeFolder:
+    """HOME/FOLDER, opened without following a link: ``fd`` (None under ``--dry-run`` when it
+    would have been made), the home's ``dev``; ``close`` closes every folder on the way."""
+
+    fd: int | None
+    dev: int
+    uid: int
+    fds: list[int]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __enter__(self) -> HomeFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_home_folder(pw, folder: str, *, make: int | None = None) -> HomeFolder:
+    """Open ``pw``'s HOME/FOLDER folder by folder: each one the student's, on the home's filesystem.
+
+    A missing folder raises ``Missing``, or with ``make`` is created with that mode.
+    Raises ``NoHome`` for the home, ``NotAFolder`` or ``Unsafe`` on the way.
+    """
+    try:
+        fd = open_dir(None, pw.pw_dir, uid=pw.pw_uid, what=f"home {pw.pw_dir}")
+    except Unsafe as exc:
+        raise NoHome(str(exc)) from None
+    home = HomeFolder(fd, os.fstat(fd).st_dev, pw.pw_uid, [fd])
+    try:
+        parts = folder.split("/")
+        for i, part in enumerate(parts):
+            where = "~/" + "/".join(parts[: i + 1])
+            home.fd = _down(home, part, where, make)
+            if home.fd is None:
+                break
+            home.fds.append(home.fd)
+    except BaseException:
+        home.close()
+        raise
+    return home
+
+
+def _down(home: HomeFolder, name: str, where: str, make: int | None) -> int | None:
+    assert home.fd is not None
+    try:
+        st = lstat(home.fd, name)
+    except OSError as exc:
+        raise Unsafe(f"{where}: {exc.strerror}") from None
+    if st is None:
+        if make is None:
+            raise Missing(f"no folder {where}")
+        return ensure_dir(home.fd, name, mode=make, uid=home.uid, dev=home.dev, what=where)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotAFolder(f"{where} is {kind(st)}, not a folder")
+    return open_dir(home.fd, name, expect=st, uid=home.uid, dev=home.dev, what=where)
 
 
 class Patterns:
@@ -214,72 +399,81 @@ def walk(
     """Every regular file under ``root_fd`` (sorted), never following links or leaving ``dev``.
 
     Anything else is yielded with ``problem`` set to the reason it is skipped.
-    Excluded paths are left out silently; ``include`` applies to files.
+    Excluded paths are left out silently; ``include`` applies to files; ``dirs``:
+    folders are yielded too (before what is in them). Folders are opened as
+    ``open_dir`` does (owned by ``uid``, on ``dev``).
     """
-    count = 0
-    excluded = Patterns(exclude)
-    included = Patterns(include)
+    walker = _Walk(Patterns(exclude), Patterns(include), dev, uid, dirs, max_depth, max_entries)
+    yield from walker.folder(root_fd, "", 0)
 
-    def skip(rel: str, name: str) -> bool:
-        return bool(excluded) and (
-            excluded.name(name) or bool(excluded.path and excluded.path(rel))
-        )
 
-    def visit(dir_fd: int, prefix: str, depth: int) -> Iterator[Entry]:
-        nonlocal count
+@dataclass
+class _Walk:
+    excluded: Patterns
+    included: Patterns
+    dev: int | None
+    uid: int | None
+    dirs: bool
+    max_depth: int
+    max_entries: int
+    count: int = 0
+
+    def skip(self, rel: str, name: str) -> bool:
+        ex = self.excluded
+        return bool(ex) and (ex.name(name) or bool(ex.path and ex.path(rel)))
+
+    def folder(self, dir_fd: int, prefix: str, depth: int) -> Iterator[Entry]:
+        """What is in one open folder, in name order."""
         try:
             with os.scandir(dir_fd) as it:
                 names = sorted(e.name for e in it)
         except OSError as exc:
-            yield Entry(
-                prefix.rstrip("/") or ".", "", dir_fd, None, f"cannot be listed: {exc.strerror}"
-            )
+            rel = prefix.rstrip("/") or "."
+            yield Entry(rel, "", dir_fd, None, f"cannot be listed: {exc.strerror}")
             return
         for name in names:
             rel = prefix + name
-            if skip(rel, name):
+            if self.skip(rel, name):
                 continue
-            count += 1
-            if count > max_entries:
-                yield Entry(
-                    rel,
-                    name,
-                    dir_fd,
-                    None,
-                    f"more than {max_entries} entries: the rest is not read",
-                )
+            self.count += 1
+            if self.count > self.max_entries:
+                why = f"more than {self.max_entries} entries: the rest is not read"
+                yield Entry(rel, name, dir_fd, None, why)
                 return
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # gone since the listing
-            except OSError as exc:
-                yield Entry(rel, name, dir_fd, None, f"cannot be read: {exc.strerror}")
-                continue
-            if stat.S_ISREG(st.st_mode):
-                if included(rel):
-                    yield Entry(rel, name, dir_fd, st)
-            elif stat.S_ISDIR(st.st_mode):
-                if depth >= max_depth:
-                    yield Entry(rel, name, dir_fd, st, f"folders nested deeper than {max_depth}")
-                    continue
-                try:
-                    sub = open_dir(dir_fd, name, expect=st, uid=uid, dev=dev, what="it")
-                except Unsafe as exc:
-                    yield Entry(rel, name, dir_fd, st, str(exc))
-                    continue
-                try:
-                    if dirs:
-                        yield Entry(rel, name, dir_fd, st)
-                    yield from visit(sub, rel + "/", depth + 1)
-                finally:
-                    os.close(sub)
-            else:
-                yield Entry(rel, name, dir_fd, st, kind(st))
-            if count > max_entries:
+            yield from self.one(dir_fd, rel, name, depth)
+            if self.count > self.max_entries:
                 return
 
-    yield from visit(root_fd, "", 0)
+    def one(self, dir_fd: int, rel: str, name: str, depth: int) -> Iterator[Entry]:
+        """One entry of a folder; for a folder, all that is in it too."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # gone since the listing
+        except OSError as exc:
+            yield Entry(rel, name, dir_fd, None, f"cannot be read: {exc.strerror}")
+            return
+        if stat.S_ISREG(st.st_mode):
+            if self.included(rel):
+                yield Entry(rel, name, dir_fd, st)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            yield Entry(rel, name, dir_fd, st, kind(st))
+            return
+        if depth >= self.max_depth:
+            yield Entry(rel, name, dir_fd, st, f"folders nested deeper than {self.max_depth}")
+            return
+        try:
+            sub = open_dir(dir_fd, name, expect=st, uid=self.uid, dev=self.dev, what="it")
+        except Unsafe as exc:
+            yield Entry(rel, name, dir_fd, st, str(exc))
+            return
+        try:
+            if self.dirs:
+                yield Entry(rel, name, dir_fd, st)
+            yield from self.folder(sub, rel + "/", depth + 1)
+        finally:
+            os.close(sub)
 
 
 class TooLarge(Exception):
@@ -352,192 +546,3 @@ def file_sha256(fd: int, cap: int) -> str | None:
         return copy_hashing(fd, None, cap)[0]
     except TooLarge:
         return None
-
-
-# --- forked workers ---------------------------------------------------------------------------
-
-_beat_fd: int | None = None
-_last_beat = 0.0
-
-
-def beat() -> None:
-    """In a worker: tell the parent it is still making progress (at most twice a second)."""
-    global _last_beat
-    now = time.monotonic()
-    if _beat_fd is not None and now - _last_beat > 0.5:
-        _last_beat = now
-        with contextlib.suppress(OSError):
-            os.write(_beat_fd, b".")
-
-
-def close_fds_except(keep: set[int]) -> None:
-    """In a child: close every inherited descriptor but ``keep``; 0, 1, 2 become /dev/null."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for std in (0, 1, 2):
-        if std not in keep:
-            os.dup2(null, std)
-    keep = keep | {0, 1, 2}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def raise_fd_limit(needed: int) -> None:
-    """Make room for ``needed`` more open descriptors (the source files are kept open)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = needed + 256
-    if soft >= want:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
-    except (ValueError, OSError):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def fork_map(
-    tasks: Sequence[tuple[str, Callable[..., Any], tuple]],
-    *,
-    workers: int,
-    idle_timeout: float = 300.0,
-    keep_fds: Sequence[int] = (),
-) -> Iterator[tuple[str, dict]]:
-    """Run each ``(key, func, args)`` as ``func(*args)`` in its own forked child.
-
-    ``args`` may be a function returning them, called just before the fork.
-    At most ``workers`` children at once. Yields ``(key, payload)`` as each one
-    ends: ``{"ok": result}`` (the JSON-able return value) or ``{"error": message}``.
-    A child that neither finishes nor calls ``beat()`` for ``idle_timeout``
-    seconds is killed. The children inherit ``keep_fds`` and nothing else.
-    """
-    pending = list(tasks)
-    pending.reverse()
-    # The children only read the parent's objects: keep the collector from walking (and so
-    # copying) the whole inherited heap in each of them.
-    gc.collect()
-    gc.freeze()
-    running: dict[int, list] = {}  # read fd -> [pid, key, chunks, last_activity]
-    exited: list[int] = []
-    poller = select.poll()
-    try:
-        while pending or running:
-            while pending and len(running) < max(1, workers):
-                key, func, args = pending.pop()
-                if callable(args):  # built now, so the parent holds one job's data at a time
-                    args = args()
-                rfd, wfd = os.pipe()
-                pid = os.fork()
-                if pid == 0:  # child
-                    code = 0
-                    try:
-                        gc.disable()
-                        signal.signal(signal.SIGINT, signal.SIG_DFL)
-                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                        close_fds_except({wfd, *keep_fds})
-                        global _beat_fd
-                        _beat_fd = wfd
-                        try:
-                            payload: dict = {"ok": func(*args)}
-                        except Exception as exc:  # reported to the parent, never a traceback
-                            payload = {"error": str(exc) or type(exc).__name__}
-                        _write_all(wfd, json.dumps(payload).encode())
-                    except BaseException:  # noqa: BLE001 - a child never returns into the parent
-                        code = 1
-                    finally:
-                        os._exit(code)
-                os.close(wfd)
-                del args
-                running[rfd] = [pid, key, [], time.monotonic()]
-                poller.register(rfd, select.POLLIN | select.POLLHUP | select.POLLERR)
-            for fd, _event in poller.poll(1000):
-                job = running[fd]
-                data = os.read(fd, 1 << 16)
-                job[3] = time.monotonic()
-                if data:
-                    job[2].append(data)
-                    continue
-                poller.unregister(fd)
-                os.close(fd)
-                del running[fd]
-                raw = b"".join(job[2]).lstrip(b".")
-                try:
-                    payload = json.loads(raw) if raw else {}
-                except ValueError:
-                    payload = {}
-                if "ok" in payload or "error" in payload:
-                    exited.append(job[0])  # reaped later: no need to wait for its exit now
-                else:
-                    _, status = os.waitpid(job[0], 0)
-                    payload = {"error": f"the worker process died (status {status})"}
-                yield job[1], payload
-            now = time.monotonic()
-            for fd, job in list(running.items()):
-                if now - job[3] > idle_timeout:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(job[0], signal.SIGKILL)
-                    os.waitpid(job[0], 0)
-                    poller.unregister(fd)
-                    os.close(fd)
-                    del running[fd]
-                    yield job[1], {"error": f"no progress for {idle_timeout:.0f} s: stopped"}
-            exited[:] = [pid for pid in exited if os.waitpid(pid, os.WNOHANG)[0] == 0]
-    finally:
-        for fd, job in running.items():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(job[0], signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(job[0], 0)
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        for pid in exited:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        gc.unfreeze()
-
-
-def become(pw) -> None:
-    """In a worker: become the student for good (uid, gid, groups), or raise."""
-    from .identity import become as become_student
-
-    become_student(pw)
-    os.umask(0o022)
-
-
-def rows(state, sql: str, params: tuple = ()) -> list:
-    """Rows of a query on the course state; none when a dry run's read-only state lacks the table."""
-    import sqlite3
-
-    try:
-        return state.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:
-        if state.readonly:
-            return []
-        raise
-
-
-def rows_by_user(state, sql: str, params: tuple = ()) -> dict[str, list]:
-    """One query for every student (first column: username), grouped; a worker gets its own list.
-
-    One query is much cheaper than one per student; the rows stay raw tuples
-    until the worker (in parallel) turns them into what it needs.
-    """
-    grouped: dict[str, list] = {}
-    for row in rows(state, sql, params):
-        grouped.setdefault(row[0], []).append(tuple(row)[1:])
-    return grouped
-
-
-def workers_for(n_tasks: int) -> int:
-    """How many workers to run at once: enough to keep the disks and CPUs busy."""
-    wanted = os.environ.get("CLASSROOM_WORKERS", "")
-    if wanted.isdigit() and int(wanted) > 0:
-        return min(n_tasks, int(wanted))
-    return max(1, min(n_tasks, max(8, 2 * (os.cpu_count() or 2)), 16))

@@ -23,7 +23,7 @@ import pwd
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +33,9 @@ from ..core.addresses import https, probe_host, server_url
 from ..core.errors import ClassroomError, StepFailed
 from ..core.launchplan import exec_argv, server_args
 from ..core.settings import Settings
-from . import hooks, limits
+from . import hooks, limits, logwriter
 from .forkserver import EXEC, ForkServer, ForkServerError
-from .identity import server_python, student_env
+from .identity import launcher_argv, server_python, student_env
 from .processes import find_process, stop_processes
 from .serverlogs import log_dir, log_path, open_log
 from .state import State, now
@@ -47,7 +47,8 @@ READY_POLL = 0.2  # seconds between readiness probes
 EXEC_READY_TIMEOUT = 30  # seconds for a fork server that imports nothing to answer
 STOPPED_EARLY = "the server stopped before it answered"
 
-_children: dict[int, subprocess.Popen] = {}  # exec-mode servers we started (reaped when they die)
+# exec-mode servers and log writers we started (reaped when they die)
+_children: dict[int, subprocess.Popen] = {}
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Server:
     start_time: float | None = None
     mode: str = "exec"
     pw: pwd.struct_passwd | None = field(default=None, repr=False, compare=False)
+    log_offset: int = field(default=0, repr=False, compare=False)  # where this start's log begins
 
     @classmethod
     def of(cls, pw: pwd.struct_passwd) -> Server:
@@ -140,7 +142,7 @@ class Server:
         args = server_args(settings, self.pw.pw_dir, self.port)
         self.pid, self.mode = None, "exec"
         placement = place(settings, self.username)
-        fd = open_log(settings, self.username, f"launch: port {self.port}")
+        fd, self.log_offset = open_log(settings, self.username, f"launch: port {self.port}")
         try:
             if forker is not None:
                 log = str(log_path(settings, self.username))
@@ -162,20 +164,24 @@ class Server:
         self, settings: Settings, args: list[str], log_fd: int, placement: dict
     ) -> int | None:
         assert self.pw is not None
-        proc = spawn(
-            exec_argv(settings, args, server_python()),
-            env=student_env(self.pw),
-            user=self.pw,
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            cwd=self.pw.pw_dir,
-            umask=0o077,
-            before=(lambda: limits.enter(placement)) if any(placement.values()) else None,
-        )
+        with log_pipe(log_fd) as output:
+            # Started as root through identity.py, which becomes the student and executes
+            # the server: nothing here waits on a process the student could stop. It joins
+            # the student's cgroup first, as root (``before`` runs before identity.py).
+            proc = spawn(
+                launcher_argv(self.pw, exec_argv(settings, args, server_python())),
+                env=student_env(self.pw),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                cwd="/",
+                umask=0o077,
+                before=(lambda: limits.enter(placement)) if any(placement.values()) else None,
+            )
         if proc is None:  # dry run
             return None
         _children[proc.pid] = proc
+        _wait_became(proc, self.pw)
         return proc.pid
 
     def process(self) -> psutil.Process | None:
@@ -212,6 +218,51 @@ class Server:
             if time.monotonic() >= deadline:
                 return f"it did not answer on port {self.port} within {timeout:g} s"
             time.sleep(READY_POLL)
+
+
+def _wait_became(proc: subprocess.Popen, pw: pwd.struct_passwd, timeout: float = 30) -> None:
+    """Until the launcher is ``pw`` (or has ended): a pid is only recorded with its uid.
+
+    Until then it is root's, which no student can stop; ``timeout`` is for a host too
+    busy to start Python. Raises ``OSError`` (the launcher killed) when it runs out.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(proc.pid).uids().real == pw.pw_uid:
+                return
+        if time.monotonic() >= deadline:
+            proc.kill()
+            raise OSError(f"it did not become {pw.pw_name} within {timeout:g} s")
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def log_pipe(log_fd: int) -> Iterator[int | None]:
+    """The write end of a pipe that a new log writer (root's) copies into ``log_fd``;
+    closed here once the server has it. None under ``--dry-run`` (nothing is started)."""
+    if dry_run():
+        yield None
+        return
+    read_end, write_end = os.pipe()
+    try:
+        writer = spawn(
+            logwriter.argv(server_python()),
+            env={},
+            stdin=read_end,
+            stdout=log_fd,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+        )
+        if writer is not None:
+            _children[writer.pid] = writer  # reaped with the servers
+        os.close(read_end)
+        read_end = -1
+        yield write_end
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
 
 
 def _answers(host: str, port: int, context: ssl.SSLContext | None) -> bool:

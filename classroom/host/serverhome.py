@@ -10,9 +10,10 @@ import pwd
 from pathlib import Path
 
 from ..core.addresses import https
+from ..core.errors import StepFailed
 from ..core.launchplan import TLS_DIR, root_dir
 from ..core.settings import Settings
-from .system import as_user
+from .workers import as_user, as_users
 
 TLS_FILES = ("cert.pem", "key.pem")
 
@@ -37,6 +38,24 @@ def prepare_home(
     """
     folder = root_dir(settings, pw.pw_dir) if settings.root == "folder" else None
     as_user(pw, _prepare, pw.pw_dir, folder, tls)
+
+
+def prepare_homes(
+    settings: Settings,
+    pws: list[pwd.struct_passwd],
+    tls: tuple[bytes, bytes] | None,
+    timeout: float,
+) -> list[str | None]:
+    """``prepare_home`` for each account, in parallel, each within ``timeout`` seconds
+    (a student who stops their own helper fails alone); for each, why it failed, or None."""
+    jobs = []
+    for pw in pws:
+        folder = root_dir(settings, pw.pw_dir) if settings.root == "folder" else None
+        jobs.append((pw, _prepare, (pw.pw_dir, folder, tls)))
+    return [
+        str(result) if isinstance(result, StepFailed) else None
+        for result in as_users(jobs, timeout=timeout)
+    ]
 
 
 def _prepare(home: str, folder: str | None, tls: tuple[bytes, bytes] | None) -> None:

@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS accounts (
     password_set INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS given_ids (
+    id INTEGER PRIMARY KEY   -- a uid or gid the course gave: never given again
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -64,6 +67,52 @@ def now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def _foreign(path: Path, fd: int) -> str | None:
+    """Why the folder open as ``fd`` cannot become the course's state folder, or None
+    (root's and 0700, or empty: then it is made so)."""
+    st = os.fstat(fd)
+    if (st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o700) and os.listdir(fd):
+        return (
+            f"state_dir {path} already exists with owner uid {st.st_uid} and mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, and is not empty; a course's state folder is "
+            "root's alone (0700): point [course] state_dir at a new folder"
+        )
+    return None
+
+
+def _unusable(path: Path, exc: OSError) -> InvalidInput:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        reason = "it is a symlink or a file, not a folder"
+    return InvalidInput(
+        f"state_dir {path}: cannot use it as the course's state folder: {reason} "
+        "(set [course] state_dir to a folder root can write)"
+    )
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse (``InvalidInput``) a state folder ``ensure_private_dir`` would refuse; change
+    nothing. Without root, a folder this user cannot open is taken as fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # made by the first command that changes something
+    except PermissionError:
+        if os.geteuid() != 0:
+            return
+        raise
+    except OSError as exc:
+        raise _unusable(path, exc) from None
+    try:
+        problem = _foreign(path, fd)
+    except PermissionError:
+        problem = None  # not root: cannot list it; root will
+    finally:
+        os.close(fd)
+    if problem:
+        raise InvalidInput(problem)
+
+
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` (root, 0700) or make an existing one so; refuse a symlink or a file."""
     try:
@@ -71,22 +120,13 @@ def ensure_private_dir(path: Path) -> None:
         path.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            reason = "it is a symlink or a file, not a folder"
-        raise InvalidInput(
-            f"state_dir {path}: cannot use it as the course's state folder: {reason} "
-            "(set [course] state_dir to a folder root can write)"
-        ) from None
+        raise _unusable(path, exc) from None
     try:
+        problem = _foreign(path, fd)
+        if problem:
+            raise InvalidInput(problem)
         st = os.fstat(fd)
         if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o700:
-            if os.listdir(fd):
-                raise InvalidInput(
-                    f"state_dir {path} already exists with owner uid {st.st_uid} and mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}, and is not empty; a course's state folder is "
-                    "root's alone (0700): point [course] state_dir at a new folder"
-                )
             os.fchown(fd, 0, 0)
             os.fchmod(fd, 0o700)
         probe = path / f".probe-{os.getpid()}"
@@ -207,6 +247,29 @@ class State:
         """The account is gone (or was never made): forget it and any server it had."""
         self.conn.execute("DELETE FROM accounts WHERE username = ?", (username,))
         self.conn.execute("DELETE FROM servers WHERE username = ?", (username,))
+
+    def given_ids(self) -> set[int]:
+        """Every uid and gid the course ever gave (or was about to give): never again."""
+        if not self.readonly and self.meta("given_ids_from_journal") is None:
+            # A state from before given_ids: take the ids its journal names, once.
+            old = {int(self.meta("group_gid") or 0)}
+            old |= {r["uid"] or 0 for r in self.conn.execute("SELECT uid FROM accounts")}
+            for (detail,) in self.conn.execute(
+                "SELECT detail FROM events WHERE action IN ('account created', 'group created')"
+            ):
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    data = json.loads(detail)
+                    old |= {int(data.get("uid") or 0), int(data.get("gid") or 0)}
+            with self.transaction():
+                self.give_ids(*(old - {0}))
+                self.set_meta("given_ids_from_journal", "done")
+        return {r["id"] for r in self.conn.execute("SELECT id FROM given_ids")}
+
+    def give_ids(self, *ids: int) -> None:
+        """Record ``ids`` as given (in a transaction, before the account or group is made)."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO given_ids (id) VALUES (?)", [(i,) for i in ids]
+        )
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -1,21 +1,20 @@
 """The one place that runs external commands and changes identity.
 
 Every external command is an argument list (never a shell), logged quoted,
-with any secret fed on stdin. ``as_user`` runs a function in a child process
-that has dropped to a student's uid, gid and groups.
+with any secret fed on stdin. (``workers.as_user`` runs a function in a child
+process that has dropped to a student's uid, gid and groups.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
 import shlex
 import signal
 import subprocess
-import traceback
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 
 from ..core.errors import StepFailed
 from ..core.secret import Secret
-from .identity import become, popen_identity, student_env
+from . import interrupts
+from .identity import new_session_keyring, popen_identity
 
 log = logging.getLogger("classroom")
 
@@ -85,33 +85,29 @@ def run(
     if extra:
         log.debug("  with %s", " ".join(f"{k}={shlex.quote(v)}" for k, v in extra.items()))
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **extra}
-    try:
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=cwd,
-            close_fds=True,
-            start_new_session=True,  # on a timeout, the whole group goes, not just argv[0]
-            **popen_identity(user),
-        )
-    except FileNotFoundError as exc:
-        raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
-    try:
-        stdout, stderr = child.communicate(data, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        raise CommandFailed(argv, -1, f"timed out after {timeout} s") from None
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-        raise
+    # Never cut half-way (a useradd killed between /etc/passwd and /etc/group leaves half an
+    # account): the child has the stop signals blocked, and a stop signal that reaches us
+    # meanwhile waits until the child is done (interrupts.shielded).
+    with interrupts.shielded():
+        try:
+            with interrupts.blocked_for_children():
+                child = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=cwd,
+                    close_fds=True,
+                    start_new_session=True,  # on a timeout, the whole group goes, not just argv[0]
+                    **popen_identity(user),
+                )
+        except FileNotFoundError as exc:
+            raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from exc
+        except subprocess.SubprocessError as exc:  # the change of identity failed in the child
+            raise CommandFailed(argv, 126, f"cannot start it as {_who(user)}: {exc}") from None
+        stdout, stderr = _communicate(child, argv, data, timeout)
     proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     out = (proc.stdout or "") + (proc.stderr or "")
     if out.strip():
@@ -119,6 +115,39 @@ def run(
     if check and proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, out)
     return proc
+
+
+def _communicate(
+    child: subprocess.Popen, argv: list[str], data: str | None, timeout: float | None
+) -> tuple[str, str]:
+    """The child's output once it has exited; killed (its whole group) only on a timeout.
+
+    A ``KeyboardInterrupt`` (outside ``interrupts.catching``) waits for the child, then
+    goes on.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    interrupted = False
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            stdout, stderr = child.communicate(data, timeout=left)
+            break
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            raise CommandFailed(argv, -1, f"timed out after {timeout} s") from None
+        except KeyboardInterrupt:
+            interrupted = True
+            data = None  # communicate() does not send the input twice
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise
+    if interrupted:
+        raise KeyboardInterrupt
+    return stdout, stderr
 
 
 def spawn(
@@ -147,14 +176,24 @@ def spawn(
         ids = {}
     elif before is not None:
         popen["preexec_fn"] = before
-    return subprocess.Popen(argv, env=env, close_fds=True, start_new_session=True, **ids, **popen)
+    try:
+        return subprocess.Popen(
+            argv, env=env, close_fds=True, start_new_session=True, **ids, **popen
+        )
+    except subprocess.SubprocessError as exc:  # the change of identity failed in the child
+        raise OSError(f"cannot start it as {_who(user)}: {exc}") from None
+
+
+def _who(user: pwd.struct_passwd | None) -> str:
+    return user.pw_name if user else "root"
 
 
 def _then_become(
     before: Callable[[], None], uid: int, gid: int, groups: list[int]
 ) -> Callable[[], None]:
     """A ``preexec_fn``: ``before()`` as root, then the ids ``Popen(user=...)`` would set
-    (computed in the parent: no lookup in the child), checked."""
+    (computed in the parent: no lookup in the child), checked, and a session keyring of
+    the user's own (as ``popen_identity``'s)."""
 
     def run() -> None:
         before()
@@ -163,6 +202,7 @@ def _then_become(
         os.setuid(uid)
         if set(os.getresuid()) != {uid} or set(os.getresgid()) != {gid}:
             raise PermissionError("the user and group ids did not stick")
+        new_session_keyring()
 
     return run
 
@@ -180,7 +220,6 @@ def run_account_tool(
     /etc/group; that is retried for a while instead of failing the student.
     """
     import random
-    import time
 
     for attempt in range(attempts):
         proc = run(argv, stdin=stdin, check=False)
@@ -248,81 +287,3 @@ def login_defs(path: Path = LOGIN_DEFS) -> LoginDefs:
         encrypt_method=values.get("ENCRYPT_METHOD", "SHA512").upper(),
         values=tuple(sorted(values.items())),
     )
-
-
-def as_user(
-    user: pwd.struct_passwd, func: Callable[..., Any], *args: Any, timeout: float = 600
-) -> Any:
-    """Run ``func(*args)`` in a child that has become ``user``; return its JSON-able result.
-
-    The child has the student's uid, gid and groups, a clean environment,
-    umask 077, cwd ``/`` and no inherited descriptor but its result pipe. An
-    exception in the child is raised here as ``StepFailed`` with its message; a
-    child still running after ``timeout`` seconds (a student's FIFO, say) is
-    killed and reported.
-    """
-    import select
-    import time
-
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        status = 0
-        try:
-            os.close(rfd)
-            os.closerange(3, wfd)
-            os.closerange(wfd + 1, 65536)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            become(user)
-            os.environ.clear()
-            os.environ.update(student_env(user))
-            os.umask(0o077)
-            os.chdir("/")
-            try:
-                payload = {"ok": func(*args)}
-            except Exception as exc:  # reported to the parent, never as a traceback
-                payload = {"error": f"{exc}", "type": type(exc).__name__}
-                if log.isEnabledFor(logging.DEBUG):
-                    payload["trace"] = traceback.format_exc()
-            data = json.dumps(payload).encode()
-            with os.fdopen(wfd, "wb") as out:
-                out.write(data)
-        except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(wfd)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    with os.fdopen(rfd, "rb", buffering=0) as inp:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([inp], [], [], left)
-            if not ready:
-                continue
-            chunk = inp.read(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    if timed_out:
-        raise StepFailed(
-            f"as {user.pw_name}: gave up after {timeout:.0f} s (a FIFO or a hung file?)"
-        )
-    try:
-        payload = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
-        payload = {}
-    if "ok" in payload:
-        return payload["ok"]
-    if "error" in payload:
-        if "trace" in payload:
-            log.debug("%s", payload["trace"])
-        raise StepFailed(f"as {user.pw_name}: {payload['error']}")
-    raise StepFailed(f"as {user.pw_name}: the helper process failed (status {status})")

@@ -1,0 +1,861 @@
+"""Issue 16: what a hostile student found (SPEC §6.11, rules 11-15), tried as the student would.
+
+Each test drives the tool through its command line as a teacher does, on a throw-away
+course with real random accounts (see conftest), and acts as the student: code runs in a
+child that has setuid() to the student's uid (never one of the host's real users).
+
+Deadlines: SPEC rule 14 gives each student's part of setup, send, launch and retrieve an
+overall deadline but names no setting for it. The stall tests set it small through the
+environment variable ``CLASSROOM_STUDENT_DEADLINE`` (seconds; proposed here, see
+``DEADLINE_ENV``) and give the whole command a bound well below the defaults the tool
+had (600 s for as_user, 300 s for the retrieve reader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from conftest import NOTEBOOKS, PYTHON, needs_root, random_name, roots_files
+
+pytestmark = [pytest.mark.root, needs_root]
+
+DEADLINE_ENV = "CLASSROOM_STUDENT_DEADLINE"  # proposed knob: each student's overall deadline (s)
+MODES = pytest.mark.parametrize("mode", ["fork", "exec"])
+
+
+# --- helpers: acting as the student -----------------------------------------------------------
+
+
+def student_ids(course, username: str) -> tuple[int, int, list[int]]:
+    pw = course.pw(username)
+    return pw.pw_uid, pw.pw_gid, os.getgrouplist(username, pw.pw_gid)
+
+
+def as_student(course, username: str, code: str, *args: str, **popen) -> subprocess.Popen:
+    """Start ``python -c CODE ARGS`` as the student (uid, gid, groups), in a session of its own."""
+    uid, gid, groups = student_ids(course, username)
+    home = str(course.home(username))
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    return subprocess.Popen(
+        [PYTHON, "-c", code, *args],
+        user=uid,
+        group=gid,
+        extra_groups=groups,
+        env={"HOME": home, "USER": username, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+        cwd=home,
+        start_new_session=True,
+        **popen,
+    )
+
+
+def run_as_student(course, username: str, code: str, *args: str, timeout: float = 120) -> str:
+    """Run ``python -c CODE ARGS`` as the student to the end; its stdout (it must succeed)."""
+    proc = as_student(
+        course, username, code, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    return out
+
+
+def write_as(course, username: str, relpath: str, text: str) -> Path:
+    """Put a file in a student's home, owned by the student (0600), folders included."""
+    pw = course.pw(username)
+    path = course.home(username) / relpath
+    for parent in reversed(path.relative_to(course.home(username)).parents):
+        folder = course.home(username) / parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700)
+            os.chown(folder, pw.pw_uid, pw.pw_gid)
+    path.write_text(text)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o600)
+    return path
+
+
+def processes_of_uid(uid: int) -> list[str]:
+    """Live (not zombie) processes with ``uid`` as any of their four uids: 'PID name' each."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        uids = {int(x) for x in fields.get("Uid", "").split()}
+        if uid in uids and not fields.get("State", "").strip().startswith(("Z", "X")):
+            found.append(f"{entry} {fields.get('Name', '').strip()}")
+    return found
+
+
+KILL_UID = """
+import os, signal, sys, time
+uid, me = int(sys.argv[1]), os.getpid()
+
+
+def left():
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if uid in {int(x) for x in fields["Uid"].split()} and fields["State"].split()[0] not in "ZX":
+            found.append(entry)
+    return found
+
+
+os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(uid)
+quiet = 0
+for _ in range(2000):  # a forking loop may slip through one kill(-1): until none is left
+    os.kill(-1, signal.SIGKILL)  # succeeds even when it signalled nothing: look in /proc
+    quiet = 0 if left() else quiet + 1
+    if quiet == 5:
+        sys.exit(0)
+    time.sleep(0.01)
+sys.exit(f"processes of uid {uid} are still left: {left()}")
+"""
+
+
+def kill_uid(uid: int, gid: int) -> None:
+    """Kill every process of ``uid``, from a process of that uid (the test's own cleanup)."""
+    assert uid >= 1000
+    subprocess.run([PYTHON, "-c", KILL_UID, str(uid), str(gid)], timeout=120, check=True)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return (self.stdout + self.stderr).decode("utf-8", "replace")
+
+
+def run_bounded(
+    course,
+    command: str,
+    *args: str,
+    bound: float,
+    env: dict | None = None,
+    prefix: tuple[str, ...] = (),
+) -> Result:
+    """``notebooks.py COMMAND CONFIG ARGS`` as a teacher runs it; fails the test if it is
+    still running after ``bound`` seconds (and then kills it and what it started)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [*prefix, PYTHON, str(NOTEBOOKS), command, str(course.config), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=full_env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            out, err = proc.communicate(timeout=10)
+        pytest.fail(
+            f"`{command}` still ran after {bound:g} s: one student held up the whole class\n"
+            f"{(out or b'').decode(errors='replace')}{(err or b'').decode(errors='replace')}"
+        )
+    result = Result(proc.returncode, out, err)
+    assert b"Traceback" not in err, result.text
+    return result
+
+
+STOPPER = r"""
+import os, signal, sys, time
+pulse = float(sys.argv[1])  # seconds between SIGCONT pulses (a watchdog then sees progress)
+print("ready", flush=True)
+last = time.monotonic()
+while True:
+    try:
+        os.kill(-1, signal.SIGSTOP)  # every process of mine but this one
+    except ProcessLookupError:
+        pass
+    if pulse and time.monotonic() - last > pulse:  # a moment of progress now and then
+        os.kill(-1, signal.SIGCONT)
+        time.sleep(0.001)
+        last = time.monotonic()
+    time.sleep(0.0005)
+"""
+
+
+@contextlib.contextmanager
+def stopper(course, username: str, pulse: float = 0.0):
+    """As the student: SIGSTOP every other process of theirs, as soon as it appears."""
+    proc = as_student(course, username, STOPPER, str(pulse), stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        uid, gid, _ = student_ids(course, username)
+        kill_uid(uid, gid)  # what it stopped (SIGKILL ends a stopped process too)
+
+
+def failed_line(text: str, username: str) -> bool:
+    return re.search(rf"^\s*{re.escape(username)}: FAILED", text, re.M) is not None
+
+
+def control_chars(data: bytes) -> list[str]:
+    """The control characters in ``data`` (UTF-8): C0 but newline and tab, DEL, C1."""
+    text = data.decode("utf-8", "replace")
+    return [
+        f"U+{ord(ch):04X}"
+        for ch in sorted(set(text))
+        if ch not in "\n\t" and unicodedata.category(ch) == "Cc"
+    ]
+
+
+def shutdown_quietly(course) -> None:
+    with contextlib.suppress(Exception):
+        run_bounded(course, "shutdown", bound=120)
+
+
+# --- 1. rule 11: remove leaves nothing of the student running, and no uid to inherit -----------
+
+REAPER = r"""
+import ctypes, os, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+uid, gid, groups, home, code = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+pid = os.fork()
+if pid == 0:
+    os.setgroups([int(g) for g in groups.split(",")]); os.setgid(gid); os.setuid(uid)
+    os.chdir(home)
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)  # nothing of the test's (its pipes) is held by the loop
+    os.execve(sys.executable, [sys.executable, "-c", code], {"HOME": home, "PATH": "/usr/bin:/bin"})
+print("ready", flush=True)
+while True:  # the loop's orphans come here: reap them, so they never pile up as zombies
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.05)
+"""
+
+FORK_LOOP = r"""
+import os
+os.setsid()
+while True:
+    if os.fork():
+        os._exit(0)
+"""
+
+
+@contextlib.contextmanager
+def forking_loop(course, username: str):
+    """As the student: a process that forks and exits in a loop (after setsid).
+
+    Its orphans are reparented to a reaper of the test's (a child subreaper) rather than to
+    this host's PID 1, so that they are reaped at once and no zombies pile up.
+    """
+    uid, gid, groups = student_ids(course, username)
+    errors = course.base / "reaper.err"
+    with open(errors, "wb") as err:
+        reaper = subprocess.Popen(
+            [
+                PYTHON,
+                "-c",
+                REAPER,
+                str(uid),
+                str(gid),
+                ",".join(map(str, groups)),
+                str(course.home(username)),
+                FORK_LOOP,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        assert reaper.stdout is not None and reaper.stdout.readline().strip() == b"ready"
+        time.sleep(0.5)
+        assert processes_of_uid(uid), f"the forking loop did not start: {errors.read_text()}"
+        yield
+    finally:
+        try:
+            kill_uid(uid, gid)
+        finally:
+            reaper.kill()
+            reaper.wait()
+
+
+def test_forking_loop_does_not_outlive_remove(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    uid, gid, _ = student_ids(course, u)
+    with forking_loop(course, u):
+        r = run_bounded(course, "remove", "--yes", bound=120)
+        assert r.returncode == 0, r.text
+        with pytest.raises(KeyError):
+            pwd.getpwnam(u)
+        # a leftover keeps forking: watch for a few seconds
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            left = processes_of_uid(uid)
+            assert not left, f"still running with the removed student's uid {uid}: {left}"
+            time.sleep(0.1)
+
+
+def test_new_account_never_gets_a_removed_uid_or_gid(ready_course):
+    course = ready_course
+    old = {u: course.pw(u) for u in course.usernames}
+    old_uids = {pw.pw_uid for pw in old.values()}
+    old_gids = {pw.pw_gid for pw in old.values()}
+    r = run_bounded(course, "remove", "--yes", bound=120)
+    assert r.returncode == 0, r.text
+    newcomers = [random_name() for _ in old]
+    course.extra_users += newcomers
+    course.write_roster([f"{u},Late{i},New{i},{u}@example.org" for i, u in enumerate(newcomers)])
+    r = run_bounded(course, "setup", "--yes", bound=120)
+    assert r.returncode == 0, r.text
+    for u in newcomers:
+        pw = pwd.getpwnam(u)
+        assert pw.pw_uid not in old_uids, f"{u} got uid {pw.pw_uid}, which a removed student had"
+        assert pw.pw_gid not in old_gids, f"{u} got gid {pw.pw_gid}, which a removed student had"
+
+
+SCATTER = r"""
+import os, sys
+tag = sys.argv[1]
+made = []
+for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+    path = os.path.join(folder, f".{tag}-file")
+    with open(path, "w") as f:
+        f.write("left behind\n")
+    made.append(path)
+sub = os.path.join("/tmp", f"{tag}-dir")
+os.mkdir(sub)
+with open(os.path.join(sub, "inner"), "w") as f:
+    f.write("left behind\n")
+made.append(sub)
+print("\n".join(made))
+"""
+
+
+def test_remove_deletes_what_the_student_owns_in_tmp(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    tag = "x" + uuid.uuid4().hex[:12]  # names that do not give away whose they are
+    made = run_as_student(course, u, SCATTER, tag).split()
+    try:
+        assert all(os.path.lexists(p) for p in made)
+        r = run_bounded(course, "remove", "--yes", bound=120)
+        assert r.returncode == 0, r.text
+        left = [p for p in made if os.path.lexists(p)]
+        assert not left, f"the removed student's files are still there: {left}"
+        assert list((course.state_dir / "archive").glob(f"{u}-*.tar.gz")), "not archived first"
+    finally:
+        for p in made:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+
+
+# --- 2. rule 12: no IPv6 squatting where ip is a wildcard ----------------------------------------
+
+SQUAT = r"""
+import json, socket, sys
+hold = sys.argv[1] == "hold"
+results, held = {}, []
+for port in map(int, sys.argv[2:]):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("::", port))
+        s.listen()
+        results[port] = "bound"
+        held.append(s)
+    except OSError as exc:
+        results[port] = exc.errno
+        s.close()
+print(json.dumps(results), flush=True)
+if hold:
+    sys.stdin.read()  # hold the sockets until the test closes stdin
+"""
+
+
+def ipv6_available() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def wait_for_portal(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, "launch ended before its portal answered"
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    pytest.fail(f"the portal did not answer on port {port} within {timeout} s")
+
+
+def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course):
+    """With ip = 0.0.0.0 a student cannot bind [::]:PORT (IPv6 only) on a class port."""
+    if not ipv6_available():
+        pytest.skip("this host has no IPv6")
+    course = ready_course
+    course.write_config(launch={"app": "server", "ip": "0.0.0.0"})
+    squatter, victim = course.usernames
+    portal_port = int(course.sections["launch"]["portal_port"])
+    launch = subprocess.Popen(
+        [PYTHON, str(NOTEBOOKS), "launch", str(course.config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_portal(portal_port, launch)
+        r = run_bounded(course, "status", "--json", bound=60)
+        rows = {row["username"]: row for row in json.loads(r.stdout)}
+        assert rows[victim]["server"] == "running", rows
+        ports = [portal_port, rows[victim]["port"]]
+        tried = json.loads(run_as_student(course, squatter, SQUAT, "try", *map(str, ports)))
+        assert tried == {str(p): errno.EADDRINUSE for p in ports}, (
+            f"a student bound [::] (IPv6 only) on the class's ports {ports}: {tried}"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launch.pid, signal.SIGTERM)
+        try:
+            launch.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+        shutdown_quietly(course)
+
+
+def test_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
+    """A port a student holds on IPv6 only is in use: check warns, launch does not hand it out."""
+    if not ipv6_available():
+        pytest.skip("this host has no IPv6")
+    course = ready_course
+    course.write_config(launch={"app": "server", "ip": "0.0.0.0"})
+    squatter = course.usernames[0]
+    first = int(course.sections["launch"]["first_port"])
+    portal_port = int(course.sections["launch"]["portal_port"])
+    holder = as_student(
+        course,
+        squatter,
+        SQUAT,
+        "hold",
+        str(first),
+        str(portal_port),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        held = json.loads(holder.stdout.readline())
+        assert held == {str(first): "bound", str(portal_port): "bound"}, held
+        check = run_bounded(course, "check", bound=120)
+        text = check.text
+        assert "ipv6" in text.lower(), f"check does not say how IPv6 is handled:\n{text}"
+        assert re.search(rf"\b{portal_port}\b.*in use", text), text
+        assert re.search(rf"\b{first}\b", text), f"check missed port {first} held on IPv6:\n{text}"
+
+        r = run_bounded(course, "launch", "--no-portal", bound=120)
+        assert r.returncode == 0, r.text
+        st = run_bounded(course, "status", "--json", bound=60)
+        rows = json.loads(st.stdout)
+        assert all(row["server"] == "running" for row in rows), rows
+        assert first not in {row["port"] for row in rows}, (
+            f"port {first} went to a student although another holds it on IPv6: {rows}"
+        )
+    finally:
+        if holder.stdin:
+            holder.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        shutdown_quietly(course)
+
+
+# --- 3. rule 13: no session keyring of root's --------------------------------------------------
+
+KEYRING_PROBE = """\
+import os, subprocess
+out = []
+try:
+    with open("/proc/keys") as f:
+        out.append(f.read())
+except OSError as exc:
+    out.append(f"/proc/keys: {{exc}}")
+for args in (["show", "@s"], ["print", "%user:{desc}"]):
+    try:
+        r = subprocess.run(["{keyctl}", *args], capture_output=True, text=True, timeout=20)
+        # only what keyctl found: its error for a missing key names the key it looked for
+        out.append(r.stdout if r.returncode == 0 else f"keyctl {{args[0]}}: not found")
+    except Exception as exc:
+        out.append(repr(exc))
+with open(os.path.join(os.path.expanduser("~"), "keyring-probe.txt"), "w") as f:
+    f.write("\\n".join(out))
+"""
+
+
+@MODES
+def test_teachers_session_keyring_does_not_reach_servers(make_course, mode):
+    keyctl = shutil.which("keyctl")
+    if keyctl is None:
+        pytest.fail("keyctl is missing: install Debian keyutils (scripts/install.sh --test)")
+    course = make_course(1)
+    assert course.run("setup", "--yes").returncode == 0
+    course.write_config(launch={"app": "server", "start_mode": mode})
+    u = course.usernames[0]
+    desc, secret = f"teacher-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
+    write_as(
+        course,
+        u,
+        ".jupyter/jupyter_server_config.py",
+        KEYRING_PROBE.format(desc=desc, keyctl=keyctl),
+    )
+    # the teacher's session: a keyring that holds a key (as login, su -l or sudo keep it)
+    add_then_run = 'keyctl add user "$1" "$2" @s >/dev/null || exit 99; shift 2; exec "$@"'
+    prefix = (keyctl, "session", "-", "sh", "-c", add_then_run, "sh", desc, secret)
+    try:
+        r = run_bounded(course, "launch", "--no-portal", bound=120, prefix=prefix)
+        assert r.returncode == 0, r.text
+        probe = course.home(u) / "keyring-probe.txt"
+        assert probe.exists(), "the student's config did not run"
+        seen = probe.read_text()
+        assert desc not in seen and secret not in seen, (
+            f"the student's server ({mode} mode) sees the teacher's session keyring:\n{seen}"
+        )
+    finally:
+        shutdown_quietly(course)
+
+
+# --- 7. rule 13: no descriptor of root's (the server's log) -------------------------------------
+
+FD_PROBE = """\
+import json, os, stat
+info = {}
+for fd in (0, 1, 2):
+    try:
+        st = os.fstat(fd)
+        info[fd] = {"uid": st.st_uid, "regular": stat.S_ISREG(st.st_mode)}
+    except OSError as exc:
+        info[fd] = {"error": str(exc)}
+with open(os.path.join(os.path.expanduser("~"), "fd-probe.json"), "w") as f:
+    json.dump(info, f)
+"""
+
+
+@MODES
+def test_server_and_kernels_hold_no_root_owned_log(make_course, mode):
+    course = make_course(1)
+    assert course.run("setup", "--yes").returncode == 0
+    course.write_config(launch={"app": "server", "start_mode": mode})
+    u = course.usernames[0]
+    write_as(course, u, ".jupyter/jupyter_server_config.py", FD_PROBE)
+    try:
+        r = run_bounded(course, "launch", "--no-portal", bound=120)
+        assert r.returncode == 0, r.text
+        # what the student's own code sees on its stdout and stderr
+        probe = json.loads((course.home(u) / "fd-probe.json").read_text())
+        for fd in ("1", "2"):
+            info = probe[fd]
+            assert not (info.get("regular") and info.get("uid") == 0), (
+                f"{mode} mode: the student's server writes fd {fd} straight into a root-owned "
+                f"file (it could truncate or fill it): {probe}"
+            )
+        st = run_bounded(course, "status", "--json", bound=60)
+        row = json.loads(st.stdout)[0]
+        pid, port = row["pid"], row["port"]
+        assert not roots_files(pid), f"the server holds root's files: {roots_files(pid)}"
+        # a kernel, started as the student would
+        password = course.credentials()[u]["notebook_password"]
+        session = requests.Session()
+        base = f"http://127.0.0.1:{port}"
+        session.get(f"{base}/login", timeout=10)
+        xsrf = session.cookies.get("_xsrf", "")
+        login = session.post(
+            f"{base}/login", data={"password": password, "_xsrf": xsrf}, allow_redirects=False
+        )
+        assert login.status_code in (302, 303), login.text[:300]
+        made = session.post(
+            f"{base}/api/kernels", json={"name": "python3"}, headers={"X-XSRFToken": xsrf}
+        )
+        assert made.status_code == 201, made.text[:300]
+        uid = course.pw(u).pw_uid
+        kernels: list[psutil.Process] = []
+        end = time.monotonic() + 60
+        while not kernels and time.monotonic() < end:
+            with contextlib.suppress(psutil.Error):
+                kernels = [
+                    p
+                    for p in psutil.Process(pid).children(recursive=True)
+                    if p.uids().real == uid and "ipykernel" in " ".join(p.cmdline())
+                ]
+            time.sleep(0.3)
+        assert kernels, "no kernel process appeared"
+        for k in kernels:
+            assert not roots_files(k.pid), f"the kernel holds root's files: {roots_files(k.pid)}"
+    finally:
+        shutdown_quietly(course)
+
+
+# --- 4. rule 14: retrieve is bounded whatever the home holds -----------------------------------
+
+FLOOD = r"""
+import os, sys
+links, folders = int(sys.argv[1]), int(sys.argv[2])
+base = os.path.join(os.path.expanduser("~"), "tutorial")
+fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+for i in range(folders):  # many empty folders
+    os.mkdir(f"f{i:06d}", dir_fd=fd)
+for depth in range(15):  # 15 nested folders with 255-character names
+    name = (f"{depth:02d}" + "d" * 255)[:255]
+    os.mkdir(name, dir_fd=fd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+for i in range(links):  # at the bottom, many symlinks: each one is a skipped entry
+    os.symlink("/etc/passwd", f"l{i:06d}", dir_fd=fd)
+with open(os.path.join(base, "lesson.ipynb"), "a") as f:  # and one real edit
+    f.write("\n# my answer\n")
+"""
+
+
+def manifest_rows(dest: Path, username: str) -> list[list[str]]:
+    csv.field_size_limit(1 << 24)
+    try:
+        with open(dest / "manifest.csv", encoding="utf-8", errors="replace", newline="") as f:
+            return [row for row in csv.reader(f) if row and row[0] == username]
+    except FileNotFoundError:
+        return []
+
+
+def snapshots(dest: Path, username: str) -> list[str]:
+    return sorted(
+        p.name
+        for p in (dest / username).iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
+
+
+def test_retrieve_flood_is_bounded_and_not_repeated(ready_course):
+    course = ready_course
+    flooder, other = course.usernames
+    dest = course.base / "submissions"
+    try:
+        assert course.run("send").returncode == 0
+        run_as_student(course, flooder, FLOOD, "12000", "10500", timeout=300)
+        write_as(course, other, "tutorial/answer.py", "print(42)\n")
+
+        r = run_bounded(course, "retrieve", bound=300)
+        assert r.returncode == 0, r.text
+        rows = manifest_rows(dest, flooder)
+        assert 0 < len(rows) <= 10_001, (
+            f"{len(rows)} manifest rows for one student in one retrieval (at most 10,000 and "
+            "a summary row)"
+        )
+        (snap,) = snapshots(dest, flooder)
+        folders = sum(len(d) for _, d, _ in os.walk(dest / flooder / snap))
+        assert folders <= 10_000, f"{folders} folders in one snapshot (at most 10,000)"
+        assert (dest / flooder / "latest" / "lesson.ipynb").read_text().endswith("# my answer\n")
+        assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
+
+        again = run_bounded(course, "retrieve", bound=300)
+        assert again.returncode == 0, again.text
+        assert snapshots(dest, flooder) == [snap], "the same skipped entries made a new snapshot"
+        assert len(manifest_rows(dest, flooder)) == len(rows), "nothing changed, yet new rows"
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)  # tens of MB before the fix
+
+
+# --- 5, 6. rule 14: a student who stops their own helpers stalls no one else --------------------
+
+MANY_FILES = r"""
+import os, sys
+base = os.path.join(os.path.expanduser("~"), "tutorial", "many")
+os.makedirs(base, exist_ok=True)
+for i in range(int(sys.argv[1])):
+    with open(os.path.join(base, f"n{i:05d}.txt"), "w") as f:
+        f.write(f"{i}\n")
+"""
+
+
+def test_retrieve_is_not_stalled_by_a_student_who_stops_the_reader(ready_course):
+    course = ready_course
+    staller, other = course.usernames
+    assert course.run("send").returncode == 0
+    run_as_student(course, staller, MANY_FILES, "5000")  # a reader that takes a while
+    write_as(course, other, "tutorial/answer.py", "print(42)\n")
+    with stopper(course, staller, pulse=2.0):
+        r = run_bounded(course, "retrieve", env={DEADLINE_ENV: "5"}, bound=45)
+    assert r.returncode == 1, r.text
+    assert failed_line(r.text, staller), r.text
+    assert re.search(rf"^\s*{other}: collected", r.text, re.M), r.text
+    dest = course.base / "submissions"
+    assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
+
+
+def test_launch_is_not_stalled_by_a_student_who_stops_the_preparation(ready_course):
+    course = ready_course
+    staller, other = course.usernames  # the staller comes first in the roster
+    course.write_config(launch={"app": "server", "start_timeout": "20"})
+    try:
+        with stopper(course, staller):
+            r = run_bounded(course, "launch", "--no-portal", env={DEADLINE_ENV: "5"}, bound=45)
+        assert r.returncode == 1, r.text
+        assert failed_line(r.text, staller), r.text
+        st = run_bounded(course, "status", "--json", bound=60)
+        rows = {row["username"]: row for row in json.loads(st.stdout)}
+        assert rows[other]["server"] == "running", rows
+        assert requests.get(f"http://127.0.0.1:{rows[other]['port']}/api", timeout=10).ok
+    finally:
+        shutdown_quietly(course)
+
+
+def test_send_is_not_stalled_by_a_student_who_stops_the_worker(ready_course):
+    course = ready_course
+    staller, other = course.usernames
+    many = course.base / "tutorial" / "many"
+    many.mkdir()
+    for i in range(3000):  # a worker that takes a while
+        (many / f"n{i:05d}.txt").write_text(f"{i}\n")
+    with stopper(course, staller):
+        r = run_bounded(course, "send", env={DEADLINE_ENV: "5"}, bound=45)
+    assert r.returncode == 1, r.text
+    assert failed_line(r.text, staller), r.text
+    assert (course.home(other) / "tutorial" / "many" / "n02999.txt").exists()
+
+
+# --- 8. rule 15: nothing of a student's reaches the teacher's terminal raw --------------------
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[2K\x1b[1A started"
+NOISY_CONFIG = """\
+import os, sys
+for out in (sys.stdout, sys.stderr):
+    out.write("\\x1b[31mError\\x1b[0m: {escapes}\\n{escapes}\\n")
+    out.flush()
+os._exit(1)
+""".format(escapes=ESCAPES.encode("unicode_escape").decode())
+
+
+@MODES
+def test_failed_start_shows_no_escape_sequences(make_course, mode):
+    course = make_course(1)
+    assert course.run("setup", "--yes").returncode == 0
+    course.write_config(launch={"app": "server", "start_mode": mode, "start_timeout": "30"})
+    u = course.usernames[0]
+    write_as(course, u, ".jupyter/jupyter_server_config.py", NOISY_CONFIG)
+    try:
+        r = run_bounded(course, "launch", "--no-portal", bound=120)
+        assert r.returncode == 1, r.text
+        assert failed_line(r.text, u), r.text
+        for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
+            assert not control_chars(data), (
+                f"launch's {name} carries the student's control characters "
+                f"{control_chars(data)}: {data!r}"
+            )
+    finally:
+        shutdown_quietly(course)
+
+
+HOSTILE_NAMES = [
+    "\x1b]0;pwned\x07title.txt",
+    "\x1b[2K\x1b[1A started.py",
+    "csi\u009b31mred.txt",
+]
+
+MAKE_NAMES = r"""
+import json, os, sys
+base = os.path.join(os.path.expanduser("~"), "tutorial")
+for name in json.loads(sys.argv[1]):
+    with open(os.path.join(base, name), "w") as f:
+        f.write("x\n")
+    os.symlink("/etc/passwd", os.path.join(base, "link-" + name))  # skipped, and named
+"""
+
+
+def test_retrieve_shows_students_file_names_without_control_characters(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    assert course.run("send").returncode == 0
+    run_as_student(course, u, MAKE_NAMES, json.dumps(HOSTILE_NAMES))
+    # --deadline in the past: every new file is late, and late files are listed by name
+    r = run_bounded(course, "retrieve", "--deadline", "2000-01-01 00:00", bound=120)
+    assert r.returncode == 0, r.text
+    assert re.search(rf"^\s*{u}: collected", r.text, re.M), r.text
+    assert "late" in r.text and "skipped" in r.text, r.text
+    for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
+        assert not control_chars(data), f"retrieve's {name}: {control_chars(data)}: {data!r}"
+
+
+def test_send_shows_file_names_without_control_characters(ready_course):
+    course = ready_course
+    u = course.usernames[0]
+    for name in HOSTILE_NAMES:
+        (course.base / "tutorial" / name).write_text("v1\n")
+    r = run_bounded(course, "send", bound=120)
+    assert r.returncode == 0, r.text
+    # the student edits them; the teacher changes them: conflicts, listed by name
+    for name in HOSTILE_NAMES:
+        write_as(course, u, f"tutorial/{name}", "mine\n")
+        (course.base / "tutorial" / name).write_text("v2\n")
+    r2 = run_bounded(course, "send", bound=120)
+    assert r2.returncode in (0, 1), r2.text
+    for run, result in (("first", r), ("second", r2)):
+        for name, data in (("stdout", result.stdout), ("stderr", result.stderr)):
+            assert not control_chars(data), (
+                f"send's {name} ({run} run): {control_chars(data)}: {data!r}"
+            )
+
+
+def test_helpers_see_control_characters():
+    """The checks above can fail: control_chars finds what a terminal would act on."""
+    assert control_chars(ESCAPES.encode()) == ["U+0007", "U+001B"]
+    assert control_chars("csi\u009b ě".encode()) == ["U+009B"]
+    assert control_chars(b"  alice: collected \\x1b]0;pwned\\x07\tok\n") == []
