@@ -107,7 +107,7 @@ def test_fork_server_holds_nothing_and_its_children_are_the_students(ready_cours
         assert set(proc_status(server_pid)["Uid"].split()) == {str(pw.pw_uid)}
         assert wait_answers(port, server_pid), log.read_text()
         server = psutil.Process(server_pid)
-        assert server.ppid() != fork.pid  # forked twice: not the fork server's child
+        assert server.ppid() == fork.pid  # its child: the fork server supervises and reaps it
 
         st = proc_status(server_pid)
         assert set(st["Uid"].split()) == {str(pw.pw_uid)} and set(st["Gid"].split()) == {

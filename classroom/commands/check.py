@@ -20,7 +20,7 @@ from ..core.addresses import WILDCARD_IPS, proxied, stacks
 from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
 from ..core.roster import Roster
 from ..core.settings import Settings
-from ..host import credentials, hooks, sharedfolder
+from ..host import credentials, hooks, limits, sharedfolder
 from ..host.accounts import FOREIGN, check_group, inspect
 from ..host.files import world_readable_chain
 from ..host.ports import ipv6_available, port_free
@@ -36,6 +36,7 @@ PROBE_TIMEOUT = 120  # seconds for the servers' Python to import Jupyter as nobo
 class Findings:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    limits: dict = field(default_factory=dict)  # which mechanism enforces [limits] here
     notes: list[str] = field(default_factory=list)  # how things are, for the teacher to know
 
 
@@ -160,6 +161,18 @@ def check_system_accounts(roster: Roster, found: Findings) -> None:
             )
 
 
+def check_limits(s: Settings, found: Findings, host: limits.Host | None = None) -> None:
+    """Which mechanism enforces [limits] on this host; a warning for each set limit it cannot."""
+    host = host or limits.detect()
+    wanted = limits.Limits.of(s)
+    found.limits = {
+        "mechanism": host.summary(),
+        "enforced_by": host.enforces(),
+        "set": wanted.describe(),
+    }
+    found.warnings += [f"{s.where('limits', '')}: {w}" for w in host.cannot(wanted)]
+
+
 def own_server_ports(course: Course) -> set[int]:
     """The ports the course's running servers hold."""
     from ..host.server import Server
@@ -258,6 +271,7 @@ def check(config_path: Path, as_json: bool = False) -> int:
         if warning := credentials.address_warning(settings):
             found.warnings.append(warning)
         check_stacks(settings, found)
+        check_limits(settings, found)
         if roster is not None:
             check_system_accounts(roster, found)
             course = peek_course(settings, roster)
@@ -278,10 +292,18 @@ def check(config_path: Path, as_json: bool = False) -> int:
     ok = not found.problems
     n = len(roster) if roster else 0
     if as_json:
-        report = {"ok": ok, "problems": found.problems, "warnings": found.warnings, "students": n}
-        report["notes"] = found.notes
+        report = {
+            "ok": ok,
+            "problems": found.problems,
+            "warnings": found.warnings,
+            "students": n,
+            "limits": found.limits,
+            "notes": found.notes,
+        }
         click.echo(json.dumps(report, indent=2))
     else:
+        if found.limits:
+            click.echo(f"limits: {found.limits['mechanism']}; set: {found.limits['set']}")
         for note in found.notes:
             click.echo(f"note: {note}")
         for p in found.problems:

@@ -199,7 +199,7 @@ def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn)
     if not servers:
         return report.finish()
     ensure_log_dir(s)
-    forker = Forker(s, report.note) if s.start_mode == "fork" else None
+    forker = Forker(s, report.note)  # the servers' supervisor (and fork server), both modes
     remember_ports(course.state, servers)
     try:
         ready = _run_pre_spawn(course, report, pre_spawn, _prepare_homes(course, report, servers))

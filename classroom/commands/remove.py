@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import Refused, StepFailed
-from ..host import credentials, interrupts, leftovers
+from ..host import credentials, interrupts, leftovers, limits
 from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspect
 from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
@@ -206,11 +206,15 @@ def remove_accounts(course: Course, report: Report, present: list[Account]) -> N
                         course.state.record("remove", a.username, "removed", detail)
                     # and after it: nothing of that uid outlives the account
                     survivors = kill_every_process_of(ids)[a.pw.pw_uid]
+                    # its cgroup (``[limits]``) goes with it; what is left there is SIGKILLed
+                    released = dry_run() or limits.release(s.name, a.username)
                 if survivors:
                     raise StepFailed(
                         f"account deleted, but processes of uid {a.pw.pw_uid} survived "
                         f"SIGKILL: {', '.join(map(str, survivors))}; stop them by hand"
                     )
+                if not released:
+                    raise StepFailed("account deleted, but its cgroup is not empty; remove again")
                 report.done(a.username, "removed", f"archive {archived}" if archived else "")
             except StepFailed as exc:
                 report.failed(a.username, str(exc))

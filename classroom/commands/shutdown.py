@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..core.roster import Student
-from ..host import accounts, hooks
+from ..host import accounts, hooks, limits
 from ..host.processes import other_jupyter, server_tree
 from ..host.server import Server, stop_servers
 from ..host.serverhome import remove_socket_dir
@@ -33,6 +33,7 @@ class Stop:
     server: Server | None  # the course's record of their server, if any
     running: bool = False  # that server's process is still there
     extras: list[psutil.Process] = field(default_factory=list)  # --all-jupyter
+    cgroup: bool = False  # the student's cgroup ([limits]) exists: emptied and removed
 
     def describe(self, dry_run: bool) -> str:
         what = []
@@ -49,6 +50,8 @@ class Stop:
             )
         if self.extras:
             what.append(f"{len(self.extras)} other Jupyter process(es)")
+        if self.cgroup and not what:
+            what.append("what was left in its cgroup")
         return ", ".join(what)
 
 
@@ -61,6 +64,7 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
         stopped = _stop_all(
             course, report, stops
         )  # under --dry-run, the chokepoints change nothing
+        stopped = _release_cgroups(course, report, stopped)
         students = [(st.username, st.home, st.server.port if st.server else None) for st in stopped]
         errors = hooks.run_all(course.settings, post_stop, students)
     for stop, error in zip(stopped, errors, strict=True):
@@ -96,11 +100,12 @@ def plan(course: Course, only: tuple[str, ...], all_jupyter: bool, report: Repor
         if all_jupyter and acc.kind == accounts.OK and acc.pw is not None:
             mine = {p.pid for p in server_tree(proc)} if proc else set()
             extras = other_jupyter(acc.pw.pw_uid, mine)
-        if server is None and not extras:
+        cgroup = bool(limits.locate(course.settings.name, student.username))
+        if server is None and not extras and not cgroup:
             report.unchanged(student.username)
             continue
         home = acc.pw.pw_dir if acc.pw else str(course.settings.home_base / student.username)
-        stops.append(Stop(student.username, home, server, proc is not None, extras))
+        stops.append(Stop(student.username, home, server, proc is not None, extras, cgroup))
     return stops
 
 
@@ -126,3 +131,17 @@ def _stop_all(course: Course, report: Report, stops: list[Stop]) -> list[Stop]:
             stop.server.forget(course.state, "shutdown", "stopped", detail)
         stopped.append(stop)
     return stopped
+
+
+def _release_cgroups(course: Course, report: Report, stopped: list[Stop]) -> list[Stop]:
+    """Empty (SIGKILL what is left: a process started from a terminal, say) and remove each
+    stopped student's cgroup; those where something survived failed."""
+    if course.dry_run:
+        return stopped
+    released = []
+    for stop in stopped:
+        if stop.cgroup and not limits.release(course.settings.name, stop.username):
+            report.failed(stop.username, "processes survived SIGKILL in its cgroup; try again")
+            continue
+        released.append(stop)
+    return released

@@ -7,11 +7,13 @@ from typing import Any
 
 import click
 
+from ..host import limits
 from ..host.accounts import FOREIGN, MISSING, OK, inspect
+from ..host.processes import tree_memory
 from .course import Course
 from .portal import status_entry
 
-HEADERS = ["username", "name", "account", "server", "last send", "last retrieve"]
+HEADERS = ["username", "name", "account", "server", "memory", "last send", "last retrieve"]
 
 
 def status(
@@ -48,7 +50,27 @@ def status(
         click.echo(f"portal: running in the background, pid {portal['pid']}, {portal['url']}")
     else:
         click.echo("portal: not running in the background")
+    click.echo(limits_line(course))
     return 0
+
+
+def limits_line(course: Course) -> str:
+    """The limits in force per student, and what enforces them on this host."""
+    wanted = limits.Limits.of(course.settings)
+    if not wanted.set():
+        return "limits: none ([limits] is not set)"
+    enforced = limits.detect().enforces()
+    how = ", ".join(f"{name} by {enforced[name] or 'nothing'}" for name in wanted.set())
+    return f"limits per student: {wanted.describe()} ({how})"
+
+
+def memory_in_use(course: Course, username: str, pid: int | None) -> int | None:
+    """Bytes a running student's server, kernels and terminals use: from their cgroup,
+    else the sum over the server's process tree; None when it is not running."""
+    if not pid:
+        return None
+    used = limits.memory_used(course.settings.name, username)
+    return used if used is not None else tree_memory(pid)
 
 
 def student_rows(course: Course, only: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -71,6 +93,9 @@ def student_rows(course: Course, only: tuple[str, ...]) -> list[dict[str, Any]]:
                 "port": server.get("port"),
                 "pid": server.get("pid"),
                 "url": server.get("url"),
+                "memory": memory_in_use(course, st.username, server.get("pid"))
+                if server.get("server") == "running"
+                else None,
                 "last_send": course.state.last(st.username, "send"),
                 "last_retrieve": course.state.last(st.username, "retrieve"),
             }
@@ -86,9 +111,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if server == "running":
             where = f":{r['port']}" if r["port"] else "(proxy)"
             server = f"running {where} pid {r['pid']}"
+        memory = limits.size_text(r["memory"]) if r["memory"] is not None else "-"
         name = r["name"] if r["in_roster"] else f"{r['name']} (not in the roster)".lstrip()
         table.append(
-            [r["username"], name, r["account"], server]
+            [r["username"], name, r["account"], server, memory]
             + [r["last_send"] or "-", r["last_retrieve"] or "-"]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(HEADERS, *table, strict=False)]

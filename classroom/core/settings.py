@@ -139,6 +139,14 @@ def limit() -> Parser:
     return parse
 
 
+def cpus(value: str, base: Path) -> float:
+    """A number of CPUs, fractions allowed; 0 = no limit."""
+    number = float(value)
+    if not 0 <= number <= 4096:
+        raise ValueError(f"{value} is not a number of CPUs (e.g. 0.5, 2; 0 = no limit)")
+    return number
+
+
 def choice(*options: str) -> Parser:
     def parse(value: str, base: Path) -> str:
         if value not in options:
@@ -334,6 +342,30 @@ KEYS: tuple[Key, ...] = (
     Key("hooks", "pre_spawn", text(), "", "an executable, or module:function"),
     Key("hooks", "post_stop", text(), "", "an executable, or module:function"),
     Key("hooks", "timeout", seconds(0), "60", "seconds a hook gets", field="hook_timeout"),
+    Key(
+        "limits",
+        "memory",
+        lambda v, b: parse_size(v),
+        "0",
+        "per student (server, kernels, terminals together); K, M, G; 0 = no limit",
+        field="memory_limit",
+    ),
+    Key(
+        "limits",
+        "cpu",
+        cpus,
+        "0",
+        "per student, in CPUs (e.g. 1.5); 0 = no limit",
+        field="cpu_limit",
+    ),
+    Key(
+        "limits",
+        "tasks",
+        integer(0, 10**7),
+        "0",
+        "processes and threads per student; 0 = no limit",
+        field="tasks_limit",
+    ),
     Key(
         "shared",
         "folder",

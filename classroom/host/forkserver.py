@@ -3,15 +3,31 @@
 ``launch`` starts it as ``python -I forkserver.py APP``. It imports the server
 application (``lab``, ``notebook`` or ``server``) and its heavy dependencies,
 ``gc.freeze()``s, then answers one JSON request per line on stdin with one JSON
-line on stdout: ``{"username", "uid", "argv", "log"}`` -> ``{"pid"}`` or ``{"error"}``.
+line on stdout: ``{"username", "uid", "argv", "log", "placement", "exec"}`` ->
+``{"pid"}`` or ``{"error"}``. With ``exec`` (a whole command line) the child runs that
+program instead; ``python -I forkserver.py exec`` imports nothing and only does that
+(``start_mode = exec``).
+
+It is also the class's supervisor: the servers (and their log writers) are its
+children, orphaned to it by the intermediate process that forked them; it is their
+subreaper (``PR_SET_CHILD_SUBREAPER``: a kernel whose server died is adopted by it,
+not by PID 1) and it reaps every one of them, whatever the host's PID 1 does. EOF on
+stdin ends the requests; it then stays until the last process it started or adopted
+has ended, so servers keep running after launch exits, as before.
+
+A server's stdout and stderr are a pipe into a small root log writer (``logwriter.py``)
+that appends to its log: the student never holds a descriptor of root's.
+
+Each child joins the student's cgroup (``limits.enter``: the placement launch made)
+as root, before it becomes the student: no student code runs outside the limits.
 
 It holds no secret and no roster data: a request carries only a username, the
 uid launch expects, the server's arguments (no secret in them) and the log path.
 The child becomes the student before any Jupyter code runs, then reads its own
 settings (the password hash included) from the student's ``~/.jupyter``.
 
-The script side imports only the standard library and ``identity.py`` (stdlib-only,
-loaded by path when run as a script), so it runs without the ``classroom`` package;
+The script side imports only the standard library, ``identity.py``, ``limits.py`` and
+``logwriter.py`` (stdlib-only, loaded by path when run as a script), so it runs without the ``classroom`` package;
 ``ForkServer`` is the client ``launch`` uses.
 """
 
@@ -39,14 +55,16 @@ def _sibling(name: str):
     spec = importlib.util.spec_from_file_location(f"_classroom_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
 if __package__:
-    from . import identity, logwriter
+    from . import identity, limits, logwriter
 else:  # ``python -I forkserver.py``: no package, and its folder is not on sys.path
     identity = _sibling("identity")
+    limits = _sibling("limits")
     logwriter = _sibling("logwriter")
 
 APPS = {
@@ -130,6 +148,8 @@ PRELOAD = (
 BECAME_FD = 3  # the child's end of the pipe that says "I am the student now" (then closed)
 FIRST_FD = 4  # every descriptor from here up is closed in the child
 BECAME = b"ok"
+EXEC = "exec"  # the "app" of a fork server that imports nothing and only starts programs
+PR_SET_CHILD_SUBREAPER = 36
 BECOME_TIMEOUT = 10  # seconds a child gets from fork to "I am the student now"
 # The fork server's environment carries this padding so that each child can write its own
 # (clean) environment over the block the kernel shows as /proc/PID/environ.
@@ -158,14 +178,17 @@ def threads() -> int:
 
 
 def reply(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # launch is gone: the requests end with EOF anyway
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
 
 
 def serve(app: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for launch; EOF on stdin ends us
+    become_subreaper()
     try:
-        preload(app)
+        if app != EXEC:
+            preload(app)
     except Exception as exc:  # reported to launch, which falls back to exec
         reply({"error": f"cannot import the {app} application: {type(exc).__name__}: {exc}"})
         return 1
@@ -176,6 +199,7 @@ def serve(app: str) -> int:
             {"error": f"the fork server has {threads()} threads after importing; it must have one"}
         )
         return 1
+    signal.signal(signal.SIGCHLD, reap)  # only now: an import may wait for a child of its own
     reply({"ready": True, "pid": os.getpid(), "app": app})
     for line in sys.stdin.buffer:
         try:
@@ -183,15 +207,58 @@ def serve(app: str) -> int:
             reply({"pid": spawn(app, request)})
         except Exception as exc:  # one bad request is that student's failure, not ours
             reply({"error": f"{type(exc).__name__}: {exc}"})
+    supervise()
     return 0
 
 
+def become_subreaper() -> None:
+    """Orphans of our servers (their kernels) become our children, not PID 1's."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        sys.stderr.write(f"classroom: PR_SET_CHILD_SUBREAPER failed: {os.strerror(err)}\n")
+
+
+def reap(*_: object) -> None:
+    """Collect every child that has ended (SIGCHLD): no zombie waits for PID 1."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def supervise() -> None:
+    """After the last request: reap until no child of ours (started or adopted) is left."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
 def spawn(app: str, request: dict) -> int:
-    """Fork twice (so the server is nobody's child here) and return the server's pid."""
+    """Fork the student's server and return its pid once it is the student.
+
+    An intermediate child starts the server's log writer, forks the server and exits: the
+    server and the writer are then orphans the kernel gives to us, their subreaper (we
+    reap them). The intermediate gives up on a server not the student within
+    ``BECOME_TIMEOUT``, so a student who stops it cannot hold up the next request."""
     username = str(request["username"])
     uid = int(request["uid"])
     args = [str(a) for a in request["argv"]]
     log_path = str(request["log"])
+    placement = dict(request.get("placement") or {})
+    program = request.get("exec")
+    if program is None and app == EXEC:
+        raise ValueError("this fork server only starts programs (no exec command given)")
     pw = pwd.getpwnam(username)
     if pw.pw_uid != uid or uid == 0:
         raise PermissionError(f"{username} has uid {pw.pw_uid}, not {uid}: refused")
@@ -204,6 +271,8 @@ def spawn(app: str, request: dict) -> int:
     if pid == 0:  # intermediate: start the log writer, fork the server, tell its pid, vanish
         code = 1
         try:
+            # Its own children are waited for here, not reaped behind its back by reap().
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.close(rfd)
             output = log_output(log_path)
             became_r, became_w = os.pipe()
@@ -211,7 +280,9 @@ def spawn(app: str, request: dict) -> int:
             if server == 0:
                 os.close(wfd)
                 os.close(became_r)
-                become_server(app, pw, args, output, became_w)  # never returns
+                if program is not None:
+                    become_program(pw, [str(a) for a in program], output, became_w, placement)
+                become_server(app, pw, args, output, became_w, placement)  # never returns
             os.close(became_w)
             os.close(output)
             # Once it is the student's the student can stop it before it says so: give up
@@ -227,10 +298,13 @@ def spawn(app: str, request: dict) -> int:
             with contextlib.suppress(Exception):
                 os.write(wfd, f"?{type(exc).__name__}: {exc}".encode()[:500])
         finally:
+            # The server and its log writer are orphaned: the kernel gives them to the
+            # nearest subreaper, this fork server, which reaps them (supervise).
             os._exit(code)
     os.close(wfd)
     data = read_all(rfd)
-    os.waitpid(pid, 0)
+    with contextlib.suppress(ChildProcessError):  # reap() may have collected it already
+        os.waitpid(pid, 0)
     if not data:
         raise RuntimeError("fork failed")
     if data == b"!":
@@ -271,29 +345,49 @@ def read_all(fd: int, timeout: float | None = None) -> bytes:
     return data
 
 
-def become_server(
-    app: str, pw: pwd.struct_passwd, args: list[str], output: int, became: int
-) -> None:
-    """In the child: drop everything of root's, become the student, run the server with
-    stdout and stderr on ``output`` (the log writer's pipe). Never returns.
+def become_student(pw: pwd.struct_passwd, output: int, became: int, placement: dict) -> None:
+    """In the child: stdout and stderr on ``output`` (the log writer's pipe), join the
+    student's cgroup, drop everything of root's, become the student, then say so on
+    ``became`` (and close it), so the pid launch records is never that of a process still
+    running as root. Raises on any failure."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.dup2(became, BECAME_FD)
+    os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a freshly started Python
+    limits.enter(placement)  # as root, before any code of the student's can run
+    identity.become(pw)
+    os.write(BECAME_FD, BECAME)
+    os.close(BECAME_FD)
 
-    Once it is the student it writes ``BECAME`` to ``became`` (and closes it), so the pid
-    launch records is never that of a process still running as root.
-    """
+
+def become_program(
+    pw: pwd.struct_passwd, argv: list[str], output: int, became: int, placement: dict
+) -> None:
+    """In the child: become the student, then ``execve`` ``argv`` (exec mode). Never returns."""
     try:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(output, 1)
-        os.dup2(output, 2)
-        os.dup2(became, BECAME_FD)
-        os.closerange(FIRST_FD, os.sysconf("SC_OPEN_MAX"))  # every inherited descriptor
-        os.setsid()
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a freshly started Python
-        identity.become(pw)
-        os.write(BECAME_FD, BECAME)
-        os.close(BECAME_FD)
+        become_student(pw, output, became, placement)
+        os.chdir(pw.pw_dir)
+        os.umask(0o077)
+        os.execve(argv[0], argv, identity.student_env(pw))
+    except BaseException as exc:  # noqa: BLE001 - the child must never return into the server
+        with contextlib.suppress(Exception):
+            os.write(2, f"classroom: cannot start {pw.pw_name}'s server: {exc}\n".encode())
+    os._exit(127)
+
+
+def become_server(
+    app: str, pw: pwd.struct_passwd, args: list[str], output: int, became: int, placement: dict
+) -> None:
+    """In the child: become the student (``become_student``), run the server with stdout
+    and stderr on ``output``. Never returns."""
+    try:
+        become_student(pw, output, became, placement)
         env = identity.student_env(pw)
         os.environ.clear()
         os.environ.update(env)
@@ -387,13 +481,15 @@ class ForkServer:
         self.app = app
         self.buffer = b""
         self.ready = False
+        self.spawned = 0  # servers it started: once it has any, it stays to supervise them
 
     @classmethod
     def start(
         cls, app: str, *, python: str | None = None, log_path: str | None = None
     ) -> ForkServer:
-        """Start it (it imports in the background); ``wait_ready`` before ``spawn``."""
-        if app not in APPS:
+        """Start it (it imports in the background); ``wait_ready`` before ``spawn``.
+        ``app`` ``exec``: one that imports nothing and only starts programs."""
+        if app not in APPS and app != EXEC:
             raise ForkServerError(f"unknown app {app!r}")
         python = python or sys.executable
         stderr = subprocess.DEVNULL
@@ -463,11 +559,25 @@ class ForkServer:
         self.ready = True
 
     def spawn(
-        self, username: str, uid: int, argv: list[str], log_path: str, timeout: float = 30
+        self,
+        username: str,
+        uid: int,
+        argv: list[str],
+        log_path: str,
+        timeout: float = 30,
+        *,
+        placement: dict | None = None,
+        program: list[str] | None = None,
     ) -> int:
-        """Ask for one student's server; return its pid. ``ForkServerError`` if the server is gone."""
+        """Ask for one student's server; return its pid. ``placement``: the student's cgroup
+        (``limits.prepare``); ``program``: run this command instead of the preloaded app.
+        ``ForkServerError`` if the fork server is gone; ``ValueError`` if this request failed."""
         self.wait_ready(timeout)
         request = {"username": username, "uid": uid, "argv": argv, "log": log_path}
+        if placement:
+            request["placement"] = placement
+        if program is not None:
+            request["exec"] = program
         try:
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
@@ -475,24 +585,28 @@ class ForkServer:
             raise ForkServerError(f"it stopped ({exc.strerror or exc})") from None
         message = self._read_reply(timeout)
         if "pid" in message:
+            self.spawned += 1
             return int(message["pid"])
         raise ValueError(message.get("error") or f"unexpected answer {message}")
 
     def close(self, timeout: float = 5) -> None:
-        """EOF on its stdin ends it; the servers it forked keep running."""
+        """EOF on its stdin: no more requests. With servers started it stays, their
+        supervisor, until the last has ended; without, it ends now (killed after
+        ``timeout`` if it does not)."""
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
+        if not self.spawned:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
         with contextlib.suppress(OSError):
             self.proc.stdout.close()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in APPS:
-        sys.stderr.write(f"usage: forkserver.py {{{'|'.join(APPS)}}}\n")
+    if len(sys.argv) != 2 or (sys.argv[1] not in APPS and sys.argv[1] != EXEC):
+        sys.stderr.write(f"usage: forkserver.py {{{'|'.join([*APPS, EXEC])}}}\n")
         sys.exit(2)
     sys.exit(serve(sys.argv[1]))

@@ -168,6 +168,23 @@ def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
     return found
 
 
+def tree_memory(pid: int) -> int | None:
+    """Bytes a server's tree (``server_tree``) uses: the sum of each process's unique memory
+    (USS; RSS where that cannot be read). None if the process is gone."""
+    try:
+        procs = server_tree(psutil.Process(pid))
+    except psutil.Error:
+        return None
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            try:
+                total += p.memory_full_info().uss
+            except psutil.AccessDenied:
+                total += p.memory_info().rss
+    return total
+
+
 def kill_every_process_of(
     ids: Iterable[tuple[int, int]], timeout: float = UID_KILL_TIMEOUT
 ) -> dict[int, list[int]]:

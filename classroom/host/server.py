@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import os
 import pwd
 import socket
@@ -34,15 +35,18 @@ from ..core.addresses import https, probe_host, proxied, server_path, server_url
 from ..core.errors import ClassroomError, StepFailed
 from ..core.launchplan import exec_argv, server_args, socket_path
 from ..core.settings import Settings
-from . import hooks, logwriter
-from .forkserver import ForkServer, ForkServerError
+from . import hooks, limits, logwriter
+from .forkserver import EXEC, ForkServer, ForkServerError
 from .identity import launcher_argv, server_python, student_env
 from .processes import find_process, stop_processes
 from .serverlogs import log_dir, log_path, open_log
 from .state import State, now
 from .system import dry_run, spawn
 
+log = logging.getLogger("classroom")
+
 READY_POLL = 0.2  # seconds between readiness probes
+EXEC_READY_TIMEOUT = 30  # seconds for a fork server that imports nothing to answer
 STOPPED_EARLY = "the server stopped before it answered"
 
 # exec-mode servers and log writers we started (reaped when they die)
@@ -139,33 +143,42 @@ class Server:
     def start(self, settings: Settings, forker: Forker | None = None) -> str:
         """Start it as the student, logging to its log; return its address.
 
-        Through ``forker`` while the fork server works, else as a new program. Raises
-        ``OSError``, ``ValueError`` or ``psutil.Error`` when it could not be started.
+        Through ``forker`` (the class's supervisor) while it works, else as a new program
+        of ours. Inside the student's cgroup from its first instruction (``[limits]``).
+        Raises ``OSError``, ``ValueError`` or ``psutil.Error`` when it could not be started.
         Not recorded yet: ``save`` it.
         """
         assert self.pw is not None, "a server is started for an account"
         args = server_args(settings, self.pw.pw_dir, self.port, self.username)
         self.pid, self.mode = None, "exec"
+        placement = place(settings, self.username)
         where = "socket" if self.on_socket else f"port {self.port}"
         fd, self.log_offset = open_log(settings, self.username, f"launch: {where}")
         try:
             if forker is not None:
                 log = str(log_path(settings, self.username))
-                self.pid = forker.spawn(self.username, self.uid, args, log)
-                self.mode = "exec" if self.pid is None else "fork"
+                program = exec_argv(settings, args, server_python())
+                started = forker.spawn(self.username, self.uid, args, log, placement, program)
+                if started is not None:
+                    self.pid, self.mode = started
             if self.pid is None:
-                self.pid = self._exec(settings, args, fd)
+                self.pid = self._exec(settings, args, fd, placement)
             if self.pid is not None:
-                self.start_time = psutil.Process(self.pid).create_time()
+                # gone already (its supervisor reaps at once): wait_ready says it stopped early
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self.start_time = psutil.Process(self.pid).create_time()
         finally:
             os.close(fd)
         return self.url
 
-    def _exec(self, settings: Settings, args: list[str], log_fd: int) -> int | None:
+    def _exec(
+        self, settings: Settings, args: list[str], log_fd: int, placement: dict
+    ) -> int | None:
         assert self.pw is not None
         with log_pipe(log_fd) as output:
             # Started as root through identity.py, which becomes the student and executes
-            # the server: nothing here waits on a process the student could stop.
+            # the server: nothing here waits on a process the student could stop. It joins
+            # the student's cgroup first, as root (``before`` runs before identity.py).
             proc = spawn(
                 launcher_argv(self.pw, exec_argv(settings, args, server_python())),
                 env=student_env(self.pw),
@@ -174,6 +187,7 @@ class Server:
                 stderr=output,
                 cwd="/",
                 umask=0o077,
+                before=(lambda: limits.enter(placement)) if any(placement.values()) else None,
             )
         if proc is None:  # dry run
             return None
@@ -364,20 +378,20 @@ def reap_children() -> None:
 
 
 class Forker:
-    """The fork server while it works. Once it fails, ``spawn`` answers None (the server
-    is then started as a new program), and ``note`` tells the teacher why, once."""
+    """The class's supervisor while it works: a fork server that forks (``start_mode =
+    fork``) or starts programs (``exec``, or when the forking one failed) and stays the
+    parent and reaper of the servers. Once none works, ``spawn`` answers None (the server
+    is then started as a program of ours), and ``note`` tells the teacher why, once."""
 
     def __init__(self, settings: Settings, note: Callable[[str], None]):
         self.note = note
+        self.log = str(log_dir(settings) / "forkserver.log")
         self.fork: ForkServer | None = None
+        app = settings.app if settings.start_mode == "fork" else EXEC
         try:  # it imports in the background while launch prepares the homes
-            self.fork = ForkServer.start(
-                settings.app,
-                python=server_python(),
-                log_path=str(log_dir(settings) / "forkserver.log"),
-            )
+            self.fork = ForkServer.start(app, python=server_python(), log_path=self.log)
         except ForkServerError as exc:
-            note(f"the fork server could not start ({exc}): starting each server by exec instead")
+            self._fall_back(app, f"could not start ({exc})")
 
     def wait_ready(self, timeout: float) -> None:
         if self.fork is None:
@@ -385,28 +399,83 @@ class Forker:
         try:
             self.fork.wait_ready(timeout)
         except ForkServerError as exc:
-            self.note(
-                f"the fork server did not start ({exc}): starting each server by exec instead"
-            )
+            app = self.fork.app
             self.close(timeout=1)
+            self._fall_back(app, f"did not start ({exc})")
 
-    def spawn(self, username: str, uid: int, args: list[str], log: str) -> int | None:
-        """The forked server's pid; None when there is no fork server (any more).
+    def spawn(
+        self,
+        username: str,
+        uid: int,
+        args: list[str],
+        log: str,
+        placement: dict,
+        program: list[str],
+    ) -> tuple[int, str] | None:
+        """(pid, mode) of the server started; None when no supervisor works (any more).
         ``ValueError``: this one request failed."""
         if self.fork is None:
             return None
+        app = self.fork.app
         try:
-            return self.fork.spawn(username, uid, args, log)
+            pid = self.fork.spawn(
+                username,
+                uid,
+                args,
+                log,
+                placement=placement,
+                program=program if app == EXEC else None,
+            )
         except ForkServerError as exc:
-            self.note(f"the fork server stopped ({exc}): starting the rest by exec instead")
             self.close(timeout=1)
-            return None
+            self._fall_back(app, f"stopped ({exc})", rest=True)
+            return self.spawn(username, uid, args, log, placement, program)
+        return pid, "exec" if app == EXEC else "fork"
+
+    def _fall_back(self, failed: str, why: str, rest: bool = False) -> None:
+        """The supervisor of app ``failed`` is gone: after a forking one, one that only
+        starts programs; after that one, none (servers are then launch's children)."""
+        self.fork = None
+        if failed == EXEC:
+            self.note(f"the supervisor {why}: the servers are started as launch's children")
+            return
+        self.note(
+            f"the fork server {why}: starting {'the rest' if rest else 'each server'} by exec instead"
+        )
+        fork = None
+        try:
+            fork = ForkServer.start(EXEC, python=server_python(), log_path=self.log)
+            fork.wait_ready(EXEC_READY_TIMEOUT)
+        except ForkServerError as exc:
+            if fork is not None:
+                fork.close(timeout=1)
+            self.note(
+                f"the supervisor could not start either ({exc}): the servers are launch's children"
+            )
+            return
+        self.fork = fork
 
     def close(self, timeout: float = 5) -> None:
-        """Stop the fork server; the servers it forked keep running."""
+        """No more requests; the supervisor stays until the servers it started have ended."""
         if self.fork is not None:
             self.fork.close(timeout=timeout)
+            _children[self.fork.pid] = self.fork.proc  # reaped by whoever runs reap_children
             self.fork = None
+
+
+def place(settings: Settings, username: str) -> dict:
+    """Make the student's cgroup and limit it (``[limits]``); the placement its first process
+    enters. Raises ``OSError`` when limits are set and cannot be applied; without limits a
+    cgroup that cannot be made is only logged (it would serve for accounting)."""
+    wanted = limits.Limits.of(settings)
+    host = limits.detect()
+    try:
+        return limits.prepare(host, settings.name, username, wanted)
+    except OSError as exc:
+        if wanted.set():
+            raise OSError(exc.errno, f"cannot apply [limits] ({host.summary()}): {exc}") from None
+        log.debug("no cgroup for %s: %s", username, exc)
+        return {}
 
 
 # --- ports: a student keeps theirs from one launch to the next -----------------------------

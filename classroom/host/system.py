@@ -15,7 +15,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 from ..core.errors import StepFailed
 from ..core.secret import Secret
 from . import interrupts
-from .identity import popen_identity
+from .identity import new_session_keyring, popen_identity
 
 log = logging.getLogger("classroom")
 
@@ -151,12 +151,18 @@ def _communicate(
 
 
 def spawn(
-    argv: Sequence[str], *, env: dict[str, str], user: pwd.struct_passwd | None = None, **popen: Any
+    argv: Sequence[str],
+    *,
+    env: dict[str, str],
+    user: pwd.struct_passwd | None = None,
+    before: Callable[[], None] | None = None,
+    **popen: Any,
 ) -> subprocess.Popen | None:
     """Start a long-running child (a student's server): logged, no shell, its own session.
 
     ``env`` is the child's whole environment; ``popen`` passes stdio, cwd and umask.
-    Under ``--dry-run`` nothing is started and the answer is None.
+    ``before`` runs in the child, still as root, before it becomes ``user`` (joining the
+    student's cgroup). Under ``--dry-run`` nothing is started and the answer is None.
     """
     argv = [str(a) for a in argv]
     who = f" as {user.pw_name}" if user else ""
@@ -164,9 +170,15 @@ def spawn(
         log.debug("dry run, not started%s: %s", who, shlex.join(argv))
         return None
     log.debug("spawn%s: %s", who, shlex.join(argv))
+    ids = popen_identity(user)
+    if before is not None and ids:
+        popen["preexec_fn"] = _then_become(before, ids["user"], ids["group"], ids["extra_groups"])
+        ids = {}
+    elif before is not None:
+        popen["preexec_fn"] = before
     try:
         return subprocess.Popen(
-            argv, env=env, close_fds=True, start_new_session=True, **popen_identity(user), **popen
+            argv, env=env, close_fds=True, start_new_session=True, **ids, **popen
         )
     except subprocess.SubprocessError as exc:  # the change of identity failed in the child
         raise OSError(f"cannot start it as {_who(user)}: {exc}") from None
@@ -174,6 +186,25 @@ def spawn(
 
 def _who(user: pwd.struct_passwd | None) -> str:
     return user.pw_name if user else "root"
+
+
+def _then_become(
+    before: Callable[[], None], uid: int, gid: int, groups: list[int]
+) -> Callable[[], None]:
+    """A ``preexec_fn``: ``before()`` as root, then the ids ``Popen(user=...)`` would set
+    (computed in the parent: no lookup in the child), checked, and a session keyring of
+    the user's own (as ``popen_identity``'s)."""
+
+    def run() -> None:
+        before()
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+        if set(os.getresuid()) != {uid} or set(os.getresgid()) != {gid}:
+            raise PermissionError("the user and group ids did not stick")
+        new_session_keyring()
+
+    return run
 
 
 def run_account_tool(
