@@ -15,6 +15,7 @@ import click
 
 from ..core.errors import Refused, StepFailed
 from ..host import credentials
+from ..host import kernels as kernel_server
 from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspect
 from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
@@ -83,6 +84,7 @@ def stop_everything(course: Course, present: list[Account]) -> None:
     uids = {a.pw.pw_uid for a in present if a.pw}
     stop_processes([], [p for procs in processes_of(uids).values() for p in procs])
     stop_processes([], [p for procs in processes_of(uids).values() for p in procs], term=2, kill=2)
+    kernel_server.stop_if_idle(course.settings, course.state)
 
 
 def remove_accounts(course: Course, report: Report, present: list[Account]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..host import accounts, hooks
+from ..host import kernels as kernel_server
 from ..host.processes import other_jupyter, server_tree
 from ..host.server import Server, stop_servers
 from .course import Course, Report
@@ -60,6 +61,8 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
             report.failed(stop.username, f"stopped, but the post_stop {error}")
         else:
             report.done(stop.username, "stopped", stop.describe(course.dry_run))
+    if not course.dry_run and kernel_server.stop_if_idle(course.settings, course.state):
+        report.note("the kernel server stopped (no server of the course runs)")
     return report.finish()
 
 

@@ -15,6 +15,8 @@ from .settings import Settings
 
 APP_MODULES = {"lab": "jupyterlab", "notebook": "notebook", "server": "jupyter_server"}
 TLS_DIR = ".jupyter/classroom-tls"  # the student's copies of the certificate and key
+RUN_BASE = Path("/run/classroom")  # a course's sockets: RUN_BASE/NAME/...
+PROVISIONER = "classroom-fork"  # the entry point of host/provisioner.py
 
 
 def root_dir(settings: Settings, home: str) -> str:
@@ -32,6 +34,22 @@ def tls_paths(settings: Settings, home: str) -> tuple[str, str] | None:
     return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
+def kernel_socket(settings: Settings) -> Path:
+    """The course's kernel server (``kernel_mode = fork``): a socket for the course's group."""
+    return RUN_BASE / settings.name / "kernels" / "kernels.sock"
+
+
+def kernel_args(settings: Settings) -> list[str]:
+    """Server settings for ``kernel_mode = fork``: every kernel through the fork provisioner,
+    which starts by exec what it cannot fork."""
+    if settings.kernel_mode != "fork":
+        return []
+    return [
+        f"--KernelProvisionerFactory.default_provisioner_name={PROVISIONER}",
+        f"--ForkProvisioner.socket={kernel_socket(settings)}",
+    ]
+
+
 def server_args(settings: Settings, home: str, port: int) -> list[str]:
     """The server's command-line settings. No secret: the password hash stays in ~/.jupyter."""
     args = [
@@ -45,6 +63,7 @@ def server_args(settings: Settings, home: str, port: int) -> list[str]:
         "--PasswordIdentityProvider.password_required=True",
         "--PasswordIdentityProvider.allow_password_change=False",
     ]
+    args += kernel_args(settings)
     tls = tls_paths(settings, home)
     if tls:
         args += [f"--ServerApp.certfile={tls[0]}", f"--ServerApp.keyfile={tls[1]}"]
