@@ -558,6 +558,14 @@ def test_nobody_gets_a_kernel_as_anyone_else(make_course):
         c.run("shutdown")
 
 
+LOWER_LIMITS = """\
+import os, resource
+os.nice(5)
+resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024))
+resource.setrlimit(resource.RLIMIT_NPROC, (300, 400))
+"""
+
+
 @needs_root
 def test_missing_preload_module_and_kernels_that_cannot_be_forked(make_course):
     c = make_course(1)
@@ -573,6 +581,7 @@ def test_missing_preload_module_and_kernels_that_cannot_be_forked(make_course):
         "env": {"PYTHONDONTWRITEBYTECODE": "1"},
     }
     put(c, a, ".local/share/jupyter/kernels/mine/kernel.json", json.dumps(spec))
+    put(c, a, ".jupyter/jupyter_server_config.py", LOWER_LIMITS)
     sockets = []
     try:
         r = launched(c, kernel_mode="fork", preload="numpy, no_such_module_xyz")
@@ -588,6 +597,18 @@ def test_missing_preload_module_and_kernels_that_cannot_be_forked(make_course):
             "print(json.dumps([os.getppid(), 'numpy' in sys.modules, 'pandas' in sys.modules]))"
         )
         assert got == [ks.pid, True, False]
+        # the server's limits and priority (its config lowered them) hold for its forked
+        # kernels, as they would for exec'd ones
+        limited = lab.connect(lab.open("limited.ipynb")["id"])
+        sockets.append(limited)
+        got = limited.value(
+            "import os, json, resource\n"
+            "print(json.dumps([os.getppid(), os.getpriority(os.PRIO_PROCESS, 0),"
+            " resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_NPROC),"
+            " open('/proc/self/cgroup').read()]))"
+        )
+        server_cgroups = Path(f"/proc/{server_pid}/cgroup").read_text()
+        assert got == [ks.pid, 5, [512, 1024], [300, 400], server_cgroups]
         # another kernel spec: started by exec, as Jupyter does, and the log says why
         r = lab.http.post(
             f"{lab.base}/api/sessions",

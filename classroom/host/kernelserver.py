@@ -458,6 +458,7 @@ class Server:
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             stage = "limits"
             join_cgroups(cgroups)
+            os.setpriority(os.PRIO_PROCESS, 0, limits.pop("nice"))
             for res, value in limits.items():
                 resource.setrlimit(res, value)
             stage = "become"
@@ -607,26 +608,59 @@ def read_spec(fd: int) -> dict:
 
 
 def peer_confinement(peer_pid: int, uid: int) -> tuple[dict, list[str]]:
-    """The resource limits and cgroups of the process that asked (the student's server).
+    """The resource limits, niceness and cgroups of the process that asked (the student's server).
 
-    Read by root from the kernel's records, not from the request. The forked kernel takes
-    them on, as a kernel started by that server would have inherited them.
+    Read by root from the kernel's records of that process, not from the request. The
+    forked kernel takes them on, as a kernel started by that server would inherit them.
     """
     with open(f"/proc/{peer_pid}/status") as f:
         uids = next(line.split()[1:] for line in f if line.startswith("Uid:"))
     if int(uids[0]) != uid:
         raise PermissionError("the asking process went away")
-    limits = {}
-    for name in dir(resource):
-        if name.startswith("RLIMIT_"):
-            res = getattr(resource, name)
-            with contextlib.suppress(OSError, ValueError):
-                limits[res] = resource.prlimit(peer_pid, res)
+    with open(f"/proc/{peer_pid}/limits") as f:
+        limits: dict = read_limits(f.read())
+    limits["nice"] = os.getpriority(os.PRIO_PROCESS, peer_pid)
     with open(f"/proc/{peer_pid}/cgroup") as f:
         theirs = f.read().splitlines()
     with open("/proc/self/cgroup") as f:
         ours = set(f.read().splitlines())
     return limits, [line for line in theirs if line not in ours]
+
+
+LIMIT_NAMES = {  # /proc/PID/limits (prlimit(2) on another process needs CAP_SYS_RESOURCE)
+    "Max cpu time": "RLIMIT_CPU",
+    "Max file size": "RLIMIT_FSIZE",
+    "Max data size": "RLIMIT_DATA",
+    "Max stack size": "RLIMIT_STACK",
+    "Max core file size": "RLIMIT_CORE",
+    "Max resident set": "RLIMIT_RSS",
+    "Max processes": "RLIMIT_NPROC",
+    "Max open files": "RLIMIT_NOFILE",
+    "Max locked memory": "RLIMIT_MEMLOCK",
+    "Max address space": "RLIMIT_AS",
+    "Max file locks": "RLIMIT_LOCKS",
+    "Max pending signals": "RLIMIT_SIGPENDING",
+    "Max msgqueue size": "RLIMIT_MSGQUEUE",
+    "Max nice priority": "RLIMIT_NICE",
+    "Max realtime priority": "RLIMIT_RTPRIO",
+    "Max realtime timeout": "RLIMIT_RTTIME",
+}
+
+
+def read_limits(text: str) -> dict[int, tuple[int, int]]:
+    """{resource: (soft, hard)} from the text of ``/proc/PID/limits``; every known one or an error."""
+    found = {}
+    for line in text.splitlines()[1:]:
+        for label, name in LIMIT_NAMES.items():
+            if line.startswith(label + " ") and hasattr(resource, name):
+                soft, hard = line[len(label) :].split()[:2]
+                found[getattr(resource, name)] = tuple(
+                    resource.RLIM_INFINITY if v == "unlimited" else int(v) for v in (soft, hard)
+                )
+    wanted = {getattr(resource, n) for n in LIMIT_NAMES.values() if hasattr(resource, n)}
+    if set(found) != wanted:
+        raise ValueError("unexpected /proc/PID/limits")
+    return found
 
 
 def join_cgroups(lines: list[str]) -> None:
@@ -762,6 +796,7 @@ def main(argv: list[str]) -> int:
         return 2
     path, group, names = argv[0], argv[1], [a for a in argv[2:] if not a.startswith("--pad=")]
     os.environ.update(THREAD_ENV)  # before anything imports numpy
+    os.nice(10)  # the servers launch starts meanwhile come first; back to 0 once ready
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for launch; SIGTERM stops us
     gid = grp.getgrnam(group).gr_gid
     started = time.monotonic()
@@ -779,6 +814,8 @@ def main(argv: list[str]) -> int:
     listener = listen(path, gid)
     ours = os.stat(path)
     server = Server(listener, gid)
+
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
 
     def stop(signum, frame):
         server.stopping = True
