@@ -17,6 +17,7 @@ Accounts are created with ``setup`` and deleted with ``remove`` at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -119,29 +120,34 @@ class Student:
                     }
                 )
             )
-            out, replied = "", False
-            while not replied:
+            out, replied, idle = "", False, False
+            while not (replied and idle):  # the reply (shell) and the output (iopub) both
                 message = json.loads(ws.recv())
                 if message.get("parent_header", {}).get("msg_id") != msg_id:
                     continue
-                if message["msg_type"] == "stream":
-                    out += message["content"]["text"]
-                elif message["msg_type"] == "error":
-                    raise RuntimeError(message["content"]["evalue"])
-                elif message["msg_type"] == "execute_reply":
+                kind, content = message["msg_type"], message["content"]
+                if kind == "stream":
+                    out += content["text"]
+                elif kind == "error":
+                    raise RuntimeError(content["evalue"])
+                elif kind == "execute_reply":
                     replied = True
+                elif kind == "status" and content["execution_state"] == "idle":
+                    idle = True
         finally:
             ws.close()
         return int(out.split()[-1])
 
     def close_all(self) -> None:
         for sid in self.session_ids:
-            self.http.delete(f"{self.base}/api/sessions/{sid}", timeout=120)
+            with contextlib.suppress(requests.RequestException):
+                self.http.delete(f"{self.base}/api/sessions/{sid}", timeout=120)
         self.session_ids.clear()
 
 
 def room(students: list[Student], round_name: str) -> tuple[float, list[int]]:
-    """Every student opens a notebook at once; seconds until the last reply, the kernels' pids."""
+    """Every student opens a notebook at once; seconds until the last reply, the pids of the
+    kernels that replied."""
     start = threading.Barrier(len(students) + 1)
     pids: list[int | None] = [None] * len(students)
     errors: list[str] = []
@@ -161,8 +167,8 @@ def room(students: list[Student], round_name: str) -> tuple[float, list[int]]:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    if errors:
-        sys.exit(f"{len(errors)} kernels failed: {errors[0]}")
+    if errors:  # an overloaded host: said, not hidden (the time counts until the failure)
+        print(f"  {round_name}: {len(errors)} of {len(students)} failed: {errors[0]}", flush=True)
     return elapsed, [p for p in pids if p is not None]
 
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 from conftest import login, needs_root, proc_env, proc_fds, status, write_as
-from test_launch import memory_contains
+from test_launch import jupyter_hash, memory_contains
 
 from classroom.core import launchplan
 from classroom.core.errors import InvalidInput
@@ -48,7 +48,7 @@ def test_kernel_settings_and_server_args(tmp_path):
     assert s.preload == ("numpy", "pandas", "matplotlib.pyplot")
     args = launchplan.server_args(s, "/home/alice", 8123)
     assert "--KernelProvisionerFactory.default_provisioner_name=classroom-fork" in args
-    assert "--ForkProvisioner.socket=/run/classroom/demo/kernels/kernels.sock" in args
+    assert "--ForkProvisioner.kernel_server=/run/classroom/demo/kernels/kernels.sock" in args
     exec_mode = settings_with(tmp_path, kernel_mode="exec", preload="numpy")
     assert exec_mode.preload == ("numpy",)
     assert not any("Provisioner" in a for a in launchplan.server_args(exec_mode, "/h", 1))
@@ -110,30 +110,45 @@ class KernelSocket:
         )
 
     def send(self, code: str) -> str:
+        content = {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        }
+        return self.message("shell", "execute_request", content)
+
+    def message(self, channel: str, msg_type: str, content: dict) -> str:
         msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": msg_id,
+            "username": "test",
+            "session": self.session,
+            "msg_type": msg_type,
+            "version": "5.3",
+        }
         message = {
-            "header": {
-                "msg_id": msg_id,
-                "username": "test",
-                "session": self.session,
-                "msg_type": "execute_request",
-                "version": "5.3",
-            },
+            "header": header,
             "parent_header": {},
             "metadata": {},
-            "content": {
-                "code": code,
-                "silent": False,
-                "store_history": True,
-                "user_expressions": {},
-                "allow_stdin": False,
-                "stop_on_error": True,
-            },
-            "channel": "shell",
+            "content": content,
+            "channel": channel,
             "buffers": [],
         }
         self.ws.send(json.dumps(message))
         return msg_id
+
+    def reply(self, msg_id: str, msg_type: str, timeout: float = 60) -> dict:
+        """The content of the ``msg_type`` answer to ``msg_id``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
+            message = json.loads(self.ws.recv())
+            parent = message.get("parent_header", {}).get("msg_id")
+            if parent == msg_id and message["msg_type"] == msg_type:
+                return message["content"]
 
     def replies(self, msg_id: str, timeout: float = 120) -> dict:
         """Everything the kernel said about ``msg_id`` until it was idle again."""
@@ -228,6 +243,7 @@ print(json.dumps({
     "max_rows": pandas.get_option("display.max_rows"),
     "sys_path": sys.path, "threads": len(os.listdir("/proc/self/task")),
     "leaks": leaks(bytes.fromhex(MARKER_HEX).decode()),
+    "dumpable": __import__("ctypes").CDLL(None).prctl(3, 0, 0, 0, 0),
     "umask": int([l for l in open("/proc/self/status") if l.startswith("Umask")][0].split()[1], 8),
 }))
 """
@@ -355,6 +371,7 @@ def test_forked_kernels_are_the_students_own(make_course):
             assert got["backend"] == "module://matplotlib_inline.backend_inline"
             assert got["leaks"] == [], got["leaks"]  # nothing computed from the server's HOME
             assert got["max_rows"] == 60 and got["umask"] == 0o077
+            assert got["dumpable"] == 0  # became the student without exec: nobody may ptrace it
             assert got["sys_path"][3] == "" and "/classroom/host" not in " ".join(got["sys_path"])
             # seen from outside: a kernel's command line, environment and descriptors
             cmdline = Path(f"/proc/{got['pid']}/cmdline").read_bytes().split(b"\0")
@@ -383,12 +400,24 @@ def test_forked_kernels_are_the_students_own(make_course):
             key_b,
             creds[b]["password"].encode(),
             creds[b]["notebook_password"].encode(),
+            jupyter_hash(c, b).encode(),
         ]
         found = memory_contains(seen[a1["id"]]["pid"], needles)
         assert found == {key_a}, found
         found = memory_contains(seen[b1["id"]]["pid"], [key_a, key_b])
         assert found == {key_b}, found
         assert not memory_contains(ks.pid, [key_a, key_b])
+
+        # the debugger (preloaded too) answers
+        initialize = {
+            "type": "request",
+            "seq": 1,
+            "command": "initialize",
+            "arguments": {"clientID": "test", "adapterID": "python", "pathFormat": "path"},
+        }
+        sa = sockets[a1["id"]]
+        answer = sa.reply(sa.message("control", "debug_request", initialize), "debug_reply")
+        assert answer.get("success") is True, answer
 
         # inline plots
         plot = sockets[a1["id"]].run(
@@ -664,4 +693,58 @@ def test_exec_mode_is_jupyters_own(make_course):
     finally:
         if ks is not None:
             ks.close()
+        c.run("shutdown")
+
+
+@needs_root
+@pytest.mark.browser
+def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
+    """JupyterLab in chromium: open the sample notebook and run all cells (kernel_mode = fork)."""
+    from test_portal_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    c = make_course(1)
+    assert c.run("setup").returncode == 0
+    (a,) = c.usernames
+    samples = Path(__file__).resolve().parent.parent / "samples" / "tutorial"
+    put(c, a, "tutorial/lesson1.ipynb", (samples / "lesson1.ipynb").read_text())
+    put(c, a, "tutorial/data/planets.csv", (samples / "data" / "planets.csv").read_text())
+    try:
+        launched(c, kernel_mode="fork", app="lab")
+        ks = recorded_kernel_server(c)
+        port = status(c)[a]["port"]
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.set_default_timeout(120_000)
+            try:
+                page.goto(f"http://127.0.0.1:{port}/login?next=/lab/tree/lesson1.ipynb")
+                page.fill("input[type=password]", c.credentials()[a]["notebook_password"])
+                page.locator("#login_submit, button[type=submit]").first.click()
+                page.wait_for_function(
+                    "() => /\\|\\s*Idle/.test(document.querySelector('.jp-StatusBar-Widget, "
+                    "#jp-main-statusbar')?.innerText || '')"
+                )
+                page.get_by_role("menuitem", name="Run", exact=True).click()
+                page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+                page.wait_for_function(
+                    "() => { const out = [...document.querySelectorAll('.jp-OutputArea-output')]"
+                    ".map(e => e.innerText.trim()); return out.includes('42') && out.includes('8'); }"
+                )
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "kernels-fork-lesson1.png"))
+            except Exception:
+                ARTIFACTS.mkdir(exist_ok=True)
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(ARTIFACTS / "kernels-fork-failure.png"))
+                raise
+            finally:
+                browser.close()
+        kernels = [k for k in ks.children() if k.uids().real == c.pw(a).pw_uid]
+        assert len(kernels) == 1  # the notebook's kernel was forked by the kernel server
+        server_log = (c.state_dir / "logs" / f"{a}.log").read_text()
+        assert "forked by the kernel server" in server_log and "started by exec" not in server_log
+    finally:
         c.run("shutdown")

@@ -46,7 +46,7 @@ def kernel_args(settings: Settings) -> list[str]:
         return []
     return [
         f"--KernelProvisionerFactory.default_provisioner_name={PROVISIONER}",
-        f"--ForkProvisioner.socket={kernel_socket(settings)}",
+        f"--ForkProvisioner.kernel_server={kernel_socket(settings)}",
     ]
 
 

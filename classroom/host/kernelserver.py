@@ -79,12 +79,13 @@ else:  # run as a script: no package
 REQUEST = b"classroom-kernel 1\n"  # the one request (and the protocol's version)
 KERNEL_MODULES = ("ipykernel_launcher", "ipykernel")  # ``python -m X`` that we can fork
 # Imported once for every kernel: what a kernel imports until it answers (found by diffing
-# sys.modules of a started kernel against these). Not the debugger (debugpy keeps state of
-# its process from import on); kernels import it themselves.
+# sys.modules of a started kernel against these). The debugger (debugpy) included: it is
+# most of what a kernel would otherwise import for itself (7 MB of each kernel's own memory).
 KERNEL_PRELOAD = (
     "ipykernel.kernelapp",
     "ipykernel.ipkernel",
     "ipykernel.zmqshell",
+    "ipykernel.debugger",
     "IPython.core.completerlib",
     "IPython.core.debugger",
     "IPython.core.logger",
@@ -114,6 +115,7 @@ THREAD_ENV = {
     "NUMEXPR_NUM_THREADS": "1",
     "VECLIB_MAXIMUM_THREADS": "1",
 }
+IMPORT_ENV: dict[str, str] = {}  # what importing ``preload`` added to the environment
 START_TIMEOUT = 10.0  # seconds a connection gets to send its request
 BACKLOG = 128
 MAX_PER_STUDENT = 64  # connections (kernels) at once per student: the fork server's descriptors
@@ -474,7 +476,7 @@ class Server:
             os.chdir(spec["cwd"])
             os.umask(spec["umask"])
             stage = "reset"
-            env = dict(spec["env"])
+            env = {**IMPORT_ENV, **spec["env"]}
             env["JPY_PARENT_PID"] = str(os.getppid())  # the kernel ends if the fork server dies
             os.environ.clear()
             os.environ.update(env)
@@ -498,9 +500,8 @@ class Server:
         try:
             os.write(READY_FD, b"ok")
             os.close(READY_FD)
-            sys.stdout = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
-            sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace")
-            sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115
+            # sys.stdin, stdout and stderr stay the interpreter's own, on 0, 1 and 2 (now the
+            # kernel's): ipykernel captures those descriptors, as in an exec'd kernel.
             from ipykernel.kernelapp import IPKernelApp
 
             IPKernelApp.launch_instance()
@@ -800,12 +801,14 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for launch; SIGTERM stops us
     gid = grp.getgrnam(group).gr_gid
     started = time.monotonic()
+    before = dict(os.environ)
     try:
         import ipykernel.kernelapp  # noqa: F401
     except ImportError as exc:
         log(f"error: ipykernel cannot be imported ({exc}); kernels start by exec")
         return 1
     skipped = preload(names)
+    IMPORT_ENV.update({k: v for k, v in os.environ.items() if k not in before})
     gc.collect()
     gc.freeze()
     if threads() != 1:

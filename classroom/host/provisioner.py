@@ -2,7 +2,7 @@
 
 Registered as the ``jupyter_client.kernel_provisioners`` entry point ``classroom-fork``;
 with ``kernel_mode = fork`` launch makes it the servers' default provisioner and gives it
-the kernel server's socket (``--ForkProvisioner.socket``). It is jupyter_client's
+the kernel server's socket (``--ForkProvisioner.kernel_server``). It is jupyter_client's
 ``LocalProvisioner`` except for the one step that starts the process: the connection file
 and its key are written by the student's server as usual (``pre_launch``), then the kernel
 server forks the kernel as this student (``kernelserver.py``). The forked kernel is handled
@@ -40,7 +40,17 @@ START_REPLY_TIMEOUT = 60.0  # seconds the kernel server gets to answer (a whole 
 EXIT_REPORT_WAIT = 2.0  # seconds to wait for the exit status once the process is gone
 # Variables that act when an interpreter starts (or libraries load): a kernel that has them
 # must start as a new program.
-STARTUP_VARIABLES = ("PYTHON", "LD_", "OPENBLAS_", "OMP_", "MKL_", "GOTO_", "NUMEXPR_")
+STARTUP_VARIABLES = (
+    "PYTHON",
+    "LD_",
+    "OPENBLAS_",
+    "OMP_",
+    "MKL_",
+    "GOTO_",
+    "NUMEXPR_",
+    "PYDEVD_",
+    "DEBUGPY_",
+)
 
 
 class ForkedKernel:
@@ -140,7 +150,7 @@ class ForkedKernel:
 class ForkProvisioner(LocalProvisioner):
     """``LocalProvisioner`` whose kernels are forked by the course's kernel server."""
 
-    socket = Unicode("", config=True, help="The course's kernel server (a Unix socket).")
+    kernel_server = Unicode("", config=True, help="The course's kernel server: its Unix socket.")
     timeout = Float(START_REPLY_TIMEOUT, config=True, help="Seconds to wait for a forked kernel.")
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -155,7 +165,7 @@ class ForkProvisioner(LocalProvisioner):
 
     def not_forkable(self, cmd: list[str], env: dict[str, str]) -> str | None:
         """None if the kernel server can start ``cmd`` with ``env``; else why not."""
-        if not self.socket:
+        if not self.kernel_server:
             return "no kernel server configured"
         if len(cmd) < 3 or cmd[1] != "-m" or cmd[2] not in KERNEL_MODULES:
             return "not an IPython kernel (its kernel spec runs something else)"
@@ -177,7 +187,7 @@ class ForkProvisioner(LocalProvisioner):
             os.write(spec_fd, json.dumps(spec).encode())
             os.lseek(spec_fd, 0, os.SEEK_SET)
             conn.settimeout(5)
-            conn.connect(self.socket)
+            conn.connect(self.kernel_server)
             socket.send_fds(conn, [REQUEST], [spec_fd, _output(1), _output(2)])
             conn.setblocking(False)
             pid, rest = await self._answer(conn)
