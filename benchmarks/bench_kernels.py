@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MB = 1 << 20
+FAILED: dict[str, int] = {}  # round: kernels that did not reply
 CELL = "import pandas, matplotlib.pyplot as plt\nimport os\nprint(os.getpid())"
 
 
@@ -65,7 +66,8 @@ def free_port() -> int:
 class Student:
     """One student's server, logged in; ``open`` runs the first cell in a new notebook."""
 
-    def __init__(self, port: int, password: str):
+    def __init__(self, port: int, password: str, log: Path):
+        self.log = log
         self.base = f"http://127.0.0.1:{port}"
         self.port = port
         self.http = requests.Session()
@@ -157,7 +159,7 @@ def room(students: list[Student], round_name: str) -> tuple[float, list[int]]:
         try:
             pids[i] = student.open(f"{round_name}.ipynb")
         except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(f"{type(exc).__name__}: {exc}")
+            errors.append(f"{type(exc).__name__}: {exc} (see {student.log})")
 
     threads = [threading.Thread(target=one, args=(i, s)) for i, s in enumerate(students)]
     for t in threads:
@@ -167,8 +169,12 @@ def room(students: list[Student], round_name: str) -> tuple[float, list[int]]:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    FAILED[round_name] = len(errors)
     if errors:  # an overloaded host: said, not hidden (the time counts until the failure)
         print(f"  {round_name}: {len(errors)} of {len(students)} failed: {errors[0]}", flush=True)
+        log = Path(errors[0].rpartition("(see ")[2].rstrip(")"))
+        with contextlib.suppress(OSError):
+            print("    " + "\n    ".join(log.read_text().splitlines()[-15:]), flush=True)
     return elapsed, [p for p in pids if p is not None]
 
 
@@ -249,7 +255,8 @@ def main() -> None:
             }
             with open(work / "state" / "credentials.csv", encoding="utf-8") as f:
                 creds = {r["username"]: r["notebook_password"] for r in csv.DictReader(f)}
-            students = [Student(rows[u]["port"], creds[u]) for u in names]
+            logs = work / "state" / "logs"
+            students = [Student(rows[u]["port"], creds[u], logs / f"{u}.log") for u in names]
             if m == 0:  # fill the students' caches: not measured
                 _, pids = room(students, "warm-up")
                 close(students, pids)
@@ -277,7 +284,7 @@ def main() -> None:
     )
     print(
         f"{'N':>4} {'mode':5} {'time s':>8} {'x exec':>7} {'USS MB':>8} {'x exec':>7} "
-        f"{'PSS MB':>8} {'x exec':>7}"
+        f"{'PSS MB':>8} {'x exec':>7} {'failed':>6}"
     )
     for n in sizes:
         base = results.get((n, "exec"))
@@ -290,7 +297,7 @@ def main() -> None:
             )
             print(
                 f"{n:4d} {mode:5} {elapsed:8.2f} {ratio[0]:>7} {uss:8.1f} {ratio[1]:>7} "
-                f"{pss:8.1f} {ratio[2]:>7}"
+                f"{pss:8.1f} {ratio[2]:>7} {FAILED.get(f'{mode}-{n}', 0):6d}"
             )
     for note in notes:
         print(note)

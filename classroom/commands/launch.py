@@ -139,7 +139,9 @@ def _report_plan(course: Course, report: Report, servers: list[Server], pre_spaw
 def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn) -> int:
     s = course.settings
     ensure_log_dir(s)
-    kernels = kernel_server.ensure(s, course.state, report.note)  # imports while we go on
+    kernels = None  # the course's kernel server, while any server is to run; it imports meanwhile
+    if servers or running_servers(s):
+        kernels = kernel_server.ensure(s, course.state, report.note)
     if kernels is None and s.kernel_mode == "fork":
         course.settings = s = s.replace(kernel_mode="exec")  # the servers' kernels as Jupyter's
     if not servers:

@@ -183,12 +183,13 @@ class ForkProvisioner(LocalProvisioner):
         spec = {"argv": cmd, "env": env, "cwd": cwd, "umask": _umask()}
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         spec_fd = os.memfd_create("kernel-launch", os.MFD_CLOEXEC)
+        outputs = [_output(1), _output(2)]
         try:
             os.write(spec_fd, json.dumps(spec).encode())
             os.lseek(spec_fd, 0, os.SEEK_SET)
             conn.settimeout(5)
             conn.connect(self.kernel_server)
-            socket.send_fds(conn, [REQUEST], [spec_fd, _output(1), _output(2)])
+            socket.send_fds(conn, [REQUEST], [spec_fd, *outputs])
             conn.setblocking(False)
             pid, rest = await self._answer(conn)
         except BaseException:
@@ -196,6 +197,9 @@ class ForkProvisioner(LocalProvisioner):
             raise
         finally:
             os.close(spec_fd)
+            for fd in outputs:
+                if fd > 2:
+                    os.close(fd)
         self.process = ForkedKernel(conn, pid, rest)
         self.pid = self.pgid = pid  # the kernel leads a session of its own
         self.cwd = cwd
@@ -248,9 +252,10 @@ def _umask() -> int:
 
 
 def _output(fd: int) -> int:
-    """``fd`` if it is open (the server's log), else /dev/null's: what the kernel writes to."""
+    """``fd`` if it is open (the server's log), else a new one on /dev/null (closed after use):
+    where the kernel writes."""
     try:
         os.fstat(fd)
     except OSError:
-        return os.open(os.devnull, os.O_WRONLY)
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     return fd
