@@ -148,6 +148,7 @@ class TestCourse:
             return {r["username"]: r for r in csv.DictReader(f)}
 
     def cleanup(self) -> None:
+        stop_kernel_server(self.state_dir, self.name)
         for username in [*self.usernames, *self.extra_users]:
             remove_account(username)
         with contextlib.suppress(KeyError):
@@ -180,6 +181,24 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port")
+
+
+def stop_kernel_server(state_dir: Path, name: str) -> None:
+    """Kill a course's kernel server (a root process launch leaves running) and its socket folder."""
+    import psutil
+
+    database = state_dir / "state.db"
+    with contextlib.suppress(sqlite3.Error, TypeError, ValueError, KeyError):
+        if not database.exists():
+            raise ValueError("no state")
+        with sqlite3.connect(database) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'kernelserver'").fetchone()
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(json.loads(row[0])["pid"])
+            if any("kernelserver.py" in part for part in proc.cmdline()):
+                proc.kill()
+                proc.wait(5)
+    shutil.rmtree(Path("/run/classroom") / name, ignore_errors=True)
 
 
 def kill_user_processes(uid: int) -> None:

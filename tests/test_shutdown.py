@@ -69,7 +69,8 @@ def test_all_jupyter_knows_a_forked_server_by_its_name():
 @needs_root
 def test_shutdown_stops_the_kernels_too(ready_course):
     c = ready_course
-    c.write_config(launch={"app": "server", "start_mode": "exec"})
+    # exec'd kernels: the server's children (forked ones: tests/test_kernels.py)
+    c.write_config(launch={"app": "server", "start_mode": "exec", "kernel_mode": "exec"})
     a = c.usernames[0]
     try:
         r = c.run("launch", "--no-portal", "--only", a)

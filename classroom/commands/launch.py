@@ -18,6 +18,7 @@ from ..core.errors import ClassroomError, Refused, StepFailed
 from ..core.launchplan import LAB_SETTINGS_APPS, assign_ports, exec_argv, server_args
 from ..core.text import printable
 from ..host import accounts, hooks
+from ..host import kernels as kernel_server
 from ..host.identity import server_python
 from ..host.ports import port_free
 from ..host.server import (
@@ -188,6 +189,10 @@ def _report_plan(course: Course, report: Report, servers: list[Server], pre_spaw
         if pre_spawn:
             steps.insert(0, f"pre_spawn hook {pre_spawn}")
         report.done(server.username, "started", "; ".join(steps) + f": {shlex.join(argv)}")
+    if servers and s.kernel_mode == "fork":
+        report.note(
+            f"kernels: forked by the course's kernel server, preloading {', '.join(s.preload)}"
+        )
     return report.finish()
 
 
@@ -196,9 +201,15 @@ def _report_plan(course: Course, report: Report, servers: list[Server], pre_spaw
 
 def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn) -> int:
     s = course.settings
-    if not servers:
-        return report.finish()
     ensure_log_dir(s)
+    kernels = None  # the course's kernel server, while any server is to run; it imports meanwhile
+    if servers or running_servers(s):
+        kernels = kernel_server.ensure(s, course.state, report.note)
+    if kernels is None and s.kernel_mode == "fork":
+        course.settings = s = s.replace(kernel_mode="exec")  # the servers' kernels as Jupyter's
+    if not servers:
+        _wait_kernel_server(course, report, kernels)
+        return report.finish()
     forker = Forker(s, report.note)  # the servers' supervisor (and fork server), both modes
     remember_ports(course.state, servers)
     try:
@@ -212,11 +223,18 @@ def _start_all(course: Course, report: Report, servers: list[Server], pre_spawn)
                 break
             retry = _run_pre_spawn(course, report, pre_spawn, _new_ports(course, report, retry))
             spawned = _spawn_all(course, report, retry, forker)
+        _wait_kernel_server(course, report, kernels)
     finally:
         if forker is not None:
             forker.close()
     _post_stop_failed_starts(course, report, ready)
     return report.finish()
+
+
+def _wait_kernel_server(course: Course, report: Report, kernels) -> None:
+    s = course.settings
+    if kernels is not None and (problem := kernels.wait_ready(s, s.start_timeout)):
+        report.note(f"the kernel server is not running: {problem}; kernels start by exec")
 
 
 def _prepare_homes(course: Course, report: Report, servers: list[Server]) -> list[Server]:

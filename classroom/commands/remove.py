@@ -17,6 +17,7 @@ import click
 
 from ..core.errors import Refused, StepFailed
 from ..host import credentials, interrupts, leftovers, limits
+from ..host import kernels as kernel_server
 from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspect
 from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
@@ -166,6 +167,7 @@ def stop_everything(course: Course, present: list[Account]) -> None:
     uids = {a.pw.pw_uid for a in present if a.pw}
     stop_processes([], [p for procs in processes_of(uids).values() for p in procs], term=2, kill=2)
     kill_every_process_of((a.pw.pw_uid, a.pw.pw_gid) for a in present if a.pw is not None)
+    kernel_server.stop_if_idle(course.settings, course.state)
 
 
 def remove_accounts(course: Course, report: Report, present: list[Account]) -> None:

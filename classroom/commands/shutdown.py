@@ -16,6 +16,7 @@ import psutil
 
 from ..core.roster import Student
 from ..host import accounts, hooks, limits
+from ..host import kernels as kernel_server
 from ..host.processes import other_jupyter, server_tree
 from ..host.server import Server, stop_servers
 from ..host.serverhome import remove_socket_dir
@@ -78,6 +79,8 @@ def shutdown(course: Course, *, only=(), all_jupyter=False) -> int:
         line = portal_command.stop(course)
         if line:
             report.note(line)
+    if not course.dry_run and kernel_server.stop_if_idle(course.settings, course.state):
+        report.note("the kernel server stopped (no server of the course runs)")
     return report.finish()
 
 

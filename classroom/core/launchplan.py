@@ -35,6 +35,7 @@ LAB_OVERRIDES = {
 # The apps that read JupyterLab settings (with app = notebook, JupyterLab's extension
 # is loaded beside Notebook's: both are told).
 LAB_SETTINGS_APPS = {"lab": ("LabApp",), "notebook": ("JupyterNotebookApp", "LabApp")}
+PROVISIONER = "classroom-fork"  # the entry point of host/provisioner.py
 
 
 def root_dir(settings: Settings, home: str) -> str:
@@ -51,6 +52,22 @@ def tls_paths(settings: Settings, home: str) -> tuple[str, str] | None:
         return None
     folder = Path(home) / TLS_DIR
     return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def kernel_socket(settings: Settings) -> Path:
+    """The course's kernel server (``kernel_mode = fork``): a socket for the course's group."""
+    return RUN_BASE / settings.name / "kernels" / "kernels.sock"
+
+
+def kernel_args(settings: Settings) -> list[str]:
+    """Server settings for ``kernel_mode = fork``: every kernel through the fork provisioner,
+    which starts by exec what it cannot fork."""
+    if settings.kernel_mode != "fork":
+        return []
+    return [
+        f"--KernelProvisionerFactory.default_provisioner_name={PROVISIONER}",
+        f"--ForkProvisioner.kernel_server={kernel_socket(settings)}",
+    ]
 
 
 def run_dir(settings: Settings) -> Path:
@@ -111,6 +128,7 @@ def server_args(settings: Settings, home: str, port: int, username: str | None =
         tls = tls_paths(settings, home)
         if tls:
             args += [f"--ServerApp.certfile={tls[0]}", f"--ServerApp.keyfile={tls[1]}"]
+    args += kernel_args(settings)
     for app in LAB_SETTINGS_APPS.get(settings.app, ()):
         args.append(f"--{app}.app_settings_dir={lab_settings_dir(settings)}")
     if settings.idle_timeout > 0:

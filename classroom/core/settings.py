@@ -27,6 +27,7 @@ GROUP_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 DURATION = re.compile(
     r"^\s*(\d+(?:\.\d+)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?)?\s*$", re.I
 )
+MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 STATE_BASE = Path("/var/lib/classroom")
 
 # A parser reads a key's text (``base`` is the config file's folder, for relative
@@ -207,6 +208,15 @@ def words(fallback: tuple[str, ...] = ()) -> Parser:
     return lambda value, base: parse_list(value) or fallback
 
 
+def modules(value: str, base: Path) -> tuple[str, ...]:
+    """A list of Python module names (``a.b``), checked for shape only."""
+    names = parse_list(value)
+    for name in names:
+        if not MODULE.match(name):
+            raise ValueError(f"{name!r} is not a Python module name")
+    return names
+
+
 def server_address(value: str, base: Path) -> str:
     if value:
         host_from_setting(value)
@@ -338,6 +348,20 @@ KEYS: tuple[Key, ...] = (
     Key("launch", "start_mode", choice("fork", "exec"), "fork", "fork or exec"),
     Key(
         "launch", "idle_timeout", seconds(0, whole=True), "0", "seconds; 0: never stop idle servers"
+    ),
+    Key(
+        "launch",
+        "kernel_mode",
+        choice("fork", "exec"),
+        "fork",
+        "fork: kernels forked from one pre-imported process; exec: as Jupyter does",
+    ),
+    Key(
+        "launch",
+        "preload",
+        modules,
+        "numpy, pandas, matplotlib.pyplot",
+        "modules imported once for every kernel (kernel_mode = fork)",
     ),
     Key("hooks", "pre_spawn", text(), "", "an executable, or module:function"),
     Key("hooks", "post_stop", text(), "", "an executable, or module:function"),
