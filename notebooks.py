@@ -13,6 +13,9 @@ if __name__ == "__main__":
     venv = os.path.dirname(os.path.dirname(VENV_PYTHON))
     if os.path.exists(VENV_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
         os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
-    from classroom.cli import main
-
+    try:
+        from classroom.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while Python was still loading: nothing was done yet
+        sys.stderr.write("notebooks: stopped before anything was done\n")
+        sys.exit(130)
     main()

@@ -620,7 +620,7 @@ def test_server_and_kernels_hold_no_root_owned_log(make_course, mode):
         # a kernel, started as the student would
         password = course.credentials()[u]["notebook_password"]
         session = requests.Session()
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}/user/{u}"  # every server's base URL
         session.get(f"{base}/login", timeout=10)
         xsrf = session.cookies.get("_xsrf", "")
         login = session.post(
@@ -755,7 +755,8 @@ def test_launch_is_not_stalled_by_a_student_who_stops_the_preparation(ready_cour
         st = run_bounded(course, "status", "--json", bound=60)
         rows = {row["username"]: row for row in json.loads(st.stdout)}
         assert rows[other]["server"] == "running", rows
-        assert requests.get(f"http://127.0.0.1:{rows[other]['port']}/api", timeout=10).ok
+        url = f"http://127.0.0.1:{rows[other]['port']}/user/{other}/api"
+        assert requests.get(url, timeout=10).ok
     finally:
         shutdown_quietly(course)
 

@@ -400,15 +400,15 @@ class Kernel:
     """A kernel of a student's server, started through its REST API and driven over its
     websocket, as JupyterLab does."""
 
-    def __init__(self, port: int, session: requests.Session):
+    def __init__(self, port: int, session: requests.Session, username: str):
         self.port = port
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}/user/{username}"  # every server's base URL
         r = session.post(f"{base}/api/kernels", json={}, timeout=60)
         assert r.status_code == 201, r.text
         self.id = r.json()["id"]
         cookie = "; ".join(f"{k.name}={k.value}" for k in session.cookies)
         self.ws = websocket.create_connection(
-            f"ws://127.0.0.1:{port}/api/kernels/{self.id}/channels",
+            f"ws://127.0.0.1:{port}/user/{username}/api/kernels/{self.id}/channels",
             header=[f"Cookie: {cookie}"],
             timeout=120,
         )
@@ -567,8 +567,10 @@ def test_one_student_cannot_starve_the_class(ready_course, mode):
         assert re.search(r"\bmemory\b", table.stdout.splitlines()[0]), table.stdout
         assert "limits per student: memory 300M, cpu 0.5, tasks 64" in table.stdout
 
-        sessions = {u: login(ports[u], creds[u]["notebook_password"]) for u in c.usernames}
-        ka, kb = Kernel(ports[a], sessions[a]), Kernel(ports[b], sessions[b])
+        sessions = {
+            u: login(ports[u], creds[u]["notebook_password"], f"/user/{u}/") for u in c.usernames
+        }
+        ka, kb = Kernel(ports[a], sessions[a], a), Kernel(ports[b], sessions[b], b)
         kernels += [ka, kb]
         state, out = ka.execute("print(open('/proc/self/cgroup').read())")
         assert state == "ok" and f"/classroom/{c.name}/{a}" in out  # the kernel is inside too
@@ -597,7 +599,7 @@ def test_one_student_cannot_starve_the_class(ready_course, mode):
         started, error = out.split()
         assert state == "ok" and 0 < int(started) < 64 and error == str(errno.EAGAIN), out
         assert int(read(folders[b], "pids", "pids.current")) <= 64
-        ka2 = Kernel(ports[a], sessions[a])
+        ka2 = Kernel(ports[a], sessions[a], a)
         kernels.append(ka2)
         assert ka2.execute("print('a is fine')") == ("ok", "a is fine\n")
         assert kb.execute("for p in procs: p.kill(); p.wait()")[0] == "ok"
@@ -659,7 +661,8 @@ def test_the_supervisor_reaps_and_adopts_after_launch_has_exited(ready_course, m
         supervisor = psutil.Process(st["pid"]).ppid()
         sup = psutil.Process(supervisor)
         assert sup.uids().real == 0 and "forkserver.py" in " ".join(sup.cmdline())
-        kernel = Kernel(st["port"], login(st["port"], c.credentials()[a]["notebook_password"]))
+        session = login(st["port"], c.credentials()[a]["notebook_password"], f"/user/{a}/")
+        kernel = Kernel(st["port"], session, a)
         assert kernel.execute("print(1)")[0] == "ok"
         orphans = kernel_pids(st["pid"])
         assert orphans
@@ -700,7 +703,8 @@ def test_a_dead_servers_orphans_are_killed_with_its_cgroup_at_shutdown(ready_cou
     try:
         assert c.run("launch", "--no-portal", "--only", a).returncode == 0
         st = status(c)[a]
-        kernel = Kernel(st["port"], login(st["port"], c.credentials()[a]["notebook_password"]))
+        session = login(st["port"], c.credentials()[a]["notebook_password"], f"/user/{a}/")
+        kernel = Kernel(st["port"], session, a)
         assert kernel.execute("print(1)")[0] == "ok"
         kernel.close()
         orphans = kernel_pids(st["pid"])

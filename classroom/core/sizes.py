@@ -24,7 +24,7 @@ def human_size(n: int | float) -> str:
     """
     value = float(n)
     for unit in UNITS:
-        if abs(value) < 1024 or unit == UNITS[-1]:
+        if round(abs(value), 1) < 1024 or unit == UNITS[-1]:  # 1023.99 KB is 1 MB
             if unit == "bytes":
                 return f"{int(value)} bytes" if int(value) != 1 else "1 byte"
             text = f"{value:.1f}".removesuffix(".0")
