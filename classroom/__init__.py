@@ -1,3 +1,3 @@
 """classroom: run a class on Jupyter from one Linux host."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
