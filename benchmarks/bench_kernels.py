@@ -221,6 +221,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--growth", default="1,10,20", help="class sizes, e.g. 1,10,20,30")
     ap.add_argument("--modes", default="exec,fork")
+    ap.add_argument("--keep-logs", default="", help="copy the servers' logs here at the end")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: it creates and deletes real accounts")
@@ -246,7 +247,9 @@ def main() -> None:
     results: dict[tuple[int, str], tuple[float, float, float]] = {}
     notes = []
     try:
-        cli("setup", str(config))
+        for attempt in range(3):  # useradd can lose races with other tools making accounts
+            if cli("setup", str(config), check=attempt == 2).returncode == 0:
+                break
         for m, mode in enumerate(modes):
             set_kernel_mode(config, mode)
             cli("launch", str(config), "--no-portal")
@@ -275,6 +278,8 @@ def main() -> None:
             cli("shutdown", str(config))
     finally:
         cli("shutdown", str(config), check=False)
+        if args.keep_logs:
+            shutil.copytree(work / "state" / "logs", args.keep_logs, dirs_exist_ok=True)
         cli("remove", str(config), "--yes", check=False)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -275,6 +275,20 @@ def connection_key(course, username: str, kernel_id: str) -> bytes:
     return json.loads((runtime / f"kernel-{kernel_id}.json").read_text())["key"].encode()
 
 
+def connection_ports(course, username: str, kernel_id: str) -> set[int]:
+    runtime = course.home(username) / ".local/share/jupyter/runtime"
+    info = json.loads((runtime / f"kernel-{kernel_id}.json").read_text())
+    return {info[f"{name}_port"] for name in ("shell", "iopub", "stdin", "control", "hb")}
+
+
+def listening(pid: int) -> set[int]:
+    return {
+        conn.laddr.port
+        for conn in psutil.Process(pid).net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN
+    }
+
+
 def recorded_kernel_server(course) -> psutil.Process:
     from classroom.host.state import State
 
@@ -434,14 +448,17 @@ def test_forked_kernels_are_the_students_own(make_course):
         assert out["error"] and out["error"]["ename"] == "KeyboardInterrupt"
         assert sa.value("x = 1\nprint(x)") == 1
 
-        # restart: a fresh kernel, forked again
+        # A new kernel listens on ports of its own choosing, written in its connection file;
+        # restart: a fresh kernel, forked again, on the same ports, so the browser's open
+        # websocket goes on working (as JupyterLab's does)
         old = seen[a1["id"]]["pid"]
+        ports = connection_ports(c, a, a1["id"])
+        assert ports <= listening(old)
         assert labs[a].post(f"/api/kernels/{a1['id']}/restart").status_code == 200
         assert gone(old), debug(old)
-        sa.close()
-        sa = sockets[a1["id"]] = labs[a].connect(a1["id"])
         again = probe(sa, marker)
         assert again["pid"] != old and again["ppid"] == ks.pid and again["uid"] == c.pw(a).pw_uid
+        assert connection_ports(c, a, a1["id"]) == ports and ports <= listening(again["pid"])
         out = sa.run("print(x)")
         assert out["error"] and out["error"]["ename"] == "NameError"
 
@@ -461,7 +478,7 @@ def test_forked_kernels_are_the_students_own(make_course):
         assert down.returncode == 0, down.stdout + down.stderr
         assert "the kernel server stopped" in down.stdout
         assert gone(again["pid"]) and gone(ks.pid, zombie_ok=True)  # launch started it
-        assert not Path(launchplan.kernel_socket(load(c.config))).exists()
+        assert not Path(launchplan.kernel_socket(load(c.config))).parent.exists()
         for u in c.usernames:
             assert not alive_processes_of(c.pw(u).pw_uid)
     finally:

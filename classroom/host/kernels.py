@@ -178,6 +178,10 @@ def stop_if_idle(settings: Settings, state: State) -> bool:
     if stopped and not dry_run():
         with state.transaction():
             state.set_meta(RECORD, None)
+        folder = kernel_socket(settings).parent
+        for empty in (folder, folder.parent):  # the course's folder may hold others' sockets
+            with contextlib.suppress(OSError):
+                empty.rmdir()
     return stopped
 
 

@@ -30,13 +30,15 @@ import sys
 import time
 from typing import Any
 
-from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.provisioning import LocalProvisioner
+from jupyter_core.paths import secure_write
 from traitlets import Float, Unicode
 
 from .kernelserver import KERNEL_MODULES, REQUEST
 
 START_REPLY_TIMEOUT = 60.0  # seconds the kernel server gets to answer (a whole room at once)
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 EXIT_REPORT_WAIT = 2.0  # seconds to wait for the exit status once the process is gone
 # Variables that act when an interpreter starts (or libraries load): a kernel that has them
 # must start as a new program.
@@ -150,6 +152,8 @@ class ForkedKernel:
 class ForkProvisioner(LocalProvisioner):
     """``LocalProvisioner`` whose kernels are forked by the course's kernel server."""
 
+    _forked = False  # a kernel was forked once: a restart keeps its ports
+
     kernel_server = Unicode("", config=True, help="The course's kernel server: its Unix socket.")
     timeout = Float(START_REPLY_TIMEOUT, config=True, help="Seconds to wait for a forked kernel.")
 
@@ -181,6 +185,11 @@ class ForkProvisioner(LocalProvisioner):
         env = dict(kwargs.get("env") or os.environ)
         cwd = str(kwargs.get("cwd") or os.getcwd())
         spec = {"argv": cmd, "env": env, "cwd": cwd, "umask": _umask()}
+        # A new kernel binds ports of its own choosing (the ports the server picked and
+        # let go may be anyone's by then: a room starting at once hits that); a restarted
+        # one keeps its ports, so the browser's open connections still reach it.
+        ports = self.parent is not None and not self._forked
+        written = self._open_ports() if ports else None
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         spec_fd = os.memfd_create("kernel-launch", os.MFD_CLOEXEC)
         outputs = [_output(1), _output(2)]
@@ -192,21 +201,62 @@ class ForkProvisioner(LocalProvisioner):
             socket.send_fds(conn, [REQUEST], [spec_fd, *outputs])
             conn.setblocking(False)
             pid, rest = await self._answer(conn)
+            kernel = ForkedKernel(conn, pid, rest)
+            if written is not None:
+                await self._take_ports(kernel)
         except BaseException:
-            conn.close()
+            conn.close()  # a kernel already forked goes with it
+            if written is not None:
+                self._write_connection_file(written)  # exec'd instead: the ports picked first
             raise
         finally:
             os.close(spec_fd)
             for fd in outputs:
                 if fd > 2:
                     os.close(fd)
-        self.process = ForkedKernel(conn, pid, rest)
+        self.process = kernel
         self.pid = self.pgid = pid  # the kernel leads a session of its own
         self.cwd = cwd
+        self._forked = True
         self.log.info(
             "classroom: kernel %s forked by the kernel server (pid %d)", self.kernel_id, pid
         )
         return self.connection_info
+
+    def _open_ports(self) -> dict:
+        """Rewrite the connection file with port 0 for each channel (ipykernel then binds
+        ports of its own and writes them there); what it said before."""
+        with open(self.parent.connection_file) as f:
+            written = json.load(f)
+        self._write_connection_file({**written, **dict.fromkeys(PORT_NAMES, 0)})
+        return written
+
+    async def _take_ports(self, kernel: ForkedKernel) -> None:
+        """Wait for the kernel to write its ports into the connection file; use them."""
+        km = self.parent
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                with open(km.connection_file) as f:
+                    info = json.load(f)
+                if all(info.get(name) for name in PORT_NAMES):
+                    break
+            if kernel.poll() is not None:
+                raise ValueError("the forked kernel ended before it listened")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the forked kernel did not listen within {self.timeout:g} s")
+            await asyncio.sleep(0.02)
+        if km.cache_ports and self.ports_cached:
+            cache = LocalPortCache.instance()
+            for name in PORT_NAMES:
+                cache.return_port(self.connection_info[name])
+        for name in PORT_NAMES:
+            setattr(km, name, int(info[name]))
+        self.connection_info = km.get_connection_info()
+
+    def _write_connection_file(self, info: dict) -> None:
+        with secure_write(self.parent.connection_file) as f:
+            json.dump(info, f, indent=1)
 
     async def _answer(self, conn: socket.socket) -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
