@@ -534,7 +534,11 @@ def test_one_student_cannot_starve_the_class(ready_course, mode):
     no process, zombie or cgroup of theirs."""
     c = ready_course
     a, b = c.usernames
-    c.write_config(launch={"app": "server", "start_mode": mode}, limits=LIMITS)
+    # kernels as Jupyter starts them (children of the server): forked kernels join the same
+    # cgroup through the kernel server, tested in test_kernels.py
+    c.write_config(
+        launch={"app": "server", "start_mode": mode, "kernel_mode": "exec"}, limits=LIMITS
+    )
     creds = c.credentials()
     uids = [c.pw(u).pw_uid for u in c.usernames]
     kernels: list[Kernel] = []
@@ -651,7 +655,7 @@ def test_the_supervisor_reaps_and_adopts_after_launch_has_exited(ready_course, m
     class's supervisor (a subreaper), not left to PID 1."""
     c = ready_course
     a = c.usernames[0]
-    c.write_config(launch={"app": "server", "start_mode": mode})
+    c.write_config(launch={"app": "server", "start_mode": mode, "kernel_mode": "exec"})
     uid = c.pw(a).pw_uid
     kernel = None
     try:
@@ -698,7 +702,10 @@ def test_a_dead_servers_orphans_are_killed_with_its_cgroup_at_shutdown(ready_cou
     """A kernel whose server died stays in the student's cgroup; shutdown empties it."""
     c = ready_course
     a = c.usernames[0]
-    c.write_config(launch={"app": "server", "start_mode": "fork"}, limits={"tasks": "64"})
+    c.write_config(
+        launch={"app": "server", "start_mode": "fork", "kernel_mode": "exec"},
+        limits={"tasks": "64"},
+    )
     uid = c.pw(a).pw_uid
     try:
         assert c.run("launch", "--no-portal", "--only", a).returncode == 0
