@@ -79,8 +79,10 @@ class Lab:
         self.course = course
         self.username = username
         self.port = status(course)[username]["port"]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.http = login(self.port, course.credentials()[username]["notebook_password"])
+        self.path = f"/user/{username}/"  # every server's base URL
+        self.base = f"http://127.0.0.1:{self.port}{self.path.rstrip('/')}"
+        password = course.credentials()[username]["notebook_password"]
+        self.http = login(self.port, password, self.path)
 
     def open(self, notebook: str) -> dict:
         """A session for ``notebook`` (a path under the server's root): its kernel."""
@@ -104,7 +106,8 @@ class KernelSocket:
         self.session = uuid.uuid4().hex
         cookies = "; ".join(f"{k}={v}" for k, v in lab.http.cookies.items())
         self.ws = websocket.create_connection(
-            f"ws://127.0.0.1:{lab.port}/api/kernels/{kernel_id}/channels?session_id={self.session}",
+            f"ws://127.0.0.1:{lab.port}{lab.path}api/kernels/{kernel_id}/channels"
+            f"?session_id={self.session}",
             cookie=cookies,
             timeout=60,
         )
@@ -737,7 +740,8 @@ def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
             page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
             page.set_default_timeout(120_000)
             try:
-                page.goto(f"http://127.0.0.1:{port}/login?next=/lab/tree/lesson1.ipynb")
+                base = f"/user/{a}/"
+                page.goto(f"http://127.0.0.1:{port}{base}login?next={base}lab/tree/lesson1.ipynb")
                 page.fill("input[type=password]", c.credentials()[a]["notebook_password"])
                 page.locator("#login_submit, button[type=submit]").first.click()
                 # the sample names no kernel: JupyterLab asks which (its default: Python 3)
