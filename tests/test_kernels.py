@@ -746,8 +746,7 @@ def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
                 page.goto(f"http://127.0.0.1:{port}{base}login?next={base}lab/tree/lesson1.ipynb")
                 page.fill("input[type=password]", c.credentials()[a]["notebook_password"])
                 page.locator("#login_submit, button[type=submit]").first.click()
-                # the sample names no kernel: JupyterLab asks which (its default: Python 3)
-                page.locator(".jp-Dialog-button.jp-mod-accept").click()
+                # the sample names its kernel (python3): JupyterLab asks nothing
                 page.wait_for_function(
                     "() => /\\|\\s*Idle/.test(document.querySelector('.jp-StatusBar-Widget, "
                     "#jp-main-statusbar')?.innerText || '')"
