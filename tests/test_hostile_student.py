@@ -599,7 +599,8 @@ with open(os.path.join(os.path.expanduser("~"), "fd-probe.json"), "w") as f:
 def test_server_and_kernels_hold_no_root_owned_log(make_course, mode):
     course = make_course(1)
     assert course.run("setup", "--yes").returncode == 0
-    course.write_config(launch={"app": "server", "start_mode": mode})
+    # kernels as Jupyter starts them (the server's children); forked ones: test_kernels.py
+    course.write_config(launch={"app": "server", "start_mode": mode, "kernel_mode": "exec"})
     u = course.usernames[0]
     write_as(course, u, ".jupyter/jupyter_server_config.py", FD_PROBE)
     try:
