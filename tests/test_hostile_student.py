@@ -274,11 +274,12 @@ while True:  # the loop's orphans come here: reap them, so they never pile up as
 """
 
 FORK_LOOP = r"""
-import os
+import os, time
 os.setsid()
 while True:
     if os.fork():
         os._exit(0)
+    time.sleep(0.01)  # each generation lives long enough for a scan of /proc to see it
 """
 
 

@@ -141,12 +141,15 @@ def a_kernel(port: int, base: str, password: str, server_pid: int, uid: int) -> 
     session = login(port, password, base)
     made = session.post(f"http://127.0.0.1:{port}{base}api/kernels", json={"name": "python3"})
     assert made.status_code == 201, made.text[:300]
+    # an exec'd kernel is the server's child, a forked one (kernel_mode = fork) the course's
+    # kernel server's: look among all the student's processes
     end = time.monotonic() + 60
     while time.monotonic() < end:
-        with contextlib.suppress(psutil.Error):
-            for p in psutil.Process(server_pid).children(recursive=True):
-                if p.uids().real == uid and "ipykernel" in " ".join(p.cmdline()):
-                    return p
+        for p in psutil.process_iter(["uids"]):
+            with contextlib.suppress(psutil.Error):
+                if p.pid != server_pid and p.info["uids"] and p.info["uids"].real == uid:
+                    if "ipykernel" in " ".join(p.cmdline()):
+                        return p
         time.sleep(0.3)
     pytest.fail("no kernel process appeared")
 
