@@ -147,9 +147,10 @@ def a_kernel(port: int, base: str, password: str, server_pid: int, uid: int) -> 
     while time.monotonic() < end:
         for p in psutil.process_iter(["uids"]):
             with contextlib.suppress(psutil.Error):
-                if p.pid != server_pid and p.info["uids"] and p.info["uids"].real == uid:
-                    if "ipykernel" in " ".join(p.cmdline()):
-                        return p
+                uids = p.info["uids"]
+                mine = p.pid != server_pid and uids and uids.real == uid
+                if mine and "ipykernel" in " ".join(p.cmdline()):
+                    return p
         time.sleep(0.3)
     pytest.fail("no kernel process appeared")
 

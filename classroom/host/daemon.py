@@ -143,7 +143,9 @@ def supervise(argv: Sequence[str]) -> int:
     quick, delay = 0, 1.0
     while not stopping:
         started = time.monotonic()
-        child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, close_fds=True)
+        # the portal stays in the supervisor's session: a SIGTERM to the group reaches both
+        child = spawn(argv, env=dict(os.environ), stdin=subprocess.DEVNULL, start_new_session=False)
+        assert child is not None  # the supervisor never runs under --dry-run
         _note(f"portal started (pid {child.pid})")
         code = _wait(child)
         if stopping:

@@ -158,7 +158,8 @@ def spawn(
     before: Callable[[], None] | None = None,
     **popen: Any,
 ) -> subprocess.Popen | None:
-    """Start a long-running child (a student's server): logged, no shell, its own session.
+    """Start a long-running child (a student's server): logged, no shell, its own session
+    (unless ``start_new_session=False``, as for the portal under its supervisor).
 
     ``env`` is the child's whole environment; ``popen`` passes stdio, cwd and umask.
     ``before`` runs in the child, still as root, before it becomes ``user`` (joining the
@@ -177,9 +178,8 @@ def spawn(
     elif before is not None:
         popen["preexec_fn"] = before
     try:
-        return subprocess.Popen(
-            argv, env=env, close_fds=True, start_new_session=True, **ids, **popen
-        )
+        popen.setdefault("start_new_session", True)
+        return subprocess.Popen(argv, env=env, close_fds=True, **ids, **popen)
     except subprocess.SubprocessError as exc:  # the change of identity failed in the child
         raise OSError(f"cannot start it as {_who(user)}: {exc}") from None
 
