@@ -265,9 +265,7 @@ def check(config_path: Path, as_json: bool = False) -> int:
     if settings is not None:
         check_paths(settings, found)
         found.problems += setup.problems(settings)
-        found.problems += staff.problems(settings) + staff.preload_problems(
-            settings, Path(sys.executable)
-        )
+        found.problems += staff.preload_problems(settings, Path(sys.executable))
         if warning := credentials.address_warning(settings):
             found.warnings.append(warning)
         check_stacks(settings, found)

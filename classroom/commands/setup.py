@@ -19,7 +19,7 @@ from ..core import passwords
 from ..core.errors import EXIT_OK, CommandFailedForAll, InvalidInput, StepFailed
 from ..core.secret import Secret
 from ..core.settings import Settings
-from ..host import credentials, hooks, interrupts
+from ..host import credentials, interrupts, trust
 from ..host.accounts import (
     FOREIGN,
     MISSING,
@@ -32,7 +32,7 @@ from ..host.accounts import (
     set_passwords,
     useradd_argv,
 )
-from ..host.files import changeable_by_others, world_readable_chain, write_atomic
+from ..host.files import world_readable_chain, write_atomic
 from ..host.homefiles import write_student_files
 from ..host.state import check_private_dir
 from ..host.system import dry_run, sudo_caller
@@ -65,7 +65,7 @@ def problems(settings: Settings) -> list[str]:
         check_private_dir(settings.state_dir)
     except InvalidInput as exc:
         found += exc.problems
-    found += untrusted_inputs(settings)
+    found += trust.problems(settings)
     return found
 
 
@@ -86,36 +86,6 @@ def check_home_base(settings: Settings) -> None:
             "plant a home there"
         )
     shared.precheck(settings)
-    staff.precheck(settings)
-
-
-def untrusted_inputs(settings: Settings) -> list[str]:
-    """The files root acts on that someone other than root or the teacher could change."""
-    s = settings
-    inputs: list[tuple[str, Path]] = [(f"{s.config_file}", s.config_file)]
-    inputs.append((s.where("course", "roster"), s.roster))
-    for key in ("pre_spawn", "post_stop"):
-        try:
-            hook = hooks.configured(s, key)
-        except InvalidInput:
-            continue  # named by check and by the command that runs it
-        if hook is not None and hook.kind == "executable":
-            inputs.append((s.where("hooks", key), Path(hook.target)))
-    if s.skeleton:
-        inputs.append((s.where("accounts", "skeleton"), s.skeleton))
-    if s.profile and "/" in s.profile:
-        inputs.append((s.where("accounts", "profile"), Path(s.profile)))
-    caller = sudo_caller()
-    teacher = {caller.pw_uid} if caller else set()
-    found = []
-    for where, path in inputs:
-        why = changeable_by_others(path, teacher)
-        if why:
-            found.append(
-                f"{where}: {why}; root acts on {path}: make it root's (or yours) and not "
-                "writable by others (chmod go-w)"
-            )
-    return found
 
 
 def make_home_base(course: Course, report: Report) -> None:

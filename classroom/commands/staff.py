@@ -18,43 +18,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..core.errors import InvalidInput, StepFailed
+from ..core.errors import StepFailed
 from ..core.settings import Settings
-from ..host import staff, sudoers, trust
+from ..host import staff, sudoers
 from ..host.accounts import MISSING, OK, Account, check_group, ensure_group, remove_group_if_empty
 from ..host.system import dry_run, run, sudo_caller
 from .course import Course, Report
 
 MODULE = re.compile(r"^[A-Za-z_][\w.]*$")
 PROBE_TIMEOUT = 120  # seconds for the servers' Python to import one module as nobody
-
-
-def trusted_uids(s: Settings) -> set[int]:
-    """Root, and the teacher running the command (who has root anyway), unless in the roster."""
-    uids = {0}
-    caller = sudo_caller()
-    if caller is not None and caller.pw_uid != 0:
-        try:
-            from ..core import roster as roster_mod
-
-            names = set(roster_mod.load(s.roster, s.roster_columns).names())
-        except (InvalidInput, OSError):
-            names = set()
-        if caller.pw_name not in names:
-            uids.add(caller.pw_uid)
-    return uids
-
-
-def problems(s: Settings) -> list[str]:
-    """What setup refuses: the config, or something it names, that others could change."""
-    return trust.problems(s, trusted_uids(s))
-
-
-def precheck(s: Settings) -> None:
-    """Before anything changes: refuse (exit 2) a config others could change (``problems``)."""
-    found = problems(s)
-    if found:
-        raise InvalidInput(found)
 
 
 def ensure(

@@ -106,7 +106,9 @@ def changeable_by_others(path: Path, trusted: set[int]) -> str | None:
             return False
         return group.gr_name == owner.pw_name and not set(group.gr_mem) - {owner.pw_name}
 
-    for part in [path, *path.parents]:
+    real = Path(os.path.realpath(path))  # a link, and the folders above what it points to
+    chain = [path, *path.parents] + [p for p in [real, *real.parents] if p != path]
+    for part in dict.fromkeys(chain):
         try:
             st = os.stat(part)
         except FileNotFoundError:
@@ -116,11 +118,11 @@ def changeable_by_others(path: Path, trusted: set[int]) -> str | None:
         sticky = part != path and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
         mode = stat.S_IMODE(st.st_mode)
         if st.st_uid not in owners:
-            return f"{part} belongs to uid {st.st_uid}, not to root or you"
+            return f"{part} belongs to uid {st.st_uid}, not root or you"
         if mode & 0o002 and not sticky:
-            return f"{part} can be changed by every user (mode {mode:04o})"
+            return f"{part} is writable by every user (mode {mode:04o})"
         if mode & 0o020 and not sticky and not own_group(st):
-            return f"{part} can be changed by the group {_group_name(st.st_gid)} (mode {mode:04o})"
+            return f"{part} is writable by the group {_group_name(st.st_gid)} (mode {mode:04o})"
     return None
 
 

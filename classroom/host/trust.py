@@ -17,17 +17,19 @@ teacher's own ``~/.ipython``, read only by setup, which only root runs).
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
+from ..core import roster
+from ..core.errors import InvalidInput
 from ..core.settings import Settings
 from . import hooks
+from .files import changeable_by_others
+from .system import sudo_caller
 
 
 def named_paths(s: Settings) -> list[tuple[str, Path]]:
     """(config line and key, path) of everything the config names that root acts on."""
-    found = [(f"{s.config_file}: the config file", s.config_file)]
+    found = [("the config file", s.config_file)]
 
     def add(section: str, key: str, path: Path | str | None) -> None:
         if path:
@@ -59,35 +61,31 @@ def named_paths(s: Settings) -> list[tuple[str, Path]]:
     return found
 
 
-def problems(s: Settings, trusted: set[int]) -> list[str]:
-    """Each named path (or folder above it) that a user other than ``trusted`` uids could change."""
+def trusted_uids(s: Settings) -> set[int]:
+    """Root, and the teacher running the command (who has root anyway), unless in the roster."""
+    uids = {0}
+    caller = sudo_caller()
+    if caller is not None and caller.pw_uid != 0:
+        try:
+            names = set(roster.load(s.roster, s.roster_columns).names())
+        except (InvalidInput, OSError):
+            names = set()
+        if caller.pw_name not in names:
+            uids.add(caller.pw_uid)
+    return uids
+
+
+def problems(s: Settings, trusted: set[int] | None = None) -> list[str]:
+    """Each named path (or folder above it) that a user other than root and ``trusted``
+    (by default ``trusted_uids``) could change."""
+    trusted = trusted_uids(s) if trusted is None else trusted
     found = []
     for label, path in named_paths(s):
-        why = _changeable(path, trusted)
+        why = changeable_by_others(path, trusted)
         if why:
             found.append(
-                f"{label} {path}: {why}; root runs what it says, and whoever can change it "
+                f"{label}: {why}; root runs what it says, and whoever can change it "
                 "could make root (or an assistant through sudo) do anything: chown root and "
                 "chmod go-w it"
             )
     return found
-
-
-def _changeable(path: Path, trusted: set[int]) -> str | None:
-    """Why someone untrusted could change ``path`` (or swap it), or None."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None  # a missing file is its own problem, reported where it is used
-    except OSError as exc:
-        return exc.strerror or "cannot be looked at"
-    if st.st_uid not in trusted:
-        return f"it belongs to uid {st.st_uid}, not root"
-    if st.st_mode & 0o022:
-        return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    for parent in path.resolve().parents:
-        pst = os.stat(parent)
-        sticky = pst.st_mode & stat.S_ISVTX
-        if pst.st_uid not in trusted or (pst.st_mode & 0o022 and not sticky):
-            return f"the folder {parent} above it can be changed by others"
-    return None
