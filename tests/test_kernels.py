@@ -49,9 +49,12 @@ def test_kernel_settings_and_server_args(tmp_path):
     args = launchplan.server_args(s, "/home/alice", 8123)
     assert "--KernelProvisionerFactory.default_provisioner_name=classroom-fork" in args
     assert "--ForkProvisioner.kernel_server=/run/classroom/demo/kernels/kernels.sock" in args
+    assert "--KernelManager.transport_encryption=auto" in args  # in either mode
     exec_mode = settings_with(tmp_path, kernel_mode="exec", preload="numpy")
     assert exec_mode.preload == ("numpy",)
-    assert not any("Provisioner" in a for a in launchplan.server_args(exec_mode, "/h", 1))
+    exec_args = launchplan.server_args(exec_mode, "/h", 1)
+    assert not any("Provisioner" in a for a in exec_args)
+    assert "--KernelManager.transport_encryption=auto" in exec_args
     with pytest.raises(InvalidInput, match="'os; rm' is not a Python module name"):
         settings_with(tmp_path, preload="numpy, os; rm")
     with pytest.raises(InvalidInput, match="must be one of fork, exec"):
@@ -606,6 +609,64 @@ def test_nobody_gets_a_kernel_as_anyone_else(make_course):
             with contextlib.suppress(Exception):
                 proc.kill()
                 proc.wait()
+        c.run("shutdown")
+
+
+EAVESDROP = """
+import json, sys, time, zmq
+ctx = zmq.Context()
+sub = ctx.socket(zmq.SUB)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
+print("listening", flush=True)
+got, end = [], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    if sub.poll(100):
+        got.append(b"".join(sub.recv_multipart()).hex())
+print(json.dumps(got), flush=True)
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["fork", "exec"])
+def test_a_classmate_cannot_listen_to_a_kernel(make_course, mode):
+    """Kernels listen on 127.0.0.1: a classmate who finds a kernel's IOPub port (``ss``
+    shows it) and subscribes must read neither its code nor its output (CurveZMQ)."""
+    c = make_course(2)
+    assert c.run("setup").returncode == 0
+    a, b = c.usernames
+    pb = c.pw(b)
+    try:
+        launched(c, kernel_mode=mode)
+        lab = Lab(c, a)
+        kernel = lab.open("lesson.ipynb")
+        ks = lab.connect(kernel["id"])
+        assert ks.run("print(1)")["stdout"] == "1\n"  # the kernel is up and talks to its server
+        runtime = c.home(a) / ".local/share/jupyter/runtime"
+        info = json.loads((runtime / f"kernel-{kernel['id']}.json").read_text())
+        assert info.get("curve_publickey"), "the kernel was started without transport encryption"
+        spy = subprocess.Popen(
+            ["setpriv", f"--reuid={pb.pw_uid}", f"--regid={pb.pw_gid}", "--init-groups"]
+            + [PYTHON, "-c", EAVESDROP, str(info["iopub_port"]), "8"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+        try:
+            assert spy.stdout.readline().strip() == "listening"
+            marker = uuid.uuid4().hex
+            for _ in range(5):
+                out = ks.run(f"print({marker!r}[::-1] + 'x')")
+                assert out["stdout"] == marker[::-1] + "x\n", out
+                time.sleep(0.5)
+            seen = json.loads(spy.communicate(timeout=60)[0])
+        finally:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait()
+        assert seen == [], f"{b} read {len(seen)} messages of {a}'s kernel"
+        ks.close()
+    finally:
         c.run("shutdown")
 
 

@@ -128,6 +128,11 @@ def server_args(settings: Settings, home: str, port: int, username: str | None =
         tls = tls_paths(settings, home)
         if tls:
             args += [f"--ServerApp.certfile={tls[0]}", f"--ServerApp.keyfile={tls[1]}"]
+    # Kernels listen on 127.0.0.1, which every user of the host can reach: CurveZMQ keeps
+    # a classmate from reading a kernel's code and output off its IOPub channel (the keys
+    # are in the student's own 0600 connection file). "auto": every kernel spec that says
+    # it can (ipykernel's does); one that cannot still starts, in the clear.
+    args.append("--KernelManager.transport_encryption=auto")
     args += kernel_args(settings)
     for app in LAB_SETTINGS_APPS.get(settings.app, ()):
         args.append(f"--{app}.app_settings_dir={lab_settings_dir(settings)}")
