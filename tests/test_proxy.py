@@ -661,6 +661,57 @@ def test_healthz_counts_the_servers_on_sockets(klass):
     assert r.json() == {"status": "ok", "course": klass.course.name, "running": 2}
 
 
+@pytest.mark.root
+def test_a_new_password_logs_out_whoever_used_the_old_one(klass):
+    """A slip was lost: the teacher gives that student a new password; a browser that
+    logged in with the old one is out (within the portal's short cache), the new one works."""
+    c = klass.course
+    b = c.usernames[1]
+    thief = klass.login(b)
+    contents = f"{klass.url}/user/{b}/api/contents"
+    assert thief.get(contents, timeout=30).status_code == 200
+    r = c.run("setup", "--yes", "--reset-passwords", "--only", b)
+    assert r.returncode == 0, r.stdout + r.stderr
+    old, klass.creds = klass.creds, c.credentials()
+    assert klass.creds[b]["password"] != old[b]["password"]
+    deadline = time.monotonic() + sessions.CACHE_SECONDS + 30
+    while True:
+        code = thief.get(contents, timeout=30, allow_redirects=False).status_code
+        if code != 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert code == 403, "a session made with the old password still reaches the server"
+    r = klass.session().post(
+        klass.url + "/login",
+        data={"username": b, "password": old[b]["password"]},
+        timeout=30,
+        allow_redirects=False,
+    )
+    assert r.status_code == 403
+    s = klass.login(b)  # the new password; the server runs
+    deadline = time.monotonic() + 60
+    while s.get(contents, timeout=30).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert s.get(contents, timeout=30).status_code == 200
+
+
+def test_end_users_ends_only_their_sessions(tmp_path):
+    store = sessions.Sessions(tmp_path)
+    try:
+        mine = [store.create("alice"), store.create("alice")]
+        theirs = store.create("bob")
+    finally:
+        store.close()
+    assert sessions.end_users(tmp_path, {"alice", "carol"}) == 2
+    store = sessions.Sessions(tmp_path)
+    try:
+        assert [store.user(x) for x in mine] == [None, None]
+        assert store.user(theirs) == "bob"
+    finally:
+        store.close()
+    assert sessions.end_users(tmp_path / "nothing-here", {"bob"}) == 0
+
+
 def test_the_uid_behind_a_socket_decides(tmp_path):
     """peer_uid is what connect() trusts: it is the listener's uid (here: ours)."""
     from classroom.host.server import peer_uid

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import Refused, StepFailed
-from ..host import credentials, interrupts, leftovers, limits
+from ..host import credentials, interrupts, leftovers, limits, sessions
 from ..host import kernels as kernel_server
 from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspect
 from ..host.accounts import remove_group_if_empty as remove_group
@@ -82,6 +82,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     left = leftovers.delete_owned(uids, groups)
     if left:
         report.note(f"{left} file(s) and folder(s) of theirs deleted in {', '.join(SHARED_TMP)}")
+    sessions.end_users(s.state_dir, removed)  # a name given again later starts logged out
     for username in removed:
         remove_socket_dir(s, username)
     if remove_group(course):

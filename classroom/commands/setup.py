@@ -19,7 +19,7 @@ from ..core import passwords
 from ..core.errors import EXIT_OK, CommandFailedForAll, InvalidInput, StepFailed
 from ..core.secret import Secret
 from ..core.settings import Settings
-from ..host import credentials, interrupts, trust
+from ..host import credentials, interrupts, sessions, trust
 from ..host.accounts import (
     FOREIGN,
     MISSING,
@@ -186,6 +186,8 @@ def setup(
             else:
                 report.done(username, "updated", "; ".join(changes))
     code = restart_servers(course, report, list(new))
+    # whoever logged in to the portal with an old password (a leaked slip) is logged out
+    sessions.end_users(course.settings.state_dir, set(new))
     write_handouts(course, report, handout, [st.username for st in students] if only else None)
     if only:
         show_passwords(new, course.settings.notebook_password == "same")

@@ -11,6 +11,8 @@
 - A session is a random id in a signed cookie (the key: ``STATE_DIR/portal.key``) and a
   row in ``STATE_DIR/sessions.db`` (root-only, like the folder): both survive a
   restart of the portal; ``/logout`` deletes the row, so a copied cookie stops working.
+  A new password (``setup --reset-passwords``) and ``remove`` end all of that student's
+  sessions (``end_users``): a browser that logged in with a leaked password is out.
 - More than ``LIMIT`` failures for one username or one client address within
   ``WINDOW`` seconds: the next attempts are refused (429) until the window has passed.
   Counted in memory: a restart of the portal starts the count again.
@@ -44,7 +46,7 @@ log = logging.getLogger("classroom")
 KEY_FILE = "portal.key"
 SESSIONS_FILE = "sessions.db"
 SESSION_SECONDS = 12 * 3600  # a school day; then the student logs in again
-CACHE_SECONDS = 30.0  # a session row is looked up again after this long (a remove revokes)
+CACHE_SECONDS = 5.0  # a session row is looked up again after this long (end_users)
 LIMIT = 10  # failures per username or client address ...
 WINDOW = 300.0  # ... within this many seconds; more are answered 429 until it has passed
 MAX_TRACKED = 10_000  # usernames and addresses whose failures are remembered
@@ -146,6 +148,23 @@ class Sessions:
 
     def close(self) -> None:
         self.db.close()
+
+
+def end_users(state_dir: Path, usernames: set[str] | list[str]) -> int:
+    """End every portal session of ``usernames`` (a new password, a removed account): a
+    running portal stops honouring them within ``CACHE_SECONDS``. How many ended."""
+    path = Path(state_dir) / SESSIONS_FILE
+    if not usernames or not path.is_file():
+        return 0
+    sessions = Sessions(state_dir)
+    try:
+        with sessions.db:
+            return sum(
+                sessions.db.execute("DELETE FROM sessions WHERE username = ?", (name,)).rowcount
+                for name in sorted(set(usernames))
+            )
+    finally:
+        sessions.close()
 
 
 class RateLimit:
