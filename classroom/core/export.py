@@ -197,10 +197,17 @@ def _culler_every(timeout: int) -> int:
 
 def jupyterhub_config(plan: Plan) -> str:
     """``jupyterhub_config.py``: PAM, the roster's users, the staff role, the material hook."""
-    g, staff = plan.group, plan.staff_group
+    out = _header(plan, "#", "JupyterHub configuration")
+    for part in (_hub_listen, _hub_users, _hub_spawner, _hub_limits, _hub_culler):
+        out += part(plan)
+    return "\n".join(out) + "\n"
+
+
+def _hub_listen(plan: Plan) -> list[str]:
+    """How to start the hub, and where it listens ([launch] ip, portal_port, TLS)."""
     scheme = "https" if plan.certfile else "http"
     host = "" if plan.ip in ("", "*", "0.0.0.0", "::", "[::]") else plan.ip
-    out = _header(plan, "#", "JupyterHub configuration")
+    out: list[str] = []
     out += [
         "#",
         "# Start it as root (PAM and the spawner need root) on the host where",
@@ -230,6 +237,13 @@ def jupyterhub_config(plan: Plan) -> str:
             f"c.JupyterHub.ssl_cert = {plan.certfile!r}",
             f"c.JupyterHub.ssl_key = {plan.keyfile!r}",
         ]
+    return out
+
+
+def _hub_users(plan: Plan) -> list[str]:
+    """Who logs in (PAM, the roster), the course group and the staff role."""
+    g, staff = plan.group, plan.staff_group
+    out: list[str] = []
     out += [
         "",
         "# Who may log in: the roster's students and assistants, with their Unix passwords",
@@ -267,6 +281,13 @@ def jupyterhub_config(plan: Plan) -> str:
         f"        'groups': [{staff!r}],",
         "    },",
         "]",
+    ]
+    return out
+
+
+def _hub_spawner(plan: Plan) -> list[str]:
+    """Each server: JupyterLab, its folder, its timeout, the material before it starts."""
+    out = [
         "",
         "# Each student's server: JupyterLab, from the hub's own Python environment.",
         f"c.Spawner.default_url = {plan.default_url!r}",
@@ -287,6 +308,12 @@ def jupyterhub_config(plan: Plan) -> str:
         f"c.Spawner.pre_spawn_hook = material_hook({str(plan.config_file)!r})",
         "",
     ]
+    return out
+
+
+def _hub_limits(plan: Plan) -> list[str]:
+    """[limits] as SystemdSpawner limits, or plain processes."""
+    out: list[str] = []
     if plan.limited:
         out += [
             "# [limits]: each server in its own systemd unit, which the kernel holds to the limits",
@@ -313,6 +340,12 @@ def jupyterhub_config(plan: Plan) -> str:
             "c.JupyterHub.spawner_class = 'localprocess'",
         ]
     out.append("")
+    return out
+
+
+def _hub_culler(plan: Plan) -> list[str]:
+    """[launch] idle_timeout as the jupyterhub-idle-culler service."""
+    out: list[str] = []
     if plan.idle_timeout:
         every = _culler_every(plan.idle_timeout)
         out += [
@@ -340,7 +373,7 @@ def jupyterhub_config(plan: Plan) -> str:
         ]
     else:
         out.append("# [launch] idle_timeout = 0: idle servers are never stopped (no culler).")
-    return "\n".join(out) + "\n"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
