@@ -357,26 +357,7 @@ def _build(
                 "empty): fill it in or delete the row"
             ]
             continue
-        role_text = layout.cell(cells, "role")
-        role = role_text.lower() or "student"
-        if role not in ROLES:
-            found.append(
-                f"{layout.at(number)}: role {role_text!r} is not known: write student or "
-                "assistant (empty means student)"
-            )
-        key = username.lower()
-        if key in seen:
-            line, was = seen[key]
-            found.append(
-                f"{layout.at(number)}: duplicate username {username!r} (also on "
-                f"{layout.unit} {line}, as {was}; names are compared ignoring case)"
-            )
-        else:
-            seen[key] = (number, role if role in ROLES else repr(role_text))
-            if not USERNAME.fullmatch(username):
-                found.append(
-                    f"{layout.at(number)}: {_username_problem(username, layout.column('username'))}"
-                )
+        role, found = _person_problems(layout, number, username, cells, seen)
         if found:
             problems += found
             continue
@@ -401,6 +382,35 @@ def _build(
             "and never written back (delete them from the file)"
         )
     return Roster(path=path, students=tuple(students), warnings=tuple(warnings), place=place)
+
+
+def _person_problems(
+    layout: _Layout, number: int, username: str, cells: list[str], seen: dict[str, tuple[int, str]]
+) -> tuple[str, list[str]]:
+    """The row's role, and what is wrong with its person: an unknown role, a username seen
+    before (``seen``, updated: lower-cased name -> (row, role)), a username not allowed."""
+    found = []
+    role_text = layout.cell(cells, "role")
+    role = role_text.lower() or "student"
+    if role not in ROLES:
+        found.append(
+            f"{layout.at(number)}: role {role_text!r} is not known: write student or "
+            "assistant (empty means student)"
+        )
+    key = username.lower()
+    if key in seen:
+        line, was = seen[key]
+        found.append(
+            f"{layout.at(number)}: duplicate username {username!r} (also on "
+            f"{layout.unit} {line}, as {was}; names are compared ignoring case)"
+        )
+    else:
+        seen[key] = (number, role if role in ROLES else repr(role_text))
+        if not USERNAME.fullmatch(username):
+            found.append(
+                f"{layout.at(number)}: {_username_problem(username, layout.column('username'))}"
+            )
+    return role, found
 
 
 def _row_problems(
