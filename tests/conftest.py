@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from chromium import CHROMIUM, CHROMIUM_ARGS
 
 from classroom.core.settings import Settings
 
@@ -403,6 +404,22 @@ def server_pids_gone(pids, timeout: float = 10) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium under Playwright, one for each test module; ``browser.devices`` are
+    Playwright's device descriptors (a phone's viewport and user agent)."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed"
+    )
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b.devices = p.devices  # type: ignore[attr-defined]
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 # --- the portal: shared by test_portal and test_portal_browser -----------------------------

@@ -722,7 +722,7 @@ def test_exec_mode_is_jupyters_own(make_course):
 @pytest.mark.browser
 def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
     """JupyterLab in chromium: open the sample notebook and run all cells (kernel_mode = fork)."""
-    from test_portal_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+    from chromium import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, KERNEL_IDLE, screenshot_on_failure
 
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is not installed")
@@ -747,10 +747,7 @@ def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
                 page.fill("input[type=password]", c.credentials()[a]["notebook_password"])
                 page.locator("#login_submit, button[type=submit]").first.click()
                 # the sample names its kernel (python3): JupyterLab asks nothing
-                page.wait_for_function(
-                    "() => /\\|\\s*Idle/.test(document.querySelector('.jp-StatusBar-Widget, "
-                    "#jp-main-statusbar')?.innerText || '')"
-                )
+                page.wait_for_function(KERNEL_IDLE)
                 page.get_by_role("menuitem", name="Run", exact=True).click()
                 page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
                 page.wait_for_function(
@@ -760,9 +757,7 @@ def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
                 ARTIFACTS.mkdir(exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "kernels-fork-lesson1.png"))
             except Exception:
-                ARTIFACTS.mkdir(exist_ok=True)
-                with contextlib.suppress(Exception):
-                    page.screenshot(path=str(ARTIFACTS / "kernels-fork-failure.png"))
+                screenshot_on_failure(page, "kernels-fork-failure.png")
                 raise
             finally:
                 browser.close()
