@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -382,16 +383,43 @@ def log_writer_of(pid: int) -> int | None:
     return None
 
 
-def write_as(course, username: str, relpath: str, text: str) -> Path:
-    """Put a file in a student's home, owned by the student (0600)."""
-    pw = course.pw(username)
-    path = course.home(username) / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chown(path.parent, pw.pw_uid, pw.pw_gid)
-    path.write_text(text)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    os.chmod(path, 0o600)
-    return path
+def stop_session(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """End a process started in a session of its own, and what it started: SIGTERM to its
+    group, SIGKILL if it still runs after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def failed_line(text: str, username: str) -> bool:
+    """True if a command's output has the line ``USERNAME: FAILED ...``."""
+    return re.search(rf"^\s*{re.escape(username)}: FAILED", text, re.M) is not None
+
+
+def control_chars(data: str | bytes, allowed: str = "\n\t") -> list[str]:
+    """What a terminal would act on in ``data`` (bytes are read as UTF-8): C0 controls, DEL
+    and C1 (Cc) and format characters such as bidi overrides (Cf), but those ``allowed``."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return sorted(
+        {
+            f"U+{ord(ch):04X}"
+            for ch in text
+            if ch not in allowed and unicodedata.category(ch) in ("Cc", "Cf")
+        }
+    )
+
+
+def snapshots(dest: Path, username: str) -> list[str]:
+    """The names of a student's snapshots in retrieve's destination, oldest first."""
+    return sorted(
+        p.name
+        for p in (dest / username).iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
 
 
 def server_pids_gone(pids, timeout: float = 10) -> bool:
