@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import warnings
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,49 @@ def remove_account(username: str) -> None:
         time.sleep(0.5)
 
 
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def crypt_ok(password: str, hashed: str | None) -> bool:
+    """True if ``hashed`` (from /etc/shadow) is a hash of ``password``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import crypt
+    return bool(hashed) and crypt.crypt(password, hashed) == hashed
+
+
+def run_as_nobody(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """``notebooks.py ARGS`` as the unprivileged user nobody, from /tmp (or ``cwd``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTEBOOKS_CONFIG", "SUDO_USER")}
+    env["HOME"] = "/tmp"
+    r = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        + [PYTHON, str(NOTEBOOKS), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or "/tmp",
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r
+
+
 @pytest.fixture
 def course(tmp_path):
     """A two-student course (accounts not yet created); cleaned up afterwards."""
@@ -242,24 +286,31 @@ def course(tmp_path):
         c.cleanup()
 
 
+class Courses:
+    """``make_course``: ``courses(n)`` makes a course of n students; ``made`` lists them."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.made: list[TestCourse] = []
+
+    def __call__(self, n: int = 2) -> TestCourse:
+        sub = self.base / f"c{len(self.made)}"
+        sub.mkdir()
+        c = TestCourse(sub, n=n)
+        self.made.append(c)
+        return c
+
+
 @pytest.fixture
 def make_course(tmp_path):
     """Factory: ``make_course(n)`` for a course of n students; all cleaned up afterwards."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates real accounts")
-    made: list[TestCourse] = []
-
-    def make(n: int = 2) -> TestCourse:
-        sub = tmp_path / f"c{len(made)}"
-        sub.mkdir()
-        c = TestCourse(sub, n=n)
-        made.append(c)
-        return c
-
+    courses = Courses(tmp_path)
     try:
-        yield make
+        yield courses
     finally:
-        for c in made:
+        for c in courses.made:
             c.cleanup()
 
 
