@@ -315,6 +315,18 @@ def make_course(tmp_path):
 
 
 @pytest.fixture
+def public_folder():
+    """A folder of root's (0755) in /tmp, outside any home and pytest's 0700 tmp_path: others
+    can pass through it. Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="classroom-public-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def ready_course(course):
     """A course whose accounts exist (setup has run)."""
     r = course.run("setup", "--yes")
