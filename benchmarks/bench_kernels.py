@@ -23,11 +23,8 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -36,31 +33,19 @@ from pathlib import Path
 import psutil
 import requests
 import websocket
+from common import (
+    MB,
+    cli,
+    launch_config,
+    memory,
+    require_root,
+    set_launch,
+    work_folder,
+    write_roster,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-MB = 1 << 20
 FAILED: dict[str, int] = {}  # round: kernels that did not reply
 CELL = "import pandas, matplotlib.pyplot as plt\nimport os\nprint(os.getpid())"
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "notebooks.py"), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        sys.exit(f"{' '.join(args[:1])} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Student:
@@ -178,26 +163,10 @@ def room(students: list[Student], round_name: str) -> tuple[float, list[int]]:
     return elapsed, [p for p in pids if p is not None]
 
 
-def memory(pids: list[int]) -> tuple[float, float]:
-    """Median USS and PSS in MB of the processes."""
-    uss, pss = [], []
-    for pid in pids:
-        info = psutil.Process(pid).memory_full_info()
-        uss.append(info.uss / MB)
-        pss.append(info.pss / MB)
-    return statistics.median(uss), statistics.median(pss)
-
-
 def close(students: list[Student], pids: list[int]) -> None:
     for s in students:
         s.close_all()
     psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
-
-
-def set_kernel_mode(config: Path, mode: str) -> None:
-    lines = [ln for ln in config.read_text().splitlines() if not ln.startswith("kernel_mode")]
-    lines.insert(lines.index("[launch]") + 1, f"kernel_mode = {mode}")
-    config.write_text("\n".join(lines) + "\n")
 
 
 def kernel_server_memory(config: Path) -> str:
@@ -223,27 +192,13 @@ def main() -> None:
     ap.add_argument("--modes", default="exec,fork")
     ap.add_argument("--keep-logs", default="", help="copy the servers' logs here at the end")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: it creates and deletes real accounts")
+    require_root()
     sizes = [int(n) for n in args.growth.split(",") if n]
     modes = args.modes.split(",")
-    work = Path(tempfile.mkdtemp(prefix="bench-kernels-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    home_base = work / "homes"
-    home_base.mkdir(mode=0o755)
+    work = work_folder("bench-kernels-")
     names = [f"bk{secrets.token_hex(3)}{i}" for i in range(max(sizes))]
-    config = work / "notebooks.cfg"
-    config.write_text(
-        f"[course]\nname = bench-{secrets.token_hex(3)}\nroster = students.csv\n"
-        f"state_dir = {work / 'state'}\n[accounts]\nhome_base = {home_base}\n"
-        f"[launch]\napp = server\nroot = home\nip = 127.0.0.1\n"
-        f"portal_port = {free_port()}\nfirst_port = {20000 + secrets.randbelow(5000)}\n"
-        "start_timeout = 600\n"
-        "[remove]\narchive = no\n"
-    )
-    (work / "students.csv").write_text(
-        "username,name,surname\n" + "".join(f"{u},N,S\n" for u in names)
-    )
+    config = launch_config(work, "server")
+    write_roster(work, names)
     results: dict[tuple[int, str], tuple[float, float, float]] = {}
     notes = []
     try:
@@ -251,7 +206,7 @@ def main() -> None:
             if cli("setup", str(config), check=attempt == 2).returncode == 0:
                 break
         for m, mode in enumerate(modes):
-            set_kernel_mode(config, mode)
+            set_launch(config, "kernel_mode", mode)
             cli("launch", str(config), "--no-portal")
             rows = {
                 r["username"]: r for r in json.loads(cli("status", str(config), "--json").stdout)
@@ -267,7 +222,7 @@ def main() -> None:
                 notes.append(kernel_server_memory(config))
             for n in sizes:
                 elapsed, pids = room(students[:n], f"{mode}-{n}")
-                uss, pss = memory(pids)
+                uss, pss = memory(pids, statistics.median)
                 results[n, mode] = (elapsed, uss, pss)
                 print(
                     f"  {n:3d} {mode:5s} {elapsed:7.2f} s  USS {uss:6.1f} MB  PSS {pss:6.1f} MB"
