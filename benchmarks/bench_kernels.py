@@ -51,15 +51,16 @@ CELL = "import pandas, matplotlib.pyplot as plt\nimport os\nprint(os.getpid())"
 class Student:
     """One student's server, logged in; ``open`` runs the first cell in a new notebook."""
 
-    def __init__(self, port: int, password: str, log: Path):
+    def __init__(self, port: int, username: str, password: str, log: Path):
         self.log = log
-        self.base = f"http://127.0.0.1:{port}"
+        self.path = f"/user/{username}"  # every server's base URL
+        self.base = f"http://127.0.0.1:{port}{self.path}"
         self.port = port
         self.http = requests.Session()
         self.http.get(f"{self.base}/login", timeout=30)
         xsrf = self.http.cookies.get("_xsrf", "")
         r = self.http.post(
-            f"{self.base}/login?next=/api/status",
+            f"{self.base}/login?next={self.path}/api/status",
             data={"password": password, "_xsrf": xsrf},
             timeout=30,
             allow_redirects=False,
@@ -82,7 +83,7 @@ class Student:
         cookies = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
         session = uuid.uuid4().hex
         ws = websocket.create_connection(
-            f"ws://127.0.0.1:{self.port}/api/kernels/{body['kernel']['id']}/channels"
+            f"ws://127.0.0.1:{self.port}{self.path}/api/kernels/{body['kernel']['id']}/channels"
             f"?session_id={session}",
             cookie=cookies,
             timeout=600,
@@ -214,7 +215,7 @@ def main() -> None:
             with open(work / "state" / "credentials.csv", encoding="utf-8") as f:
                 creds = {r["username"]: r["notebook_password"] for r in csv.DictReader(f)}
             logs = work / "state" / "logs"
-            students = [Student(rows[u]["port"], creds[u], logs / f"{u}.log") for u in names]
+            students = [Student(rows[u]["port"], u, creds[u], logs / f"{u}.log") for u in names]
             if m == 0:  # fill the students' caches: not measured
                 _, pids = room(students, "warm-up")
                 close(students, pids)
