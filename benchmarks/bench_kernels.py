@@ -36,8 +36,10 @@ import websocket
 from common import (
     MB,
     cli,
+    figures_line,
     launch_config,
     memory,
+    print_table,
     require_root,
     set_launch,
     work_folder,
@@ -225,11 +227,8 @@ def main() -> None:
                 elapsed, pids = room(students[:n], f"{mode}-{n}")
                 uss, pss = memory(pids, statistics.median)
                 results[n, mode] = (elapsed, uss, pss)
-                print(
-                    f"  {n:3d} {mode:5s} {elapsed:7.2f} s  USS {uss:6.1f} MB  PSS {pss:6.1f} MB"
-                    f"  (load {os.getloadavg()[0]:.1f})",
-                    flush=True,
-                )
+                load = f"  (load {os.getloadavg()[0]:.1f})"
+                print(figures_line(n, mode, results[n, mode]) + load, flush=True)
                 close(students[:n], pids)
             cli("shutdown", str(config))
     finally:
@@ -243,23 +242,7 @@ def main() -> None:
         f"\n{os.cpu_count()} CPUs; N students open a notebook at once and run "
         "`import pandas, matplotlib.pyplot as plt`:\ntime until the last reply; median per kernel"
     )
-    print(
-        f"{'N':>4} {'mode':5} {'time s':>8} {'x exec':>7} {'USS MB':>8} {'x exec':>7} "
-        f"{'PSS MB':>8} {'x exec':>7} {'failed':>6}"
-    )
-    for n in sizes:
-        base = results.get((n, "exec"))
-        for mode in modes:
-            elapsed, uss, pss = results[n, mode]
-            ratio = (
-                (f"{elapsed / base[0]:7.2f}", f"{uss / base[1]:7.2f}", f"{pss / base[2]:7.2f}")
-                if base
-                else ("", "", "")
-            )
-            print(
-                f"{n:4d} {mode:5} {elapsed:8.2f} {ratio[0]:>7} {uss:8.1f} {ratio[1]:>7} "
-                f"{pss:8.1f} {ratio[2]:>7} {FAILED.get(f'{mode}-{n}', 0):6d}"
-            )
+    print_table(sizes, modes, results, "exec", FAILED)
     for note in notes:
         print(note)
     print("targets: fork <= 0.25x exec's time to the last reply, <= 0.35x its USS per kernel")

@@ -30,9 +30,11 @@ import psutil
 import requests
 from common import (
     cli,
+    figures_line,
     free_port,
     launch_config,
     memory,
+    print_table,
     require_root,
     set_launch,
     work_folder,
@@ -138,11 +140,7 @@ def main() -> None:
                     results[n, mode] = by_hand(names[:n], args.app)
                 else:
                     results[n, mode] = with_launch(config, mode)
-                elapsed, uss, pss = results[n, mode]
-                print(
-                    f"  {n:3d} {mode:5s} {elapsed:7.2f} s  USS {uss:6.1f} MB  PSS {pss:6.1f} MB",
-                    flush=True,
-                )
+                print(figures_line(n, mode, results[n, mode]), flush=True)
     finally:
         write_roster(work, names)
         cli("shutdown", str(config), check=False)
@@ -152,21 +150,7 @@ def main() -> None:
     print(
         f"\napp = {args.app}, {os.cpu_count()} CPUs; time until every server answers HTTP; mean per server"
     )
-    print(
-        f"{'N':>4} {'mode':5} {'time s':>8} {'x hand':>7} {'USS MB':>8} {'x hand':>7} {'PSS MB':>8} {'x hand':>7}"
-    )
-    for n in sizes:
-        base = results.get((n, "hand"))
-        for mode in modes:
-            elapsed, uss, pss = results[n, mode]
-            ratio = (
-                (f"{elapsed / base[0]:7.2f}", f"{uss / base[1]:7.2f}", f"{pss / base[2]:7.2f}")
-                if base
-                else ("", "", "")
-            )
-            print(
-                f"{n:4d} {mode:5} {elapsed:8.2f} {ratio[0]:>7} {uss:8.1f} {ratio[1]:>7} {pss:8.1f} {ratio[2]:>7}"
-            )
+    print_table(sizes, modes, results, "hand")
     print("targets: exec <= 1.10x hand time; fork <= 0.45x hand time and <= 0.40x hand USS")
 
 

@@ -95,3 +95,42 @@ def set_launch(config: Path, key: str, value: str) -> None:
     lines = [ln for ln in config.read_text().splitlines() if not ln.startswith(key)]
     lines.insert(lines.index("[launch]") + 1, f"{key} = {value}")
     config.write_text("\n".join(lines) + "\n")
+
+
+Figures = tuple[float, float, float]  # seconds, USS MB, PSS MB
+
+
+def figures_line(n: int, mode: str, figures: Figures) -> str:
+    """One round's figures, as each benchmark prints them while it runs."""
+    elapsed, uss, pss = figures
+    return f"  {n:3d} {mode:5s} {elapsed:7.2f} s  USS {uss:6.1f} MB  PSS {pss:6.1f} MB"
+
+
+def print_table(
+    sizes: list[int],
+    modes: list[str],
+    results: dict[tuple[int, str], Figures],
+    baseline: str,
+    failed: dict[str, int] | None = None,
+) -> None:
+    """The figures of each N and mode, with their ratios to the ``baseline`` mode's; with
+    ``failed`` (round "MODE-N": how many failed), a column of those too."""
+    tail = f" {'failed':>6}" if failed is not None else ""
+    x = f"x {baseline}"
+    print(
+        f"{'N':>4} {'mode':5} {'time s':>8} {x:>7} {'USS MB':>8} {x:>7} {'PSS MB':>8} {x:>7}{tail}"
+    )
+    for n in sizes:
+        base = results.get((n, baseline))
+        for mode in modes:
+            elapsed, uss, pss = results[n, mode]
+            ratio = (
+                (f"{elapsed / base[0]:7.2f}", f"{uss / base[1]:7.2f}", f"{pss / base[2]:7.2f}")
+                if base
+                else ("", "", "")
+            )
+            tail = f" {failed.get(f'{mode}-{n}', 0):6d}" if failed is not None else ""
+            print(
+                f"{n:4d} {mode:5} {elapsed:8.2f} {ratio[0]:>7} {uss:8.1f} {ratio[1]:>7} "
+                f"{pss:8.1f} {ratio[2]:>7}{tail}"
+            )
