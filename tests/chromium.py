@@ -4,7 +4,10 @@ conftest) and the steps a student takes in JupyterLab."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
+
+import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -16,6 +19,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt install chromium)"
+)
 
 KERNEL_IDLE = (
     "() => /\\|\\s*Idle/.test(document.querySelector('.jp-StatusBar-Widget, "

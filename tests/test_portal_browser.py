@@ -19,7 +19,7 @@ import pytest
 import requests
 from chromium import (
     ARTIFACTS,
-    CHROMIUM,
+    needs_chromium,
     new_notebook,
     run_cell,
     screenshot_on_failure,
@@ -30,9 +30,7 @@ from conftest import NOTEBOOKS, PYTHON, RunningPortal, TinyServer, make_settings
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt install chromium)"
-    ),
+    needs_chromium,
 ]
 
 

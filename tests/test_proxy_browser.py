@@ -20,6 +20,7 @@ from chromium import (
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
+    needs_chromium,
     new_notebook,
     run_cell,
     screenshot_on_failure,
@@ -34,9 +35,7 @@ from classroom.core.settings import load
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.root,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt install chromium)"
-    ),
+    needs_chromium,
 ]
 
 
