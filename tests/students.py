@@ -8,6 +8,7 @@ real users.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -188,6 +189,32 @@ print(json.dumps(results), flush=True)
 if hold:
     sys.stdin.read()  # hold the sockets until the test closes stdin
 """
+
+
+@contextlib.contextmanager
+def squatting(course, username: str, *ports: int):
+    """As the student: hold [::]:PORT (IPv6 only) on each port until the block ends; yields
+    what SQUAT printed ({"PORT": "bound" or an errno})."""
+    holder = as_student(
+        course,
+        username,
+        SQUAT,
+        "hold",
+        *map(str, ports),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=None,  # the test's: why the squatter failed, if it did
+    )
+    try:
+        assert holder.stdout is not None
+        yield json.loads(holder.stdout.readline())
+    finally:
+        if holder.stdin:
+            holder.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+
 
 # ``python -c FLOOD LINKS FOLDERS`` in the student's ~/tutorial: FOLDERS empty folders,
 # 15 nested 255-character folders with LINKS symlinks at the bottom, and one real edit.

@@ -47,10 +47,10 @@ from students import (
     FLOOD,
     HOSTILE_NAMES,
     SQUAT,
-    as_student,
     kill_uid,
     processes_of_uid,
     run_as_student,
+    squatting,
     stopper,
     student_ids,
     write_as,
@@ -328,40 +328,26 @@ def test_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
     squatter = course.usernames[0]
     first = int(course.sections["launch"]["first_port"])
     portal_port = int(course.sections["launch"]["portal_port"])
-    holder = as_student(
-        course,
-        squatter,
-        SQUAT,
-        "hold",
-        str(first),
-        str(portal_port),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
     try:
-        assert holder.stdout is not None
-        held = json.loads(holder.stdout.readline())
-        assert held == {str(first): "bound", str(portal_port): "bound"}, held
-        check = run_bounded(course, "check", bound=120)
-        text = check.text
-        assert "ipv6" in text.lower(), f"check does not say how IPv6 is handled:\n{text}"
-        assert re.search(rf"\b{portal_port}\b.*in use", text), text
-        assert re.search(rf"\b{first}\b", text), f"check missed port {first} held on IPv6:\n{text}"
+        with squatting(course, squatter, first, portal_port) as held:
+            assert held == {str(first): "bound", str(portal_port): "bound"}, held
+            check = run_bounded(course, "check", bound=120)
+            text = check.text
+            assert "ipv6" in text.lower(), f"check does not say how IPv6 is handled:\n{text}"
+            assert re.search(rf"\b{portal_port}\b.*in use", text), text
+            assert re.search(rf"\b{first}\b", text), (
+                f"check missed port {first} held on IPv6:\n{text}"
+            )
 
-        r = run_bounded(course, "launch", "--no-portal", bound=120)
-        assert r.returncode == 0, r.text
-        st = run_bounded(course, "status", "--json", bound=60)
-        rows = json.loads(st.stdout)
-        assert all(row["server"] == "running" for row in rows), rows
-        assert first not in {row["port"] for row in rows}, (
-            f"port {first} went to a student although another holds it on IPv6: {rows}"
-        )
+            r = run_bounded(course, "launch", "--no-portal", bound=120)
+            assert r.returncode == 0, r.text
+            st = run_bounded(course, "status", "--json", bound=60)
+            rows = json.loads(st.stdout)
+            assert all(row["server"] == "running" for row in rows), rows
+            assert first not in {row["port"] for row in rows}, (
+                f"port {first} went to a student although another holds it on IPv6: {rows}"
+            )
     finally:
-        if holder.stdin:
-            holder.stdin.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait()
         shutdown_quietly(course)
 
 

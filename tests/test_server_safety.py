@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from conftest import (
     status,
     stop_session,
 )
-from students import SQUAT, as_student, run_as_student, stopper, write_as
+from students import SQUAT, run_as_student, squatting, stopper, write_as
 
 from classroom.core.addresses import listen_address
 from classroom.core.text import printable
@@ -342,37 +341,20 @@ def test_a_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
     squatter = course.usernames[0]
     first = int(course.sections["launch"]["first_port"])
     portal_port = int(course.sections["launch"]["portal_port"])
-    holder = as_student(
-        course,
-        squatter,
-        SQUAT,
-        "hold",
-        str(first),
-        str(portal_port),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=None,
-    )
     try:
-        assert holder.stdout is not None
-        held = json.loads(holder.stdout.readline())
-        assert held == {str(first): "bound", str(portal_port): "bound"}, held
-        check = course.run("check")
-        assert "IPv4 and IPv6" in check.stdout, check.stdout
-        assert re.search(rf"port {portal_port} is in use", check.stdout), check.stdout
-        assert re.search(rf"students' range \({first}\b", check.stdout), check.stdout
+        with squatting(course, squatter, first, portal_port) as held:
+            assert held == {str(first): "bound", str(portal_port): "bound"}, held
+            check = course.run("check")
+            assert "IPv4 and IPv6" in check.stdout, check.stdout
+            assert re.search(rf"port {portal_port} is in use", check.stdout), check.stdout
+            assert re.search(rf"students' range \({first}\b", check.stdout), check.stdout
 
-        r = course.run("launch", "--no-portal")
-        assert r.returncode == 0, r.stdout + r.stderr
-        rows = status(course)
-        assert all(row["server"] == "running" for row in rows.values()), rows
-        assert first not in {row["port"] for row in rows.values()}, rows
+            r = course.run("launch", "--no-portal")
+            assert r.returncode == 0, r.stdout + r.stderr
+            rows = status(course)
+            assert all(row["server"] == "running" for row in rows.values()), rows
+            assert first not in {row["port"] for row in rows.values()}, rows
     finally:
-        if holder.stdin:
-            holder.stdin.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait()
         course.run("shutdown")
 
 
