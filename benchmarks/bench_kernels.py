@@ -23,11 +23,8 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -36,45 +33,36 @@ from pathlib import Path
 import psutil
 import requests
 import websocket
+from common import (
+    MB,
+    cli,
+    figures_line,
+    launch_config,
+    memory,
+    print_table,
+    require_root,
+    set_launch,
+    work_folder,
+    write_roster,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-MB = 1 << 20
 FAILED: dict[str, int] = {}  # round: kernels that did not reply
 CELL = "import pandas, matplotlib.pyplot as plt\nimport os\nprint(os.getpid())"
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "notebooks.py"), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        sys.exit(f"{' '.join(args[:1])} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Student:
     """One student's server, logged in; ``open`` runs the first cell in a new notebook."""
 
-    def __init__(self, port: int, password: str, log: Path):
+    def __init__(self, port: int, username: str, password: str, log: Path):
         self.log = log
-        self.base = f"http://127.0.0.1:{port}"
+        self.path = f"/user/{username}"  # every server's base URL
+        self.base = f"http://127.0.0.1:{port}{self.path}"
         self.port = port
         self.http = requests.Session()
         self.http.get(f"{self.base}/login", timeout=30)
         xsrf = self.http.cookies.get("_xsrf", "")
         r = self.http.post(
-            f"{self.base}/login?next=/api/status",
+            f"{self.base}/login?next={self.path}/api/status",
             data={"password": password, "_xsrf": xsrf},
             timeout=30,
             allow_redirects=False,
@@ -97,7 +85,7 @@ class Student:
         cookies = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
         session = uuid.uuid4().hex
         ws = websocket.create_connection(
-            f"ws://127.0.0.1:{self.port}/api/kernels/{body['kernel']['id']}/channels"
+            f"ws://127.0.0.1:{self.port}{self.path}/api/kernels/{body['kernel']['id']}/channels"
             f"?session_id={session}",
             cookie=cookies,
             timeout=600,
@@ -178,26 +166,10 @@ def room(students: list[Student], round_name: str) -> tuple[float, list[int]]:
     return elapsed, [p for p in pids if p is not None]
 
 
-def memory(pids: list[int]) -> tuple[float, float]:
-    """Median USS and PSS in MB of the processes."""
-    uss, pss = [], []
-    for pid in pids:
-        info = psutil.Process(pid).memory_full_info()
-        uss.append(info.uss / MB)
-        pss.append(info.pss / MB)
-    return statistics.median(uss), statistics.median(pss)
-
-
 def close(students: list[Student], pids: list[int]) -> None:
     for s in students:
         s.close_all()
     psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
-
-
-def set_kernel_mode(config: Path, mode: str) -> None:
-    lines = [ln for ln in config.read_text().splitlines() if not ln.startswith("kernel_mode")]
-    lines.insert(lines.index("[launch]") + 1, f"kernel_mode = {mode}")
-    config.write_text("\n".join(lines) + "\n")
 
 
 def kernel_server_memory(config: Path) -> str:
@@ -223,27 +195,13 @@ def main() -> None:
     ap.add_argument("--modes", default="exec,fork")
     ap.add_argument("--keep-logs", default="", help="copy the servers' logs here at the end")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: it creates and deletes real accounts")
+    require_root()
     sizes = [int(n) for n in args.growth.split(",") if n]
     modes = args.modes.split(",")
-    work = Path(tempfile.mkdtemp(prefix="bench-kernels-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    home_base = work / "homes"
-    home_base.mkdir(mode=0o755)
+    work = work_folder("bench-kernels-")
     names = [f"bk{secrets.token_hex(3)}{i}" for i in range(max(sizes))]
-    config = work / "notebooks.cfg"
-    config.write_text(
-        f"[course]\nname = bench-{secrets.token_hex(3)}\nroster = students.csv\n"
-        f"state_dir = {work / 'state'}\n[accounts]\nhome_base = {home_base}\n"
-        f"[launch]\napp = server\nroot = home\nip = 127.0.0.1\n"
-        f"portal_port = {free_port()}\nfirst_port = {20000 + secrets.randbelow(5000)}\n"
-        "start_timeout = 600\n"
-        "[remove]\narchive = no\n"
-    )
-    (work / "students.csv").write_text(
-        "username,name,surname\n" + "".join(f"{u},N,S\n" for u in names)
-    )
+    config = launch_config(work, "server")
+    write_roster(work, names)
     results: dict[tuple[int, str], tuple[float, float, float]] = {}
     notes = []
     try:
@@ -251,7 +209,7 @@ def main() -> None:
             if cli("setup", str(config), check=attempt == 2).returncode == 0:
                 break
         for m, mode in enumerate(modes):
-            set_kernel_mode(config, mode)
+            set_launch(config, "kernel_mode", mode)
             cli("launch", str(config), "--no-portal")
             rows = {
                 r["username"]: r for r in json.loads(cli("status", str(config), "--json").stdout)
@@ -259,7 +217,7 @@ def main() -> None:
             with open(work / "state" / "credentials.csv", encoding="utf-8") as f:
                 creds = {r["username"]: r["notebook_password"] for r in csv.DictReader(f)}
             logs = work / "state" / "logs"
-            students = [Student(rows[u]["port"], creds[u], logs / f"{u}.log") for u in names]
+            students = [Student(rows[u]["port"], u, creds[u], logs / f"{u}.log") for u in names]
             if m == 0:  # fill the students' caches: not measured
                 _, pids = room(students, "warm-up")
                 close(students, pids)
@@ -267,13 +225,10 @@ def main() -> None:
                 notes.append(kernel_server_memory(config))
             for n in sizes:
                 elapsed, pids = room(students[:n], f"{mode}-{n}")
-                uss, pss = memory(pids)
+                uss, pss = memory(pids, statistics.median)
                 results[n, mode] = (elapsed, uss, pss)
-                print(
-                    f"  {n:3d} {mode:5s} {elapsed:7.2f} s  USS {uss:6.1f} MB  PSS {pss:6.1f} MB"
-                    f"  (load {os.getloadavg()[0]:.1f})",
-                    flush=True,
-                )
+                load = f"  (load {os.getloadavg()[0]:.1f})"
+                print(figures_line(n, mode, results[n, mode]) + load, flush=True)
                 close(students[:n], pids)
             cli("shutdown", str(config))
     finally:
@@ -287,23 +242,7 @@ def main() -> None:
         f"\n{os.cpu_count()} CPUs; N students open a notebook at once and run "
         "`import pandas, matplotlib.pyplot as plt`:\ntime until the last reply; median per kernel"
     )
-    print(
-        f"{'N':>4} {'mode':5} {'time s':>8} {'x exec':>7} {'USS MB':>8} {'x exec':>7} "
-        f"{'PSS MB':>8} {'x exec':>7} {'failed':>6}"
-    )
-    for n in sizes:
-        base = results.get((n, "exec"))
-        for mode in modes:
-            elapsed, uss, pss = results[n, mode]
-            ratio = (
-                (f"{elapsed / base[0]:7.2f}", f"{uss / base[1]:7.2f}", f"{pss / base[2]:7.2f}")
-                if base
-                else ("", "", "")
-            )
-            print(
-                f"{n:4d} {mode:5} {elapsed:8.2f} {ratio[0]:>7} {uss:8.1f} {ratio[1]:>7} "
-                f"{pss:8.1f} {ratio[2]:>7} {FAILED.get(f'{mode}-{n}', 0):6d}"
-            )
+    print_table(sizes, modes, results, "exec", FAILED)
     for note in notes:
         print(note)
     print("targets: fork <= 0.25x exec's time to the last reply, <= 0.35x its USS per kernel")

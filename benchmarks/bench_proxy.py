@@ -27,50 +27,29 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import aiohttp
 import psutil
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import MB, cli, free_port, require_root, work_folder, write_roster
 
 from classroom.core.launchplan import socket_path  # noqa: E402
 from classroom.core.settings import load  # noqa: E402
 
-MB = 1 << 20
 PER_STUDENT = 6  # parallel connections a browser opens to one host
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "notebooks.py"), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        sys.exit(f"{args[0]} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 def make_course(base: Path, n: int, port: int) -> Path:
-    names = [f"tb{secrets.token_hex(3)}" for _ in range(n)]
-    (base / "students.csv").write_text("username\n" + "\n".join(names) + "\n")
+    write_roster(base, [f"tb{secrets.token_hex(3)}" for _ in range(n)])
     (base / "tutorial").mkdir()
-    homes = Path(tempfile.mkdtemp(prefix="bench-homes-", dir="/tmp"))
-    os.chmod(homes, 0o755)
     config = base / "bench.cfg"
     config.write_text(
         "[course]\n"
         f"name = bench-{secrets.token_hex(3)}\nroster = students.csv\n"
         f"state_dir = {base / 'state'}\n"
-        f"[accounts]\nhome_base = {homes}\n"
+        f"[accounts]\nhome_base = {base / 'homes'}\n"
         "[material]\nsource = tutorial\n"
         "[launch]\naccess = proxy\nip = 127.0.0.1\n"
         f"portal_port = {port}\nstart_timeout = 600\n"
@@ -246,14 +225,9 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=300, help="small requests, each way")
     ap.add_argument("--mb", type=int, default=50, help="MB downloaded for the CPU figure")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: it creates accounts")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    require_root()
+    port = free_port()
+    base = work_folder("bench-proxy-")
     config = make_course(base, args.students, port)
     settings = load(config)
     portal = f"http://127.0.0.1:{port}"
@@ -311,8 +285,7 @@ def main() -> None:
         cli("remove", str(config), "--yes", check=False)
         import shutil
 
-        shutil.rmtree(settings.home_base, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)  # the homes too
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, require_root, work_folder, write_roster
+
 PYTHON = sys.executable
 
 
@@ -95,21 +95,16 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=50, help="tutorial size in MB")
     ap.add_argument("--rounds", type=int, default=2, help="first send/retrieve: best of this many")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: it creates and deletes real accounts")
+    require_root()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-send-retrieve-", dir="/tmp"))
-    os.chmod(work, 0o755)
+    work = work_folder("bench-send-retrieve-")
     names = [f"bs{secrets.token_hex(3)}{i:03d}" for i in range(args.students)]
     course = f"bench-{secrets.token_hex(3)}"
     homes = work / "homes"
-    homes.mkdir(mode=0o755)
     try:
         print(f"{args.students} students, tutorial of {args.files} files / {args.mb} MB, in {work}")
         make_tutorial(work / "tutorial", args.files, args.mb)
-        (work / "students.csv").write_text(
-            "username,name,surname\n" + "".join(f"{u},N,S\n" for u in names)
-        )
+        write_roster(work, names)
         config_text = (
             f"[course]\nname = {course}\nroster = students.csv\nstate_dir = {work / 'state'}\n"
             f"[accounts]\nhome_base = {homes}\n"

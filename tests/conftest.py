@@ -24,10 +24,13 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
+import warnings
 from pathlib import Path
 
 import pytest
 import requests
+from chromium import CHROMIUM, CHROMIUM_ARGS
 
 from classroom.core.settings import Settings
 
@@ -228,6 +231,49 @@ def remove_account(username: str) -> None:
         time.sleep(0.5)
 
 
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def crypt_ok(password: str, hashed: str | None) -> bool:
+    """True if ``hashed`` (from /etc/shadow) is a hash of ``password``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import crypt
+    return bool(hashed) and crypt.crypt(password, hashed) == hashed
+
+
+def run_as_nobody(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """``notebooks.py ARGS`` as the unprivileged user nobody, from /tmp (or ``cwd``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTEBOOKS_CONFIG", "SUDO_USER")}
+    env["HOME"] = "/tmp"
+    r = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+        + [PYTHON, str(NOTEBOOKS), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or "/tmp",
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r
+
+
 @pytest.fixture
 def course(tmp_path):
     """A two-student course (accounts not yet created); cleaned up afterwards."""
@@ -240,25 +286,44 @@ def course(tmp_path):
         c.cleanup()
 
 
+class Courses:
+    """``make_course``: ``courses(n)`` makes a course of n students; ``made`` lists them."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.made: list[TestCourse] = []
+
+    def __call__(self, n: int = 2) -> TestCourse:
+        sub = self.base / f"c{len(self.made)}"
+        sub.mkdir()
+        c = TestCourse(sub, n=n)
+        self.made.append(c)
+        return c
+
+
 @pytest.fixture
 def make_course(tmp_path):
     """Factory: ``make_course(n)`` for a course of n students; all cleaned up afterwards."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates real accounts")
-    made: list[TestCourse] = []
-
-    def make(n: int = 2) -> TestCourse:
-        sub = tmp_path / f"c{len(made)}"
-        sub.mkdir()
-        c = TestCourse(sub, n=n)
-        made.append(c)
-        return c
-
+    courses = Courses(tmp_path)
     try:
-        yield make
+        yield courses
     finally:
-        for c in made:
+        for c in courses.made:
             c.cleanup()
+
+
+@pytest.fixture
+def public_folder():
+    """A folder of root's (0755) in /tmp, outside any home and pytest's 0700 tmp_path: others
+    can pass through it. Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="classroom-public-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -381,16 +446,43 @@ def log_writer_of(pid: int) -> int | None:
     return None
 
 
-def write_as(course, username: str, relpath: str, text: str) -> Path:
-    """Put a file in a student's home, owned by the student (0600)."""
-    pw = course.pw(username)
-    path = course.home(username) / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chown(path.parent, pw.pw_uid, pw.pw_gid)
-    path.write_text(text)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    os.chmod(path, 0o600)
-    return path
+def stop_session(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """End a process started in a session of its own, and what it started: SIGTERM to its
+    group, SIGKILL if it still runs after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def failed_line(text: str, username: str) -> bool:
+    """True if a command's output has the line ``USERNAME: FAILED ...``."""
+    return re.search(rf"^\s*{re.escape(username)}: FAILED", text, re.M) is not None
+
+
+def control_chars(data: str | bytes, allowed: str = "\n\t") -> list[str]:
+    """What a terminal would act on in ``data`` (bytes are read as UTF-8): C0 controls, DEL
+    and C1 (Cc) and format characters such as bidi overrides (Cf), but those ``allowed``."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return sorted(
+        {
+            f"U+{ord(ch):04X}"
+            for ch in text
+            if ch not in allowed and unicodedata.category(ch) in ("Cc", "Cf")
+        }
+    )
+
+
+def snapshots(dest: Path, username: str) -> list[str]:
+    """The names of a student's snapshots in retrieve's destination, oldest first."""
+    return sorted(
+        p.name
+        for p in (dest / username).iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
 
 
 def server_pids_gone(pids, timeout: float = 10) -> bool:
@@ -403,6 +495,22 @@ def server_pids_gone(pids, timeout: float = 10) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium under Playwright, one for each test module; ``browser.devices`` are
+    Playwright's device descriptors (a phone's viewport and user agent)."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed"
+    )
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b.devices = p.devices  # type: ignore[attr-defined]
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 # --- the portal: shared by test_portal and test_portal_browser -----------------------------

@@ -25,13 +25,27 @@ import tarfile
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import NOTEBOOKS, PYTHON, TestCourse, random_name, remove_account, run_cli
+from conftest import (
+    NOTEBOOKS,
+    PYTHON,
+    TestCourse,
+    answers,
+    crypt_ok,
+    group_exists,
+    login,
+    random_name,
+    remove_account,
+    run_as_nobody,
+    run_cli,
+    status,
+    user_exists,
+)
+from students import write_as
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acceptance tests run as root")
 
@@ -71,12 +85,6 @@ def lines_naming(r: subprocess.CompletedProcess, username: str) -> list[str]:
     ]
 
 
-def status_json(c: TestCourse) -> dict[str, dict]:
-    r = c.run("status", "--json")
-    assert r.returncode == 0, out(r)
-    return {row["username"]: row for row in json.loads(r.stdout)}
-
-
 def shadow_entry(username: str) -> str | None:
     for line in Path("/etc/shadow").read_text().splitlines():
         parts = line.split(":")
@@ -85,46 +93,12 @@ def shadow_entry(username: str) -> str | None:
     return None
 
 
-def crypt_ok(password: str, hashed: str) -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import crypt
-    return crypt.crypt(password, hashed) == hashed
-
-
 def login_defs(key: str) -> str | None:
     for line in Path("/etc/login.defs").read_text().splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] == key:
             return parts[1]
     return None
-
-
-def group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def write_as(c: TestCourse, username: str, path: Path, content: str | bytes) -> None:
-    """Write a file in a student's home as if the student did (owner = the student)."""
-    pw = pwd.getpwnam(username)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chown(path.parent, pw.pw_uid, pw.pw_gid)
-    if isinstance(content, str):
-        content = content.encode()
-    path.write_bytes(content)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
 def jupyter_hash(home: Path) -> tuple[Path, str]:
@@ -150,36 +124,6 @@ def passwd_check(hashed: str, password: str) -> bool:
     return check(hashed, password)
 
 
-def nobody_cmd(*args: str) -> list[str]:
-    return [
-        "setpriv",
-        "--reuid=nobody",
-        "--regid=nogroup",
-        "--clear-groups",
-        "--",
-        PYTHON,
-        str(NOTEBOOKS),
-        *args,
-    ]
-
-
-def run_as_nobody(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTEBOOKS_CONFIG", "SUDO_USER")}
-    env["HOME"] = "/tmp"
-    r = subprocess.run(
-        nobody_cmd(*args),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd or "/tmp",
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert "Traceback" not in out(r), out(r)
-    return r
-
-
 def run_in(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
     full_env.update(env or {})
@@ -201,14 +145,6 @@ def line_mentioned(text: str, n: int) -> bool:
     return re.search(rf"(line\s*{n}\b|:{n}\b)", text, re.IGNORECASE) is not None
 
 
-def http_answers(port: int) -> bool:
-    try:
-        requests.get(f"http://127.0.0.1:{port}/api", timeout=3)
-    except requests.RequestException:
-        return False
-    return True
-
-
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -217,23 +153,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def jupyter_login(port: int, password: str, path: str = "/") -> requests.Session:
-    """Logged in to the server on ``port`` whose base URL is ``path`` (``/user/NAME/``)."""
-    s = requests.Session()
-    base = f"http://127.0.0.1:{port}{path.rstrip('/')}"
-    s.get(f"{base}/login", timeout=10)
-    xsrf = s.cookies.get("_xsrf", "")
-    r = s.post(
-        f"{base}/login",
-        data={"password": password, "_xsrf": xsrf},
-        timeout=10,
-        allow_redirects=False,
-    )
-    assert r.status_code in (302, 303), (r.status_code, r.text[:300])
-    s.headers["X-XSRFToken"] = xsrf
-    return s
 
 
 def student_password(c: TestCourse, username: str) -> str:
@@ -439,7 +358,7 @@ def test_other_changing_commands_dry_run(ready_course):
         assert user_exists(u)
         assert not (c.home(u) / "tutorial" / "lesson.ipynb").exists()
     assert not (c.base / "submissions" / u0).exists()
-    st = status_json(c)
+    st = status(c)
     assert all(row["server"] == "stopped" for row in st.values()), st
     assert group_exists(c.name)
 
@@ -900,7 +819,7 @@ def test_setup_rerun_changes_nothing(shared):
 
 
 def test_status_json_after_setup(shared):
-    st = status_json(shared)
+    st = status(shared)
     assert sorted(st) == sorted(shared.usernames)
     for i, u in enumerate(shared.usernames):
         row = st[u]
@@ -1359,7 +1278,7 @@ def test_remove_archives_kills_deletes(ready_course):
         if u == u0:
             assert any(n.endswith("tutorial/homework.py") for n in names), names
     assert not group_exists(c.name)
-    st = status_json(c)
+    st = status(c)
     assert all(row["account"] == "missing" for row in st.values())
     r = c.run("remove", "--yes")
     assert r.returncode == 0, out(r)
@@ -1380,7 +1299,7 @@ def test_remove_only_keeps_group_until_empty(ready_course):
     assert r.returncode == 0, out(r)
     assert not user_exists(u0) and user_exists(u1)
     assert group_exists(c.name)
-    st = status_json(c)
+    st = status(c)
     assert st[u0]["account"] == "missing" and st[u1]["account"] == "ok"
     r = c.run("remove", "--yes")
     assert r.returncode == 0, out(r)
@@ -1392,7 +1311,7 @@ def test_remove_refuses_foreign_account(ready_course):
     c = ready_course
     with foreign_account() as foreign:
         c.write_roster(roster_rows(c, [f"{foreign},Other,Person,o@x.org"]))
-        st = status_json(c)
+        st = status(c)
         assert st[foreign]["account"] == "foreign"
         r = c.run("remove", "--yes")
         assert r.returncode == 3, out(r)
@@ -1409,7 +1328,7 @@ def test_remove_refuses_foreign_account(ready_course):
 
 
 def test_status_missing_before_setup(course):
-    st = status_json(course)
+    st = status(course)
     assert set(st) == set(course.usernames)
     for row in st.values():
         assert row["account"] == "missing" and row["server"] == "stopped"
@@ -1495,7 +1414,7 @@ def test_launch_status_shutdown_with_hooks(ready_course):
         )
         assert r.returncode == 0, out(r)
         assert re.match(r"^launch: ", summary(r)), summary(r)
-        st = status_json(c)
+        st = status(c)
         creds = c.credentials()
         for u in c.usernames:
             row = st[u]
@@ -1525,11 +1444,9 @@ def test_launch_status_shutdown_with_hooks(ready_course):
                     assert not target.startswith(str(c.state_dir)) or target.endswith(".log"), (
                         target
                     )
-            assert http_answers(row["port"])
+            assert answers(row["port"])
             # the handed-out password opens the student's own server
-            jupyter_login(
-                row["port"], creds[u]["notebook_password"] or creds[u]["password"], f"/user/{u}/"
-            )
+            login(row["port"], creds[u]["notebook_password"] or creds[u]["password"], f"/user/{u}/")
         assert st[u0]["port"] != st[u1]["port"]
         hook_lines = log.read_text().splitlines()
         for u in c.usernames:
@@ -1541,7 +1458,7 @@ def test_launch_status_shutdown_with_hooks(ready_course):
             assert nb_course == c.name
 
         # a kernel, so shutdown has to stop it too
-        s = jupyter_login(
+        s = login(
             st[u0]["port"], creds[u0]["notebook_password"] or creds[u0]["password"], f"/user/{u0}/"
         )
         k = s.post(f"http://127.0.0.1:{st[u0]['port']}/user/{u0}/api/kernels", json={}, timeout=60)
@@ -1561,7 +1478,7 @@ def test_launch_status_shutdown_with_hooks(ready_course):
         # launching again leaves running servers alone
         r = c.run("launch", "--yes", "--no-portal", timeout=180)
         assert r.returncode == 0, out(r)
-        st2 = status_json(c)
+        st2 = status(c)
         assert {u: st2[u]["pid"] for u in c.usernames} == {u: st[u]["pid"] for u in c.usernames}
         assert re.search(r"\b2 unchanged\b", summary(r)), summary(r)
 
@@ -1576,7 +1493,7 @@ def test_launch_status_shutdown_with_hooks(ready_course):
         for u in c.usernames:
             assert not psutil.pid_exists(st[u]["pid"]) or not _alive(psutil.Process(st[u]["pid"]))
             assert port_free(st[u]["port"])
-        st3 = status_json(c)
+        st3 = status(c)
         assert all(row["server"] == "stopped" and row["pid"] is None for row in st3.values()), st3
         post_lines = [x for x in log.read_text().splitlines() if x.startswith("post ")]
         assert {x.split()[1] for x in post_lines} == set(c.usernames)
@@ -1609,7 +1526,7 @@ def test_launch_prespawn_failure_and_module_hook(ready_course):
         assert any(
             u1 in line and "no server for you today" in line for line in out(r).splitlines()
         ), "the failure is not named with its reason"
-        st = status_json(c)
+        st = status(c)
         assert st[u0]["server"] == "running" and st[u1]["server"] == "stopped", st
         name, home, port = log.read_text().split()
         assert name == u0 and home == str(c.home(u0)) and port == str(st[u0]["port"])
@@ -1650,7 +1567,7 @@ def test_portal(ready_course):
         assert "Acceptance Course Title" in page.text
         assert u0 not in page.text and u1 not in page.text, "the portal lists the students"
         assert "<form" in page.text.lower()
-        st = status_json(c)
+        st = status(c)
         port = st[u0]["port"]
         r = requests.get(f"{base}/user/{u0}", timeout=5, allow_redirects=False)
         assert r.status_code in (301, 302, 303, 307), r.status_code
@@ -1696,9 +1613,9 @@ def test_portal(ready_course):
         # SIGTERM stops the portal and leaves the servers running
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        st = status_json(c)
+        st = status(c)
         assert st[u0]["server"] == "running"
-        assert http_answers(port)
+        assert answers(port)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1900,7 +1817,7 @@ def test_ports_died_stop_on_exit(ready_course):
     try:
         r = c.run("launch", "--yes", "--no-portal", "--only", u0, timeout=180)
         assert r.returncode == 0, out(r)
-        st = status_json(c)
+        st = status(c)
         port = st[u0]["port"]
         assert port != first, "a port in use was handed out"
         assert port != portal_port
@@ -1914,7 +1831,7 @@ def test_ports_died_stop_on_exit(ready_course):
         ):
             time.sleep(0.1)
         time.sleep(0.5)
-        assert status_json(c)[u0]["server"] == "died"
+        assert status(c)[u0]["server"] == "died"
         # with the portal and --stop-on-exit: SIGTERM stops the servers too
         proc = subprocess.Popen(
             [
@@ -1943,7 +1860,7 @@ def test_ports_died_stop_on_exit(ready_course):
         else:
             raise AssertionError("portal never answered")
         assert u0 not in h.text, "healthz names students"
-        st2 = status_json(c)
+        st2 = status(c)
         assert st2[u0]["server"] == "running" and st2[u0]["port"] == port, (port, st2[u0])
         r404 = requests.get(
             f"http://127.0.0.1:{portal_port}/user/{u1}", timeout=5, allow_redirects=False
@@ -1956,7 +1873,7 @@ def test_ports_died_stop_on_exit(ready_course):
         assert not psutil.pid_exists(pid) or not _alive(psutil.Process(pid)), (
             "--stop-on-exit left the server"
         )
-        assert status_json(c)[u0]["server"] == "stopped"
+        assert status(c)[u0]["server"] == "stopped"
         assert (
             "post" in (stdout + stderr).lower()
             and "7" in stdout + stderr

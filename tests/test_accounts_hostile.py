@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, needs_root, random_name, shadow_hash
+from students import as_student, kill_uid, processes_of_uid
 
 pytestmark = needs_root
 
@@ -313,50 +314,6 @@ FORK_LOOP = (
 )
 
 
-def live_pids(uid: int) -> list[int]:
-    """Processes running as ``uid`` (zombies are dead: not counted)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = open(f"/proc/{entry}/status").read()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uids = {int(x) for x in fields.get("Uid", "").split()[:3]}
-        if uid in uids and fields.get("State", "").split()[:1] not in (["Z"], ["X"]):
-            found.append(int(entry))
-    return found
-
-
-def kill_uid_for_cleanup(uid: int, gid: int) -> None:
-    argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
-    for _ in range(20):
-        subprocess.run([*argv, "kill", "-KILL", "-1"], capture_output=True, check=False)
-        time.sleep(0.05)
-
-
-def as_student(pw: pwd.struct_passwd, code: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={pw.pw_uid}",
-            f"--regid={pw.pw_gid}",
-            "--clear-groups",
-            "--",
-            "/usr/bin/python3",
-            "-c",
-            code,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-        start_new_session=True,
-    )
-
-
 def still_writing(pipe, seconds: float) -> bool:
     """True if bytes still arrive on ``pipe`` after ``seconds``; False at EOF (no writer left)."""
     import select
@@ -374,7 +331,7 @@ def test_remove_leaves_no_forking_loop_running(ready_course):
     must still leave no process of the student's uid."""
     u0, u1 = ready_course.usernames
     pw = pwd.getpwnam(u0)
-    loop = as_student(pw, FORK_LOOP)
+    loop = as_student(ready_course, u0, FORK_LOOP, stdout=subprocess.PIPE)
     try:
         assert still_writing(loop.stdout, 1), "the student's loop did not run"
         loop.wait(timeout=30)  # the first generation exits at once; the loop goes on
@@ -384,9 +341,9 @@ def test_remove_leaves_no_forking_loop_running(ready_course):
         with pytest.raises(KeyError):
             pwd.getpwnam(u0)
         assert not still_writing(loop.stdout, 10), f"the loop outlived remove: {out}"
-        assert live_pids(pw.pw_uid) == [], out
+        assert processes_of_uid(pw.pw_uid) == [], out
     finally:
-        kill_uid_for_cleanup(pw.pw_uid, pw.pw_gid)
+        kill_uid(pw.pw_uid, pw.pw_gid)
         loop.stdout.close()
 
 

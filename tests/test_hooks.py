@@ -10,7 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import answers, needs_root, status, write_as
+from conftest import answers, needs_root, status
+from students import write_as
 
 from classroom.host import hooks
 

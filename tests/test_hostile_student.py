@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import time
-import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,30 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import NOTEBOOKS, PYTHON, needs_root, random_name, roots_files
+from conftest import (
+    NOTEBOOKS,
+    PYTHON,
+    control_chars,
+    failed_line,
+    login,
+    needs_root,
+    random_name,
+    roots_files,
+    snapshots,
+    stop_session,
+)
+from students import (
+    FLOOD,
+    HOSTILE_NAMES,
+    SQUAT,
+    kill_uid,
+    processes_of_uid,
+    run_as_student,
+    squatting,
+    stopper,
+    student_ids,
+    write_as,
+)
 
 pytestmark = [pytest.mark.root, needs_root]
 
@@ -40,116 +62,7 @@ DEADLINE_ENV = "CLASSROOM_STUDENT_DEADLINE"  # proposed knob: each student's ove
 MODES = pytest.mark.parametrize("mode", ["fork", "exec"])
 
 
-# --- helpers: acting as the student -----------------------------------------------------------
-
-
-def student_ids(course, username: str) -> tuple[int, int, list[int]]:
-    pw = course.pw(username)
-    return pw.pw_uid, pw.pw_gid, os.getgrouplist(username, pw.pw_gid)
-
-
-def as_student(course, username: str, code: str, *args: str, **popen) -> subprocess.Popen:
-    """Start ``python -c CODE ARGS`` as the student (uid, gid, groups), in a session of its own."""
-    uid, gid, groups = student_ids(course, username)
-    home = str(course.home(username))
-    popen.setdefault("stdin", subprocess.DEVNULL)
-    popen.setdefault("stdout", subprocess.DEVNULL)
-    popen.setdefault("stderr", subprocess.DEVNULL)
-    return subprocess.Popen(
-        [PYTHON, "-c", code, *args],
-        user=uid,
-        group=gid,
-        extra_groups=groups,
-        env={"HOME": home, "USER": username, "PATH": "/usr/local/bin:/usr/bin:/bin"},
-        cwd=home,
-        start_new_session=True,
-        **popen,
-    )
-
-
-def run_as_student(course, username: str, code: str, *args: str, timeout: float = 120) -> str:
-    """Run ``python -c CODE ARGS`` as the student to the end; its stdout (it must succeed)."""
-    proc = as_student(
-        course, username, code, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err
-    return out
-
-
-def write_as(course, username: str, relpath: str, text: str) -> Path:
-    """Put a file in a student's home, owned by the student (0600), folders included."""
-    pw = course.pw(username)
-    path = course.home(username) / relpath
-    for parent in reversed(path.relative_to(course.home(username)).parents):
-        folder = course.home(username) / parent
-        if not folder.exists():
-            folder.mkdir(mode=0o700)
-            os.chown(folder, pw.pw_uid, pw.pw_gid)
-    path.write_text(text)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    os.chmod(path, 0o600)
-    return path
-
-
-def processes_of_uid(uid: int) -> list[str]:
-    """Live (not zombie) processes with ``uid`` as any of their four uids: 'PID name' each."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        uids = {int(x) for x in fields.get("Uid", "").split()}
-        if uid in uids and not fields.get("State", "").strip().startswith(("Z", "X")):
-            found.append(f"{entry} {fields.get('Name', '').strip()}")
-    return found
-
-
-KILL_UID = """
-import os, signal, sys, time
-uid, me = int(sys.argv[1]), os.getpid()
-
-
-def left():
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if uid in {int(x) for x in fields["Uid"].split()} and fields["State"].split()[0] not in "ZX":
-            found.append(entry)
-    return found
-
-
-os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(uid)
-quiet = 0
-for _ in range(2000):  # a forking loop may slip through one kill(-1): until none is left
-    os.kill(-1, signal.SIGKILL)  # succeeds even when it signalled nothing: look in /proc
-    quiet = 0 if left() else quiet + 1
-    if quiet == 5:
-        sys.exit(0)
-    time.sleep(0.01)
-sys.exit(f"processes of uid {uid} are still left: {left()}")
-"""
-
-
-def kill_uid(uid: int, gid: int) -> None:
-    """Kill every process of ``uid``, from a process of that uid (the test's own cleanup)."""
-    assert uid >= 1000
-    subprocess.run([PYTHON, "-c", KILL_UID, str(uid), str(gid)], timeout=120, check=True)
+# --- helpers: the teacher's commands, each with a bound ---------------------------------------
 
 
 @dataclass
@@ -197,53 +110,6 @@ def run_bounded(
     result = Result(proc.returncode, out, err)
     assert b"Traceback" not in err, result.text
     return result
-
-
-STOPPER = r"""
-import os, signal, sys, time
-pulse = float(sys.argv[1])  # seconds between SIGCONT pulses (a watchdog then sees progress)
-print("ready", flush=True)
-last = time.monotonic()
-while True:
-    try:
-        os.kill(-1, signal.SIGSTOP)  # every process of mine but this one
-    except ProcessLookupError:
-        pass
-    if pulse and time.monotonic() - last > pulse:  # a moment of progress now and then
-        os.kill(-1, signal.SIGCONT)
-        time.sleep(0.001)
-        last = time.monotonic()
-    time.sleep(0.0005)
-"""
-
-
-@contextlib.contextmanager
-def stopper(course, username: str, pulse: float = 0.0):
-    """As the student: SIGSTOP every other process of theirs, as soon as it appears."""
-    proc = as_student(course, username, STOPPER, str(pulse), stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        uid, gid, _ = student_ids(course, username)
-        kill_uid(uid, gid)  # what it stopped (SIGKILL ends a stopped process too)
-
-
-def failed_line(text: str, username: str) -> bool:
-    return re.search(rf"^\s*{re.escape(username)}: FAILED", text, re.M) is not None
-
-
-def control_chars(data: bytes) -> list[str]:
-    """The control characters in ``data`` (UTF-8): C0 but newline and tab, DEL, C1."""
-    text = data.decode("utf-8", "replace")
-    return [
-        f"U+{ord(ch):04X}"
-        for ch in sorted(set(text))
-        if ch not in "\n\t" and unicodedata.category(ch) == "Cc"
-    ]
 
 
 def shutdown_quietly(course) -> None:
@@ -400,27 +266,6 @@ def test_remove_deletes_what_the_student_owns_in_tmp(ready_course):
 
 # --- 2. rule 12: no IPv6 squatting where ip is a wildcard ----------------------------------------
 
-SQUAT = r"""
-import json, socket, sys
-hold = sys.argv[1] == "hold"
-results, held = {}, []
-for port in map(int, sys.argv[2:]):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("::", port))
-        s.listen()
-        results[port] = "bound"
-        held.append(s)
-    except OSError as exc:
-        results[port] = exc.errno
-        s.close()
-print(json.dumps(results), flush=True)
-if hold:
-    sys.stdin.read()  # hold the sockets until the test closes stdin
-"""
-
 
 def ipv6_available() -> bool:
     import socket
@@ -470,13 +315,7 @@ def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course):
             f"a student bound [::] (IPv6 only) on the class's ports {ports}: {tried}"
         )
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launch.pid, signal.SIGTERM)
-        try:
-            launch.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)
-            launch.wait()
+        stop_session(launch)
         shutdown_quietly(course)
 
 
@@ -489,40 +328,26 @@ def test_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
     squatter = course.usernames[0]
     first = int(course.sections["launch"]["first_port"])
     portal_port = int(course.sections["launch"]["portal_port"])
-    holder = as_student(
-        course,
-        squatter,
-        SQUAT,
-        "hold",
-        str(first),
-        str(portal_port),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
     try:
-        assert holder.stdout is not None
-        held = json.loads(holder.stdout.readline())
-        assert held == {str(first): "bound", str(portal_port): "bound"}, held
-        check = run_bounded(course, "check", bound=120)
-        text = check.text
-        assert "ipv6" in text.lower(), f"check does not say how IPv6 is handled:\n{text}"
-        assert re.search(rf"\b{portal_port}\b.*in use", text), text
-        assert re.search(rf"\b{first}\b", text), f"check missed port {first} held on IPv6:\n{text}"
+        with squatting(course, squatter, first, portal_port) as held:
+            assert held == {str(first): "bound", str(portal_port): "bound"}, held
+            check = run_bounded(course, "check", bound=120)
+            text = check.text
+            assert "ipv6" in text.lower(), f"check does not say how IPv6 is handled:\n{text}"
+            assert re.search(rf"\b{portal_port}\b.*in use", text), text
+            assert re.search(rf"\b{first}\b", text), (
+                f"check missed port {first} held on IPv6:\n{text}"
+            )
 
-        r = run_bounded(course, "launch", "--no-portal", bound=120)
-        assert r.returncode == 0, r.text
-        st = run_bounded(course, "status", "--json", bound=60)
-        rows = json.loads(st.stdout)
-        assert all(row["server"] == "running" for row in rows), rows
-        assert first not in {row["port"] for row in rows}, (
-            f"port {first} went to a student although another holds it on IPv6: {rows}"
-        )
+            r = run_bounded(course, "launch", "--no-portal", bound=120)
+            assert r.returncode == 0, r.text
+            st = run_bounded(course, "status", "--json", bound=60)
+            rows = json.loads(st.stdout)
+            assert all(row["server"] == "running" for row in rows), rows
+            assert first not in {row["port"] for row in rows}, (
+                f"port {first} went to a student although another holds it on IPv6: {rows}"
+            )
     finally:
-        if holder.stdin:
-            holder.stdin.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait()
         shutdown_quietly(course)
 
 
@@ -621,16 +446,9 @@ def test_server_and_kernels_hold_no_root_owned_log(make_course, mode):
         assert not roots_files(pid), f"the server holds root's files: {roots_files(pid)}"
         # a kernel, started as the student would
         password = course.credentials()[u]["notebook_password"]
-        session = requests.Session()
-        base = f"http://127.0.0.1:{port}/user/{u}"  # every server's base URL
-        session.get(f"{base}/login", timeout=10)
-        xsrf = session.cookies.get("_xsrf", "")
-        login = session.post(
-            f"{base}/login", data={"password": password, "_xsrf": xsrf}, allow_redirects=False
-        )
-        assert login.status_code in (302, 303), login.text[:300]
+        session = login(port, password, f"/user/{u}/")  # every server's base URL
         made = session.post(
-            f"{base}/api/kernels", json={"name": "python3"}, headers={"X-XSRFToken": xsrf}
+            f"http://127.0.0.1:{port}/user/{u}/api/kernels", json={"name": "python3"}
         )
         assert made.status_code == 201, made.text[:300]
         uid = course.pw(u).pw_uid
@@ -653,23 +471,6 @@ def test_server_and_kernels_hold_no_root_owned_log(make_course, mode):
 
 # --- 4. rule 14: retrieve is bounded whatever the home holds -----------------------------------
 
-FLOOD = r"""
-import os, sys
-links, folders = int(sys.argv[1]), int(sys.argv[2])
-base = os.path.join(os.path.expanduser("~"), "tutorial")
-fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-for i in range(folders):  # many empty folders
-    os.mkdir(f"f{i:06d}", dir_fd=fd)
-for depth in range(15):  # 15 nested folders with 255-character names
-    name = (f"{depth:02d}" + "d" * 255)[:255]
-    os.mkdir(name, dir_fd=fd)
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-for i in range(links):  # at the bottom, many symlinks: each one is a skipped entry
-    os.symlink("/etc/passwd", f"l{i:06d}", dir_fd=fd)
-with open(os.path.join(base, "lesson.ipynb"), "a") as f:  # and one real edit
-    f.write("\n# my answer\n")
-"""
-
 
 def manifest_rows(dest: Path, username: str) -> list[list[str]]:
     csv.field_size_limit(1 << 24)
@@ -678,14 +479,6 @@ def manifest_rows(dest: Path, username: str) -> list[list[str]]:
             return [row for row in csv.reader(f) if row and row[0] == username]
     except FileNotFoundError:
         return []
-
-
-def snapshots(dest: Path, username: str) -> list[str]:
-    return sorted(
-        p.name
-        for p in (dest / username).iterdir()
-        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
-    )
 
 
 def test_retrieve_flood_is_bounded_and_not_repeated(ready_course):
@@ -808,12 +601,6 @@ def test_failed_start_shows_no_escape_sequences(make_course, mode):
     finally:
         shutdown_quietly(course)
 
-
-HOSTILE_NAMES = [
-    "\x1b]0;pwned\x07title.txt",
-    "\x1b[2K\x1b[1A started.py",
-    "csi\u009b31mred.txt",
-]
 
 MAKE_NAMES = r"""
 import json, os, sys

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import login, needs_root, proc_env, proc_fds, status, write_as
+from conftest import login, needs_root, proc_env, proc_fds, status
+from students import write_as
 from test_launch import jupyter_hash, memory_contains
 
 from classroom.core import launchplan
@@ -259,18 +260,6 @@ MATPLOTLIBRC = "lines.linewidth: 7\n"
 STYLE = "lines.linewidth: 3\n"
 
 
-def put(course, username: str, relpath: str, text: str) -> Path:
-    """A file in a student's home, it and every folder made for it the student's."""
-    pw = course.pw(username)
-    path = course.home(username)
-    for part in Path(relpath).parts[:-1]:
-        path = path / part
-        if not path.exists():
-            path.mkdir(mode=0o700)
-            os.chown(path, pw.pw_uid, pw.pw_gid)
-    return write_as(course, username, relpath, text)
-
-
 def probe(ks: KernelSocket, marker: str) -> dict:
     # the marker never appears as such in the cell (the cell's text is module state too)
     return ks.value(f"MARKER_HEX = {marker.encode().hex()!r}\n" + PROBE)
@@ -357,10 +346,10 @@ def test_forked_kernels_are_the_students_own(make_course):
     assert c.run("setup").returncode == 0
     a, b = c.usernames
     for u in c.usernames:
-        put(c, u, ".ipython/profile_default/startup/00-mark.py", STARTUP)
-        put(c, u, "tutorial/week1/lesson.ipynb", "")
-    put(c, a, ".config/matplotlib/matplotlibrc", MATPLOTLIBRC)
-    put(c, a, ".config/matplotlib/stylelib/mine.mplstyle", STYLE)
+        write_as(c, u, ".ipython/profile_default/startup/00-mark.py", STARTUP)
+        write_as(c, u, "tutorial/week1/lesson.ipynb", "")
+    write_as(c, a, ".config/matplotlib/matplotlibrc", MATPLOTLIBRC)
+    write_as(c, a, ".config/matplotlib/stylelib/mine.mplstyle", STYLE)
     try:
         r = launched(c, kernel_mode="fork")
         ks = recorded_kernel_server(c)
@@ -684,7 +673,7 @@ def test_missing_preload_module_and_kernels_that_cannot_be_forked(make_course):
     assert c.run("setup").returncode == 0
     (a,) = c.usernames
     pw = c.pw(a)
-    put(c, a, "tutorial/lesson.ipynb", "")
+    write_as(c, a, "tutorial/lesson.ipynb", "")
     # a kernel spec of the student's own: this Python, with a variable only a new Python applies
     spec = {
         "argv": [PYTHON, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -692,8 +681,8 @@ def test_missing_preload_module_and_kernels_that_cannot_be_forked(make_course):
         "language": "python",
         "env": {"PYTHONDONTWRITEBYTECODE": "1"},
     }
-    put(c, a, ".local/share/jupyter/kernels/mine/kernel.json", json.dumps(spec))
-    put(c, a, ".jupyter/jupyter_server_config.py", LOWER_LIMITS)
+    write_as(c, a, ".local/share/jupyter/kernels/mine/kernel.json", json.dumps(spec))
+    write_as(c, a, ".jupyter/jupyter_server_config.py", LOWER_LIMITS)
     sockets = []
     try:
         r = launched(c, kernel_mode="fork", preload="numpy, no_such_module_xyz")
@@ -762,7 +751,7 @@ def test_exec_mode_is_jupyters_own(make_course):
     c = make_course(1)
     assert c.run("setup").returncode == 0
     (a,) = c.usernames
-    put(c, a, "tutorial/lesson.ipynb", "")
+    write_as(c, a, "tutorial/lesson.ipynb", "")
     ks = None
     try:
         launched(c, kernel_mode="exec")
@@ -783,7 +772,7 @@ def test_exec_mode_is_jupyters_own(make_course):
 @pytest.mark.browser
 def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
     """JupyterLab in chromium: open the sample notebook and run all cells (kernel_mode = fork)."""
-    from test_portal_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+    from chromium import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, KERNEL_IDLE, screenshot_on_failure
 
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is not installed")
@@ -792,8 +781,8 @@ def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
     assert c.run("setup").returncode == 0
     (a,) = c.usernames
     samples = Path(__file__).resolve().parent.parent / "samples" / "tutorial"
-    put(c, a, "tutorial/lesson1.ipynb", (samples / "lesson1.ipynb").read_text())
-    put(c, a, "tutorial/data/planets.csv", (samples / "data" / "planets.csv").read_text())
+    write_as(c, a, "tutorial/lesson1.ipynb", (samples / "lesson1.ipynb").read_text())
+    write_as(c, a, "tutorial/data/planets.csv", (samples / "data" / "planets.csv").read_text())
     try:
         launched(c, kernel_mode="fork", app="lab")
         ks = recorded_kernel_server(c)
@@ -808,10 +797,7 @@ def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
                 page.fill("input[type=password]", c.credentials()[a]["notebook_password"])
                 page.locator("#login_submit, button[type=submit]").first.click()
                 # the sample names its kernel (python3): JupyterLab asks nothing
-                page.wait_for_function(
-                    "() => /\\|\\s*Idle/.test(document.querySelector('.jp-StatusBar-Widget, "
-                    "#jp-main-statusbar')?.innerText || '')"
-                )
+                page.wait_for_function(KERNEL_IDLE)
                 page.get_by_role("menuitem", name="Run", exact=True).click()
                 page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
                 page.wait_for_function(
@@ -821,9 +807,7 @@ def test_the_sample_notebook_runs_in_jupyterlab_on_forked_kernels(make_course):
                 ARTIFACTS.mkdir(exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "kernels-fork-lesson1.png"))
             except Exception:
-                ARTIFACTS.mkdir(exist_ok=True)
-                with contextlib.suppress(Exception):
-                    page.screenshot(path=str(ARTIFACTS / "kernels-fork-failure.png"))
+                screenshot_on_failure(page, "kernels-fork-failure.png")
                 raise
             finally:
                 browser.close()

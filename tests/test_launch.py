@@ -33,8 +33,8 @@ from conftest import (
     server_pids_gone,
     server_rows,
     status,
-    write_as,
 )
+from students import write_as
 
 from classroom.commands import launch
 from classroom.core import launchplan

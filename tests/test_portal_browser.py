@@ -17,39 +17,21 @@ from pathlib import Path
 
 import pytest
 import requests
+from chromium import (
+    ARTIFACTS,
+    needs_chromium,
+    new_notebook,
+    run_cell,
+    screenshot_on_failure,
+    wait_for_42,
+    watch_console,
+)
 from conftest import NOTEBOOKS, PYTHON, RunningPortal, TinyServer, make_settings
-
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt install chromium)"
-    ),
+    needs_chromium,
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="the playwright package is not installed"
-    )
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        b.devices = p.devices  # type: ignore[attr-defined]
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture
@@ -63,16 +45,6 @@ def fake_class():
     finally:
         p.close()
         alice.close()
-
-
-def watch_console(page) -> list[str]:
-    """Collect console errors (a CSP violation shows up here)."""
-    problems: list[str] = []
-    page.on(
-        "console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None
-    )
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    return problems
 
 
 def test_landing_page_looks_right_on_desktop_and_phone(browser, fake_class):
@@ -207,42 +179,14 @@ def test_student_goes_from_portal_to_notebook_and_runs_a_cell(browser, ready_cou
             page.fill("input[type=password]", password)
             page.locator("#login_submit, button[type=submit]").first.click()
             # JupyterLab: a new notebook from the launcher, then one cell.
-            card = page.locator('.jp-LauncherCard[data-category="Notebook"]').first
-            card.wait_for()
-            card.click()
-            editor = page.locator(
-                ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell .cm-content"
-            ).first
-            editor.wait_for()
-            # Run only once the kernel is there: an execute sent earlier can be dropped.
-            page.wait_for_function(
-                "() => /\\|\\s*Idle/.test(document.querySelector('.jp-StatusBar-Widget, "
-                "#jp-main-statusbar')?.innerText || '')",
-                timeout=120_000,
-            )
-            editor.click()
-            page.keyboard.type("print(6*7)")
-            page.keyboard.press("Shift+Enter")
-            forty_two = (
-                "() => [...document.querySelectorAll('.jp-OutputArea-output')]"
-                ".some(e => e.innerText.trim() === '42')"
-            )
-            for attempt in range(3):
-                try:
-                    page.wait_for_function(forty_two, timeout=30_000 * (attempt + 1))
-                    break
-                except Exception:
-                    if attempt == 2:
-                        raise
-                    editor.click()  # the kernel was still starting: run the cell again
-                    page.keyboard.press("Control+Enter")
+            editor = new_notebook(page)
+            run_cell(page, editor, "print(6*7)")
+            wait_for_42(page, editor)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "portal-e2e-notebook.png"))
         except Exception:
-            ARTIFACTS.mkdir(exist_ok=True)
-            with contextlib.suppress(Exception):
-                page.screenshot(path=str(ARTIFACTS / "portal-e2e-failure.png"))
-                print("failed at", page.url, "; see test-artifacts/portal-e2e-failure.png")
+            screenshot_on_failure(page, "portal-e2e-failure.png")
+            print("failed at", page.url, "; see test-artifacts/portal-e2e-failure.png")
             raise
         finally:
             context.close()

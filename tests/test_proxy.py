@@ -287,16 +287,21 @@ class ProxyClass:
         self.course.cleanup()
 
 
-@pytest.fixture(scope="module")
-def klass(tmp_path_factory):
+def running_class(folder: Path):
+    """A module fixture's body: a started ``ProxyClass`` in ``folder``, closed afterwards."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates real accounts")
-    k = ProxyClass(tmp_path_factory.mktemp("proxy-class"))
+    k = ProxyClass(folder)
     try:
         k.start()
         yield k
     finally:
         k.close()
+
+
+@pytest.fixture(scope="module")
+def klass(tmp_path_factory):
+    yield from running_class(tmp_path_factory.mktemp("proxy-class"))
 
 
 @pytest.mark.root

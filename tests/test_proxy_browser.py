@@ -16,53 +16,32 @@ from pathlib import Path
 
 import pytest
 import requests
+from chromium import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    needs_chromium,
+    new_notebook,
+    run_cell,
+    screenshot_on_failure,
+    wait_for_42,
+    watch_console,
+)
 from conftest import PYTHON, RunningPortal, free_port
-from test_portal_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, watch_console
-from test_proxy import ProxyClass
+from test_proxy import running_class
 
 from classroom.core.settings import load
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.root,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt install chromium)"
-    ),
+    needs_chromium,
 ]
-
-KERNEL_IDLE = (
-    "() => /\\|\\s*Idle/.test(document.querySelector('.jp-StatusBar-Widget, "
-    "#jp-main-statusbar')?.innerText || '')"
-)
-FORTY_TWO = (
-    "() => [...document.querySelectorAll('.jp-OutputArea-output')]"
-    ".some(e => e.innerText.trim() === '42')"
-)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="the playwright package is not installed"
-    )
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")
 def klass(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates real accounts")
-    k = ProxyClass(tmp_path_factory.mktemp("proxy-browser"))
-    try:
-        k.start()
-        yield k
-    finally:
-        k.close()
+    yield from running_class(tmp_path_factory.mktemp("proxy-browser"))
 
 
 def log_in(context, klass, username: str, password: str | None = None):
@@ -74,28 +53,6 @@ def log_in(context, klass, username: str, password: str | None = None):
     page.get_by_role("button", name="Log in").click()
     page.wait_for_url(f"{klass.url}/user/{username}/**")
     return page
-
-
-def new_notebook(page):
-    card = page.locator('.jp-LauncherCard[data-category="Notebook"]').first
-    card.wait_for()
-    card.click()
-    editor = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell .cm-content").first
-    editor.wait_for()
-    page.wait_for_function(KERNEL_IDLE, timeout=120_000)
-    return editor
-
-
-def run_cell(page, editor, code: str) -> None:
-    editor.click()
-    page.keyboard.type(code)
-    page.keyboard.press("Shift+Enter")
-
-
-def screenshot_on_failure(page, name: str):
-    ARTIFACTS.mkdir(exist_ok=True)
-    with contextlib.suppress(Exception):
-        page.screenshot(path=str(ARTIFACTS / name))
 
 
 @pytest.mark.timeout(900)
@@ -114,15 +71,7 @@ def test_student_logs_in_runs_a_cell_a_terminal_and_moves_50_mb_both_ways(browse
         # JupyterLab, without news or update pop-ups
         editor = new_notebook(page)
         run_cell(page, editor, "print(6*7)")
-        for attempt in range(3):
-            try:
-                page.wait_for_function(FORTY_TWO, timeout=30_000 * (attempt + 1))
-                break
-            except Exception:
-                if attempt == 2:
-                    raise
-                editor.click()  # the kernel was still starting: run the cell again
-                page.keyboard.press("Control+Enter")
+        wait_for_42(page, editor)
         assert page.locator(".jp-Notification-Toast").count() == 0, "a pop-up was shown"
         page.screenshot(path=str(ARTIFACTS / "proxy-notebook.png"))
 

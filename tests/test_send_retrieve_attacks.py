@@ -10,7 +10,6 @@ write or chown anything outside the student's own files, hang, or fill the disk.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import os
@@ -25,7 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import control_chars, failed_line, needs_root, snapshots
+from students import FLOOD, HOSTILE_NAMES, run_as_student, stopper
 
 MARKER = b"VICTIM-MARKER-7f3a"
 SECRET = b"ROOT-SECRET-91c2"
@@ -309,21 +309,6 @@ def test_race_swapping_folder_for_symlink(sent_course):
 
 # --- SPEC §6.11 rule 15: a student's file names reach the teacher's terminal without controls ---
 
-HOSTILE_NAMES = ["\x1b]0;pwned\x07title.txt", "\x1b[2K\x1b[1A started.py", "csi\u009b31mred.txt"]
-
-
-def control_chars(text: str) -> list[str]:
-    """What a terminal would act on: C0 controls but newline and tab, DEL, C1, bidi controls."""
-    import unicodedata
-
-    return sorted(
-        {
-            f"U+{ord(ch):04X}"
-            for ch in text
-            if ch not in "\n\t" and unicodedata.category(ch) in "CcCf"
-        }
-    )
-
 
 @needs_root
 def test_retrieve_shows_file_names_without_control_characters(sent_course):
@@ -375,30 +360,6 @@ DEADLINE_5S = (
     "from classroom.cli import main; main(sys.argv[1:])"
 )
 
-STOPPER = r"""
-import os, signal, sys, time
-pulse = float(sys.argv[1])
-print("ready", flush=True)
-last = time.monotonic()
-while True:
-    try:
-        os.kill(-1, signal.SIGSTOP)  # every process of mine but this one
-    except ProcessLookupError:
-        pass
-    if pulse and time.monotonic() - last > pulse:  # a moment of progress now and then
-        os.kill(-1, signal.SIGCONT)
-        time.sleep(0.001)
-        last = time.monotonic()
-    time.sleep(0.0005)
-"""
-
-KILL_UID = """
-import os, signal, sys
-os.setgroups([]); os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[1]))
-for _ in range(50):
-    os.kill(-1, signal.SIGKILL)  # every process of the student's (stopped ones too)
-"""
-
 
 def run_with_short_deadline(c, *args: str, bound: float = 60) -> subprocess.CompletedProcess:
     """``notebooks.py ARGS CONFIG --yes`` with each student's deadline at 5 s; fails the test if it
@@ -423,34 +384,6 @@ def run_with_short_deadline(c, *args: str, bound: float = 60) -> subprocess.Comp
         pytest.fail(f"`{' '.join(args)}` still ran after {bound} s: {out}{err}")
     assert "Traceback" not in err, err
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
-
-
-@contextlib.contextmanager
-def stopper(c, username: str, pulse: float = 0.0):
-    """As the student: SIGSTOP every other process of theirs, as soon as it appears."""
-    from conftest import PYTHON
-
-    pw = c.pw(username)
-    proc = subprocess.Popen(
-        [PYTHON, "-c", STOPPER, str(pulse)],
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=[],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
-        subprocess.run([PYTHON, "-c", KILL_UID, str(pw.pw_uid), str(pw.pw_gid)], check=True)
-
-
-def failed_line(text: str, username: str) -> bool:
-    return re.search(rf"^\s*{re.escape(username)}: FAILED", text, re.M) is not None
 
 
 @needs_root
@@ -498,35 +431,10 @@ def test_retrieve_is_not_stalled_by_a_student_who_stops_the_reader(sent_course):
 
 # --- SPEC §6.11 rule 14: what a home can make retrieve write is bounded ---------------------------
 
-FLOOD = r"""
-import os, sys
-links, folders = int(sys.argv[1]), int(sys.argv[2])
-base = os.path.join(os.path.expanduser("~"), "tutorial")
-fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-for i in range(folders):  # many empty folders
-    os.mkdir(f"f{i:06d}", dir_fd=fd)
-for depth in range(15):  # 15 nested folders with 255-character names
-    name = (f"{depth:02d}" + "d" * 255)[:255]
-    os.mkdir(name, dir_fd=fd)
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-for i in range(links):  # at the bottom, many symlinks: each one is a skipped entry
-    os.symlink("/etc/passwd", f"l{i:06d}", dir_fd=fd)
-with open(os.path.join(base, "lesson.ipynb"), "a") as f:  # and one real edit
-    f.write("\n# my answer\n")
-"""
-
 
 def user_rows(dest: Path, username: str) -> list[dict]:
     csv.field_size_limit(1 << 24)
     return [row for row in manifest_rows(dest) if row["username"] == username]
-
-
-def snapshot_names(dest: Path, username: str) -> list[str]:
-    return sorted(
-        p.name
-        for p in (dest / username).iterdir()
-        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
-    )
 
 
 MEASURED = """
@@ -556,21 +464,10 @@ def test_retrieve_flood_is_bounded_and_not_repeated(sent_course):
     """15 nested 255-character folders, 20,000 symlinks, 10,500 empty folders, one edit: at
     most 10,000 manifest rows (and a summary row) and 10,000 folders, a small state, bounded
     memory, and the same home again makes no new snapshot and no new row."""
-    from conftest import PYTHON
-
     c = sent_course
     flooder, other = c.usernames
     dest = c.base / "submissions"
-    pw = c.pw(flooder)
-    subprocess.run(
-        [PYTHON, "-c", FLOOD, "20000", "10500"],
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=[],
-        env={"HOME": pw.pw_dir},
-        check=True,
-        timeout=300,
-    )
+    run_as_student(c, flooder, FLOOD, "20000", "10500", timeout=300)
     answer = c.home(other) / "tutorial" / "answer.py"
     answer.write_text("print(42)\n")
     own(answer, c.pw(other))
@@ -583,7 +480,7 @@ def test_retrieve_flood_is_bounded_and_not_repeated(sent_course):
         summary = [row for row in rows if row["path"] == ""]
         assert len(summary) == 1 and "not listed" in summary[0]["status"], summary
         assert {"lesson.ipynb", "data/numbers.csv"} <= {row["path"] for row in rows}
-        (snap,) = snapshot_names(dest, flooder)
+        (snap,) = snapshots(dest, flooder)
         folders = sum(len(d) for _, d, _ in os.walk(dest / flooder / snap))
         assert folders <= 10_000, f"{folders} folders in one snapshot"
         assert (dest / flooder / "latest" / "lesson.ipynb").read_text().endswith("# my answer\n")
@@ -594,7 +491,7 @@ def test_retrieve_flood_is_bounded_and_not_repeated(sent_course):
 
         again = c.run("retrieve", "--yes", timeout=600)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert snapshot_names(dest, flooder) == [snap], "the same skipped entries: a new snapshot"
+        assert snapshots(dest, flooder) == [snap], "the same skipped entries: a new snapshot"
         assert (dest / "manifest.csv").stat().st_size == size, "nothing changed, yet new rows"
         assert "retrieve: 2 unchanged" in again.stdout, again.stdout
     finally:

@@ -14,12 +14,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import unicodedata
 import uuid
 
 import psutil
@@ -28,14 +26,16 @@ import requests
 from conftest import (
     NOTEBOOKS,
     PYTHON,
+    control_chars,
     login,
     needs_root,
     proc_env,
     roots_files,
     server_rows,
     status,
-    write_as,
+    stop_session,
 )
+from students import SQUAT, run_as_student, squatting, stopper, write_as
 
 from classroom.core.addresses import listen_address
 from classroom.core.text import printable
@@ -43,14 +43,6 @@ from classroom.host import logwriter
 from classroom.host.ports import ipv6_available, port_free
 
 MODES = pytest.mark.parametrize("mode", ["fork", "exec"])
-
-
-def control_chars(data: str | bytes) -> list[str]:
-    """The control characters a terminal would act on (C0 but newline, DEL, C1)."""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return sorted(
-        {f"U+{ord(c):04X}" for c in text if c != "\n" and unicodedata.category(c) == "Cc"}
-    )
 
 
 def run_notebooks(course, *args: str, prefix: tuple[str, ...] = (), env: dict | None = None):
@@ -64,6 +56,18 @@ def run_notebooks(course, *args: str, prefix: tuple[str, ...] = (), env: dict | 
         capture_output=True,
         env=full_env,
         timeout=300,
+        check=False,
+    )
+
+
+def run_code(code: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` as root in the project's folder (optionally under ``prefix``)."""
+    return subprocess.run(
+        [*prefix, PYTHON, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(NOTEBOOKS.parent),
         check=False,
     )
 
@@ -85,7 +89,7 @@ def test_printable_strips_escape_sequences_and_control_characters():
     assert printable(b"bytes \xff\x1b[1A") == "bytes \ufffd"
     assert printable("a lone ESC at the end\x1b") == "a lone ESC at the end"
     for text in (attack, "x\x1b[", "\x9d unterminated", "\x1bP dcs \x1b\\ after"):
-        assert not control_chars(printable(text))
+        assert not control_chars(printable(text), allowed="\n")
     plain = "Élève: notebook_1 (copie) — ok ✓ 👩‍🎓"
     assert printable(plain) == plain
 
@@ -222,15 +226,8 @@ def test_helpers_that_become_a_student_get_a_keyring_of_their_own():
     assert keyctl, "keyctl is missing: install Debian keyutils (scripts/install.sh --test)"
     desc = f"teacher-{uuid.uuid4().hex[:10]}"
     add_then_run = 'keyctl add user "$1" x @s >/dev/null || exit 99; shift; exec "$@"'
-    r = subprocess.run(
-        [keyctl, "session", "-", "sh", "-c", add_then_run, "sh", desc]
-        + [PYTHON, "-c", KEYS_AS_STUDENT, "nobody"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=str(NOTEBOOKS.parent),
-        check=False,
-    )
+    prefix = (keyctl, "session", "-", "sh", "-c", add_then_run, "sh", desc)
+    r = run_code(KEYS_AS_STUDENT, "nobody", prefix=prefix)
     assert r.returncode == 0, r.stderr
     assert "keyring   _ses" in r.stdout, r.stdout  # the probe read /proc/keys
     assert desc not in r.stdout, f"a student's helper sees root's session keyring:\n{r.stdout}"
@@ -261,7 +258,8 @@ def test_failed_start_quotes_only_this_start_and_no_escape_sequences(make_course
         assert r.returncode == 1, text_of(r)
         assert re.search(rf"{u}: .*its log says: Error: {tag}", text_of(r)), text_of(r)
         for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
-            assert not control_chars(data), f"launch's {name}: {control_chars(data)}: {data!r}"
+            found = control_chars(data, allowed="\n")
+            assert not found, f"launch's {name}: {found}: {data!r}"
 
         # the next start fails without a word: the earlier run's line is not its reason
         write_as(course, u, ".jupyter/jupyter_server_config.py", SILENT)
@@ -275,43 +273,7 @@ def test_failed_start_quotes_only_this_start_and_no_escape_sequences(make_course
 
 # --- rule 12: no IPv6 squatting where ip is a wildcard -------------------------------------------
 
-SQUAT = r"""
-import json, socket, sys
-results, held = {}, []
-for port in map(int, sys.argv[2:]):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("::", port))
-        s.listen()
-        results[port] = "bound"
-        held.append(s)
-    except OSError as exc:
-        results[port] = exc.errno
-        s.close()
-print(json.dumps(results), flush=True)
-if sys.argv[1] == "hold":
-    sys.stdin.read()
-"""
-
 needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="this host has no IPv6")
-
-
-def as_student(course, username: str, code: str, *args: str, **popen) -> subprocess.Popen:
-    pw = course.pw(username)
-    popen.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.Popen(
-        [PYTHON, "-c", code, *args],
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=os.getgrouplist(username, pw.pw_gid),
-        env={"HOME": pw.pw_dir, "PATH": "/usr/bin:/bin"},
-        cwd=pw.pw_dir,
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-        **popen,
-    )
 
 
 def test_wildcard_ip_listens_on_both_stacks():
@@ -362,19 +324,12 @@ def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course, mode):
         assert row["server"] == "running", row
         assert requests.get(f"http://[::1]:{row['port']}/user/{victim}/api", timeout=5).ok
         ports = [portal_port, row["port"]]
-        probe = as_student(course, squatter, SQUAT, "try", *map(str, ports))
-        out, _ = probe.communicate(timeout=60)
+        out = run_as_student(course, squatter, SQUAT, "try", *map(str, ports), timeout=60)
         assert json.loads(out) == {str(p): errno.EADDRINUSE for p in ports}, (
             f"a student bound [::] (IPv6 only) on the class's ports {ports}: {out!r}"
         )
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launch.pid, signal.SIGTERM)
-        try:
-            launch.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)
-            launch.wait()
+        stop_session(launch)
         course.run("shutdown")
 
 
@@ -386,29 +341,20 @@ def test_a_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
     squatter = course.usernames[0]
     first = int(course.sections["launch"]["first_port"])
     portal_port = int(course.sections["launch"]["portal_port"])
-    holder = as_student(
-        course, squatter, SQUAT, "hold", str(first), str(portal_port), stdin=subprocess.PIPE
-    )
     try:
-        assert holder.stdout is not None
-        held = json.loads(holder.stdout.readline())
-        assert held == {str(first): "bound", str(portal_port): "bound"}, held
-        check = course.run("check")
-        assert "IPv4 and IPv6" in check.stdout, check.stdout
-        assert re.search(rf"port {portal_port} is in use", check.stdout), check.stdout
-        assert re.search(rf"students' range \({first}\b", check.stdout), check.stdout
+        with squatting(course, squatter, first, portal_port) as held:
+            assert held == {str(first): "bound", str(portal_port): "bound"}, held
+            check = course.run("check")
+            assert "IPv4 and IPv6" in check.stdout, check.stdout
+            assert re.search(rf"port {portal_port} is in use", check.stdout), check.stdout
+            assert re.search(rf"students' range \({first}\b", check.stdout), check.stdout
 
-        r = course.run("launch", "--no-portal")
-        assert r.returncode == 0, r.stdout + r.stderr
-        rows = status(course)
-        assert all(row["server"] == "running" for row in rows.values()), rows
-        assert first not in {row["port"] for row in rows.values()}, rows
+            r = course.run("launch", "--no-portal")
+            assert r.returncode == 0, r.stdout + r.stderr
+            rows = status(course)
+            assert all(row["server"] == "running" for row in rows.values()), rows
+            assert first not in {row["port"] for row in rows.values()}, rows
     finally:
-        if holder.stdin:
-            holder.stdin.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait()
         course.run("shutdown")
 
 
@@ -429,52 +375,33 @@ def test_check_says_which_addresses_the_class_holds(tmp_path):
 
 # --- rule 14: one student who stops their own helpers stalls no one else ------------------------
 
-STOPPER = r"""
-import os, signal, time
-print("ready", flush=True)
-while True:
-    try:
-        os.kill(-1, signal.SIGSTOP)  # every process of mine but this one, as soon as it appears
-    except ProcessLookupError:
-        pass
-    time.sleep(0.0005)
-"""
-
 
 @needs_root
 def test_launch_is_not_held_up_by_a_student_who_stops_the_preparation(ready_course):
     course = ready_course
     staller, other = course.usernames  # the staller comes first in the roster
     course.write_config(launch={"app": "server", "start_timeout": "20", "start_mode": "fork"})
-    stopper = as_student(course, staller, STOPPER)
     try:
-        assert stopper.stdout is not None and stopper.stdout.readline().strip() == b"ready"
-        # before: each student was prepared in turn, with 600 s for each
-        r = subprocess.run(
-            [PYTHON, str(NOTEBOOKS), "launch", str(course.config), "--no-portal"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "CLASSROOM_STUDENT_DEADLINE": "5"},
-            timeout=120,
-            check=False,
-        )
-        assert r.returncode == 1, r.stdout + r.stderr
-        # Whichever of the staller's processes it stopped first (the helper that prepares
-        # the home, or the fork server's child on its way to the server), the staller
-        # fails alone: the other student's server starts, from the fork server.
-        assert re.search(rf"^  {staller}: FAILED", r.stdout, re.M), r.stdout
-        rows = status(course)
-        assert rows[other]["server"] == "running", rows
-        assert rows[staller]["server"] == "stopped", rows
-        assert server_rows(course)[other]["mode"] == "fork", r.stdout + r.stderr
+        with stopper(course, staller):
+            # before: each student was prepared in turn, with 600 s for each
+            r = subprocess.run(
+                [PYTHON, str(NOTEBOOKS), "launch", str(course.config), "--no-portal"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "CLASSROOM_STUDENT_DEADLINE": "5"},
+                timeout=120,
+                check=False,
+            )
+            assert r.returncode == 1, r.stdout + r.stderr
+            # Whichever of the staller's processes it stopped first (the helper that prepares
+            # the home, or the fork server's child on its way to the server), the staller
+            # fails alone: the other student's server starts, from the fork server.
+            assert re.search(rf"^  {staller}: FAILED", r.stdout, re.M), r.stdout
+            rows = status(course)
+            assert rows[other]["server"] == "running", rows
+            assert rows[staller]["server"] == "stopped", rows
+            assert server_rows(course)[other]["mode"] == "fork", r.stdout + r.stderr
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(stopper.pid, signal.SIGKILL)
-        stopper.wait()
-        for p in psutil.process_iter(["uids"]):
-            if p.info["uids"] and p.info["uids"].real == course.pw(staller).pw_uid:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
         course.run("shutdown")
 
 
@@ -500,14 +427,7 @@ def test_fork_server_gives_up_on_a_child_the_student_stopped(ready_course, tmp_p
     """The fork server waits for each child to say it is the student; a stopped child is
     that student's failure (and is killed), not a fork server that hangs for everyone."""
     u = ready_course.usernames[0]
-    r = subprocess.run(
-        [PYTHON, "-c", STOPPED_CHILD, u, str(tmp_path / "u.log")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=str(NOTEBOOKS.parent),
-        check=False,
-    )
+    r = run_code(STOPPED_CHILD, u, str(tmp_path / "u.log"))
     assert r.returncode == 0, r.stderr
     assert "stopped before it became" in json.loads(r.stdout)["error"]
     uid = ready_course.pw(u).pw_uid

@@ -6,11 +6,8 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import shutil
 import stat
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 from conftest import random_name
@@ -33,17 +30,6 @@ def as_user(username: str, *argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def place():
-    """A folder the shared folder can go in: root's, 0755, outside any home."""
-    path = Path(tempfile.mkdtemp(prefix="classroom-shared-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def staffed(course):
     """The course, with its staff group and one assistant in it (cleaned up afterwards)."""
     staff = f"{course.name}-staff"
@@ -57,10 +43,10 @@ def staffed(course):
         subprocess.run(["groupdel", staff], capture_output=True, check=False)
 
 
-def test_shared_folder_setup_send_retrieve_remove(staffed, place):
+def test_shared_folder_setup_send_retrieve_remove(staffed, public_folder):
     c, staff, assistant = staffed
     a, b = c.usernames
-    folder = place / "intro-data"
+    folder = public_folder / "intro-data"
     c.write_config(shared={"folder": str(folder)})
 
     dry = c.run("setup", "--dry-run")
@@ -139,14 +125,14 @@ def test_shared_folder_setup_send_retrieve_remove(staffed, place):
     assert "intro-data/hints.txt" in listing.stdout
 
 
-def test_shared_folder_the_course_did_not_make_is_kept(course, place):
+def test_shared_folder_the_course_did_not_make_is_kept(course, public_folder):
     """...and a shared folder added to a running course links the existing homes, leaving
     alone a student's own file of the link's name."""
     c = course
     a, b = c.usernames
     assert c.run("setup", "--yes").returncode == 0
     (c.home(b) / "data").write_text("my own notes")
-    folder = place / "datasets"
+    folder = public_folder / "datasets"
     folder.mkdir()
     (folder / "big.csv").write_text("1,2\n")
     c.write_config(shared={"folder": str(folder), "link": "data"})
@@ -168,16 +154,16 @@ def test_shared_folder_the_course_did_not_make_is_kept(course, place):
     assert (folder / "big.csv").read_text() == "1,2\n"
 
 
-def test_shared_folder_in_a_bad_place_is_refused(course, place):
+def test_shared_folder_in_a_bad_place_is_refused(course, public_folder):
     c = course
     pupil = random_name()
     c.extra_users.append(pupil)
-    elsewhere = place / "homes" / pupil  # a user's home outside home_base
+    elsewhere = public_folder / "homes" / pupil  # a user's home outside home_base
     subprocess.run(["useradd", "-M", "-d", str(elsewhere), pupil], check=True)
-    open_parent = place / "open"
+    open_parent = public_folder / "open"
     open_parent.mkdir(mode=0o777)
     os.chmod(open_parent, 0o777)
-    taken = place / "taken"
+    taken = public_folder / "taken"
     taken.mkdir()
     os.chown(taken, pwd.getpwnam("nobody").pw_uid, -1)
     cases = {
@@ -202,6 +188,6 @@ def test_shared_folder_in_a_bad_place_is_refused(course, place):
     c.write_config(shared={"folder": ""})
     r = c.run("send", "--shared", "--yes")
     assert r.returncode == 2 and "[shared] folder is not set" in r.stderr
-    c.write_config(shared={"folder": str(place / "data"), "link": "tutorial"})
+    c.write_config(shared={"folder": str(public_folder / "data"), "link": "tutorial"})
     r = c.run("setup", "--yes")
     assert r.returncode == 2 and "[material] folder" in r.stderr

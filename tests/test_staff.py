@@ -10,7 +10,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,17 +50,6 @@ def refused_by_sudo(r: subprocess.CompletedProcess) -> bool:
     return r.returncode == 1 and ("a password is required" in said or "is not allowed" in said)
 
 
-@pytest.fixture
-def outside():
-    """A folder others can pass through (0755, root's): the retrieve destination goes in it."""
-    path = Path(tempfile.mkdtemp(prefix="classroom-staff-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def with_roles(c, roles: dict[str, str]) -> None:
     """Rewrite the roster with a role column (``roles``: username -> role; others: student)."""
     rows = [
@@ -76,13 +64,13 @@ def staff_members(c) -> set[str]:
 
 
 @needs_sudo
-def test_assistant_sudo_retrieved_work_and_remove(course, outside):
+def test_assistant_sudo_retrieved_work_and_remove(course, public_folder):
     c = course
     student, other = c.usernames
     assistant = random_name()
     c.usernames.append(assistant)  # cleaned up with the course
     with_roles(c, {assistant: "assistant"})
-    dest = outside / "submissions"
+    dest = public_folder / "submissions"
     c.write_config(retrieve={"destination": str(dest)})
     target = sudoers.path_for(c.name)
 
