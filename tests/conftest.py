@@ -167,7 +167,12 @@ class TestCourse:
 
 
 def free_port() -> int:
-    """A free port below the kernel's range for outgoing connections (those come and go)."""
+    """A free port below the kernel's range for outgoing connections (those come and go).
+
+    Each pytest-xdist worker takes its ports from a range of its own: a course's portal
+    port, free when chosen, is not taken by another worker's servers before (or while)
+    its portal listens there.
+    """
     import random
     import socket
 
@@ -175,8 +180,14 @@ def free_port() -> int:
         low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
+    first, last = 20000, min(low, 30000) - 100
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    width = (last - first) // max(1, workers)
+    first += worker * width
+    last = first + width - 200  # room above for the last course's servers
     for _ in range(200):
-        port = random.randrange(20000, min(low, 30000) - 100)
+        port = random.randrange(first, last)
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))
