@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import logging
 import os
 import pwd
@@ -131,3 +132,17 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def read_json_object(path: Path, limit: int = 1 << 20) -> dict:
+    """A JSON object from ``path`` (at most ``limit`` bytes read); {} when it is missing, not a
+    regular file (a FIFO is not waited on), a link (never followed), or not a JSON object."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as inp:
+            if not stat.S_ISREG(os.fstat(inp.fileno()).st_mode):
+                return {}
+            loaded = json.loads(inp.read(limit) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}

@@ -7,11 +7,9 @@ so a link or a FIFO the student planted can only lead to the student's own files
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
-from .files import write_atomic
+from .files import read_json_object, write_atomic
 
 JUPYTER_CONFIG = Path(".jupyter") / "jupyter_server_config.json"
 PROFILE = Path(".ipython") / "profile_default"
@@ -20,16 +18,7 @@ MAX_CONFIG = 1 << 20  # bytes of an existing Jupyter config read
 
 def read_config(path: Path) -> dict:
     """The student's Jupyter config as a dict; {} when it is missing, not a file or not JSON."""
-    try:
-        # Non-blocking and no symlink: a FIFO or a link planted there is not followed.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as inp:
-            if not stat.S_ISREG(os.fstat(inp.fileno()).st_mode):
-                return {}
-            loaded = json.loads(inp.read(MAX_CONFIG) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+    return read_json_object(path, MAX_CONFIG)
 
 
 def write_student_files(home: str, hashed: str | None, profile: dict[str, str]) -> list[str]:

@@ -32,7 +32,7 @@ from ..core.launchplan import (
     socket_dir,
 )
 from ..core.settings import Settings
-from .files import write_atomic
+from .files import read_json_object, write_atomic
 from .system import dry_run
 from .workers import as_user, as_users
 
@@ -160,27 +160,15 @@ def ensure_lab_settings(settings: Settings) -> Path:
     os.close(_open_run_dir(settings))
     os.close(_root_dir(None, str(folder), 0o755))
     installed = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings"
-    overrides = _read_json(installed / "overrides.json")
+    overrides = read_json_object(installed / "overrides.json", MAX_SETTINGS)
     for plugin, values in LAB_OVERRIDES.items():
         section = overrides.get(plugin)
         overrides[plugin] = {**(section if isinstance(section, dict) else {}), **values}
     write_atomic(folder / "overrides.json", json.dumps(overrides, indent=2) + "\n", mode=0o644)
-    page_config = _read_json(installed / "page_config.json")
+    page_config = read_json_object(installed / "page_config.json", MAX_SETTINGS)
     if page_config:
         write_atomic(folder / "page_config.json", json.dumps(page_config) + "\n", mode=0o644)
     return folder
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as inp:
-            if not stat.S_ISREG(os.fstat(inp.fileno()).st_mode):
-                return {}
-            loaded = json.loads(inp.read(MAX_SETTINGS) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def prepare_socket_dir(settings: Settings, pw: pwd.struct_passwd) -> Path:
