@@ -54,7 +54,7 @@ from ..core.addresses import (
 from ..core.errors import EXIT_PARTIAL, ClassroomError, InvalidInput
 from ..core.settings import Settings
 from . import proxy
-from .portal_pages import LEAD, SECURITY_HEADERS, csp, form, note, render
+from .portal_pages import LEAD, csp, form, note, render, security_headers
 
 log = logging.getLogger("classroom")
 
@@ -132,10 +132,7 @@ class Handler(tornado.web.RequestHandler):
         self.portal = portal
 
     def set_default_headers(self) -> None:
-        self.clear_header("Server")
-        for name, value in SECURITY_HEADERS.items():
-            self.set_header(name, value)
-        self.set_header("Content-Security-Policy", csp())
+        security_headers(self)
 
     def decode_argument(self, value: bytes, name: str | None = None) -> str:
         # Undecodable bytes are just a username that does not exist (404), not a 400.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+from typing import Any
 
 from ..core.addresses import MAX_INPUT
 
@@ -133,6 +134,15 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), interest-cohort=()",
     "Cache-Control": "no-store",
 }
+
+
+def security_headers(handler: Any, referrer: str = "no-referrer") -> None:
+    """Every answer of the portal's own: the headers above, the CSP, no ``Server``."""
+    handler.clear_header("Server")
+    for name, value in SECURITY_HEADERS.items():
+        handler.set_header(name, value)
+    handler.set_header("Referrer-Policy", referrer)
+    handler.set_header("Content-Security-Policy", csp())
 
 
 def csp(form_target: str = "") -> str:

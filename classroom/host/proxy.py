@@ -56,10 +56,10 @@ from .portal_pages import (
     LOGIN_LEAD,
     MAX_PASSWORD,
     SECURITY_HEADERS,
-    csp,
     login_form,
     note,
     render,
+    security_headers,
     signed_in,
 )
 from .server import peer_uid
@@ -168,11 +168,7 @@ class PageHandler(tornado.web.RequestHandler):
         self.gate = gate
 
     def set_default_headers(self) -> None:
-        self.clear_header("Server")
-        for name, value in SECURITY_HEADERS.items():
-            self.set_header(name, value)
-        self.set_header("Referrer-Policy", REFERRER)
-        self.set_header("Content-Security-Policy", csp())
+        security_headers(self, referrer=REFERRER)
 
     def check_xsrf_cookie(self) -> None:  # the Origin checks below do this job
         return None
