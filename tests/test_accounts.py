@@ -356,6 +356,24 @@ def test_setup_killed_halfway_then_rerun(make_course):
     assert "nothing to do" in again.stdout
 
 
+def test_setup_waits_for_a_useradd_that_a_killed_run_left_running(make_course, tmp_path):
+    """setup killed outright leaves its useradd running (account tools are never killed
+    half-way); the next setup waits for it instead of racing it ("user already exists")."""
+    course = make_course(2)
+    orphan_tool = tmp_path / "useradd"  # a process named useradd, for the student, for 8 s
+    orphan_tool.write_text('#!/bin/sh\nsleep "$1"\n')
+    orphan_tool.chmod(0o755)
+    orphan = subprocess.Popen([str(orphan_tool), "8", course.usernames[1]])
+    try:
+        r = course.run("setup")
+        finished = orphan.poll()
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert finished is not None, "setup went on while a useradd for that student still ran"
+
+
 def test_credentials_csv_header(ready_course):
     with open(ready_course.state_dir / "credentials.csv", newline="") as f:
         reader = csv.reader(f)

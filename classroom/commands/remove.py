@@ -18,7 +18,15 @@ import click
 from ..core.errors import Refused, StepFailed
 from ..host import credentials, interrupts, leftovers, limits, sessions
 from ..host import kernels as kernel_server
-from ..host.accounts import FOREIGN, MISSING, OK, Account, delete_account, inspect
+from ..host.accounts import (
+    FOREIGN,
+    MISSING,
+    OK,
+    Account,
+    delete_account,
+    inspect,
+    wait_for_account_tools,
+)
 from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
 from ..host.leftovers import SHARED_TMP
@@ -44,6 +52,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     report = course.report("remove")
     students = course.students(only, dropped=True)
     report.expect(st.username for st in students)
+    wait_for_account_tools({st.username for st in students} | {s.group}, "remove")
     accounts = [inspect(course, st) for st in students]
     foreign = [a for a in accounts if a.kind == FOREIGN]
     if foreign:

@@ -31,6 +31,7 @@ from ..host.accounts import (
     inspect,
     set_passwords,
     useradd_argv,
+    wait_for_account_tools,
 )
 from ..host.files import world_readable_chain, write_atomic
 from ..host.homefiles import write_student_files
@@ -156,6 +157,7 @@ def setup(
     group = check_group(course)
     students = course.students(only)
     report.expect(st.username for st in students)
+    wait_for_account_tools({st.username for st in students} | {course.settings.group}, "setup")
     accounts = [inspect(course, st) for st in students]
     warn_dropped(course)
     if dry_run():

@@ -18,12 +18,15 @@ import os
 import pwd
 import random
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import InvalidInput, StepFailed
+import psutil
+
+from ..core.errors import InvalidInput, Refused, StepFailed
 from ..core.roster import Student
 from ..core.secret import Secret
 from ..core.sizes import human_size
@@ -62,6 +65,36 @@ class Change:
 
 
 # --- ownership --------------------------------------------------------------------------------
+
+
+ACCOUNT_TOOLS = ("useradd", "groupadd", "usermod", "gpasswd", "userdel", "groupdel")
+TOOLS_WAIT = 60.0  # seconds to wait for an account tool a killed run left running
+
+
+def wait_for_account_tools(names: set[str], command: str, timeout: float = TOOLS_WAIT) -> None:
+    """Wait until no account tool that names one of ``names`` (a student, the course
+    group) is running; ``Refused`` (nothing changed) if one still runs after ``timeout``.
+
+    A run of setup or remove killed outright (SIGKILL) leaves its ``useradd`` running
+    (never killed half-way, by design): the next run must see what it made, not race it.
+    """
+
+    def running() -> list[str]:
+        found = []
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            argv = proc.info["cmdline"] or []
+            if proc.info["name"] in ACCOUNT_TOOLS and names & set(argv):
+                found.append(f"{proc.pid} {' '.join(argv)[:200]}")
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (left := running()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        raise Refused(
+            f"{command} refused, nothing was changed: account tools of an interrupted run are "
+            f"still running ({'; '.join(left)}); wait for them, then run {command} again"
+        )
 
 
 def inspect(course: Any, student: Student) -> Account:
