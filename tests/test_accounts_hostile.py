@@ -296,6 +296,55 @@ def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
         subprocess.run(["groupdel", squatter], check=False)
 
 
+def test_remove_leaves_alone_a_uid_given_out_again_meanwhile(ready_course, monkeypatch):
+    """Between userdel and remove's last sweep (processes, files in /tmp), another program
+    (another course's setup) may give the freed uid to a new account: what that account
+    runs and owns is not the removed student's, and stays."""
+    from click.testing import CliRunner
+
+    from classroom import cli
+    from classroom.commands import remove as remove_command
+
+    course = ready_course
+    u = course.usernames[0]
+    uid = course.pw(u).pw_uid
+    newcomer = random_name("tn")
+    course.extra_users.append(newcomer)
+    real_delete = remove_command.delete_account
+    held: dict = {}
+
+    def delete_then_reuse(course_, account):
+        real_delete(course_, account)
+        if account.username != u:
+            return
+        subprocess.run(
+            ["useradd", "-u", str(uid), "-M", "-d", "/nonexistent", newcomer], check=True
+        )
+        gid = pwd.getpwnam(newcomer).pw_gid
+        held["proc"] = subprocess.Popen(
+            ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "sleep", "120"]
+        )
+        held["file"] = Path("/tmp") / f".{newcomer}-file"
+        held["file"].write_text("the newcomer's\n")
+        os.chown(held["file"], uid, gid)
+
+    monkeypatch.setattr(remove_command, "delete_account", delete_then_reuse)
+    try:
+        result = CliRunner().invoke(
+            cli.cli, ["remove", str(course.config), "--yes"], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+        assert "proc" in held, "the student was not deleted"
+        assert held["proc"].poll() is None, "remove killed a process of the uid's new account"
+        assert held["file"].exists(), "remove deleted a file of the uid's new account"
+    finally:
+        if "proc" in held:
+            held["proc"].kill()
+            held["proc"].wait()
+        if "file" in held:
+            held["file"].unlink(missing_ok=True)
+
+
 # --- issue 16, item 1 (SPEC 6.11 rule 11): nothing of a removed student lives on -----------
 
 # Forks and exits at once, for ever, in a session of its own: a scan of /proc never sees the

@@ -25,6 +25,7 @@ from ..host.accounts import (
     Account,
     delete_account,
     inspect,
+    uid_taken,
     wait_for_account_tools,
 )
 from ..host.accounts import remove_group_if_empty as remove_group
@@ -88,6 +89,7 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
         s.state_dir / "credentials.csv", {}, drop=removed | {a.username for a in gone}
     )
     uids = {a.pw.pw_uid for a in present if a.username in removed and a.pw is not None}
+    uids = {uid for uid in uids if not uid_taken(uid)}  # a uid given out again is not theirs
     left = leftovers.delete_owned(uids, groups)
     if left:
         report.note(f"{left} file(s) and folder(s) of theirs deleted in {', '.join(SHARED_TMP)}")
@@ -216,8 +218,11 @@ def remove_accounts(course: Course, report: Report, present: list[Account]) -> N
                     with course.state.transaction():
                         course.state.forget_account(a.username)
                         course.state.record("remove", a.username, "removed", detail)
-                    # and after it: nothing of that uid outlives the account
-                    survivors = kill_every_process_of(ids)[a.pw.pw_uid]
+                    # and after it: nothing of that uid outlives the account (unless the
+                    # uid already went to a new account elsewhere: then it is theirs)
+                    survivors = []
+                    if not uid_taken(a.pw.pw_uid):
+                        survivors = kill_every_process_of(ids)[a.pw.pw_uid]
                     # its cgroup (``[limits]``) goes with it; what is left there is SIGKILLed
                     released = dry_run() or limits.release(s.name, a.username)
                 if survivors:

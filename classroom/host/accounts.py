@@ -97,6 +97,16 @@ def wait_for_account_tools(names: set[str], command: str, timeout: float = TOOLS
         )
 
 
+def uid_taken(uid: int) -> bool:
+    """Whether an account has ``uid`` now: after userdel, another program (another
+    course's setup) may already have given it out, and what it runs is not ours to kill."""
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
 def inspect(course: Any, student: Student) -> Account:
     """Classify a student's account: the course's own (ok), missing, or foreign (never touched)."""
     defs = login_defs()
