@@ -573,33 +573,6 @@ def test_send_is_not_stalled_by_a_student_who_stops_the_worker(ready_course):
 # --- 8. rule 15: nothing of a student's reaches the teacher's terminal raw --------------------
 
 ESCAPES = "\x1b]0;pwned\x07\x1b[2K\x1b[1A started"
-NOISY_CONFIG = """\
-import os, sys
-for out in (sys.stdout, sys.stderr):
-    out.write("\\x1b[31mError\\x1b[0m: {escapes}\\n{escapes}\\n")
-    out.flush()
-os._exit(1)
-""".format(escapes=ESCAPES.encode("unicode_escape").decode())
-
-
-@MODES
-def test_failed_start_shows_no_escape_sequences(make_course, mode):
-    course = make_course(1)
-    assert course.run("setup", "--yes").returncode == 0
-    course.write_config(launch={"app": "server", "start_mode": mode, "start_timeout": "30"})
-    u = course.usernames[0]
-    write_as(course, u, ".jupyter/jupyter_server_config.py", NOISY_CONFIG)
-    try:
-        r = run_bounded(course, "launch", "--no-portal", bound=120)
-        assert r.returncode == 1, r.text
-        assert failed_line(r.text, u), r.text
-        for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
-            assert not control_chars(data), (
-                f"launch's {name} carries the student's control characters "
-                f"{control_chars(data)}: {data!r}"
-            )
-    finally:
-        shutdown_quietly(course)
 
 
 MAKE_NAMES = r"""

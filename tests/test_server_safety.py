@@ -27,6 +27,7 @@ from conftest import (
     NOTEBOOKS,
     PYTHON,
     control_chars,
+    failed_line,
     login,
     needs_root,
     proc_env,
@@ -45,19 +46,28 @@ from classroom.host.ports import ipv6_available, port_free
 MODES = pytest.mark.parametrize("mode", ["fork", "exec"])
 
 
-def run_notebooks(course, *args: str, prefix: tuple[str, ...] = (), env: dict | None = None):
-    """``notebooks.py COMMAND CONFIG ...`` as a teacher runs it (optionally under ``prefix``)."""
+def run_notebooks(
+    course,
+    *args: str,
+    prefix: tuple[str, ...] = (),
+    env: dict | None = None,
+    timeout: float = 300,
+):
+    """``notebooks.py COMMAND CONFIG ...`` as a teacher runs it (optionally under ``prefix``);
+    a traceback on its stderr fails the test."""
     full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
     full_env.update(env or {})
     command, *rest = args
-    return subprocess.run(
+    r = subprocess.run(
         [*prefix, PYTHON, str(NOTEBOOKS), command, str(course.config), *rest],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=full_env,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
+    assert b"Traceback" not in r.stderr, text_of(r)
+    return r
 
 
 def run_code(code: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -235,9 +245,15 @@ def test_helpers_that_become_a_student_get_a_keyring_of_their_own():
 
 # --- rule 15 and issue 15.7: a failed start quotes its own log line, made printable -------------
 
+# On both stdout and stderr, over two lines: OSC (retitle), CSI (erase, cursor up, colour),
+# a C1 CSI; the tagged line on stderr is the last telling one, the one a failure quotes.
+ESCAPES = "\\x1b]0;pwned\\x07\\x1b[2K\\x1b[1A started"
 NOISY = """\
 import os, sys
+sys.stdout.write("\\x1b[31mError\\x1b[0m: {escapes}\\n{escapes}\\n")
+sys.stdout.flush()
 sys.stderr.write("\\x1b]0;pwned\\x07\\x1b[2K\\x1b[1A\\x1b[31mError\\x1b[0m: {tag} \\u009b2J\\n")
+sys.stderr.write("{escapes}\\n")
 sys.stderr.flush()
 os._exit(1)
 """
@@ -252,10 +268,12 @@ def test_failed_start_quotes_only_this_start_and_no_escape_sequences(make_course
     course.write_config(launch={"app": "server", "start_mode": mode, "start_timeout": "30"})
     u = course.usernames[0]
     tag = uuid.uuid4().hex[:8]
-    write_as(course, u, ".jupyter/jupyter_server_config.py", NOISY.format(tag=tag))
+    noisy = NOISY.format(tag=tag, escapes=ESCAPES)
+    write_as(course, u, ".jupyter/jupyter_server_config.py", noisy)
     try:
-        r = run_notebooks(course, "launch", "--no-portal")
+        r = run_notebooks(course, "launch", "--no-portal", timeout=120)
         assert r.returncode == 1, text_of(r)
+        assert failed_line(text_of(r), u), text_of(r)
         assert re.search(rf"{u}: .*its log says: Error: {tag}", text_of(r)), text_of(r)
         for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
             found = control_chars(data, allowed="\n")
@@ -263,7 +281,7 @@ def test_failed_start_quotes_only_this_start_and_no_escape_sequences(make_course
 
         # the next start fails without a word: the earlier run's line is not its reason
         write_as(course, u, ".jupyter/jupyter_server_config.py", SILENT)
-        again = run_notebooks(course, "launch", "--no-portal")
+        again = run_notebooks(course, "launch", "--no-portal", timeout=120)
         assert again.returncode == 1, text_of(again)
         assert re.search(rf"{u}: .*stopped before it answered", text_of(again)), text_of(again)
         assert tag not in text_of(again), f"an earlier run's log line quoted:\n{text_of(again)}"
