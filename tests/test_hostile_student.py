@@ -538,24 +538,6 @@ def test_retrieve_is_not_stalled_by_a_student_who_stops_the_reader(ready_course)
     assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
 
 
-def test_launch_is_not_stalled_by_a_student_who_stops_the_preparation(ready_course):
-    course = ready_course
-    staller, other = course.usernames  # the staller comes first in the roster
-    course.write_config(launch={"app": "server", "start_timeout": "20"})
-    try:
-        with stopper(course, staller):
-            r = run_bounded(course, "launch", "--no-portal", env={DEADLINE_ENV: "5"}, bound=45)
-        assert r.returncode == 1, r.text
-        assert failed_line(r.text, staller), r.text
-        st = run_bounded(course, "status", "--json", bound=60)
-        rows = {row["username"]: row for row in json.loads(st.stdout)}
-        assert rows[other]["server"] == "running", rows
-        url = f"http://127.0.0.1:{rows[other]['port']}/user/{other}/api"
-        assert requests.get(url, timeout=10).ok
-    finally:
-        shutdown_quietly(course)
-
-
 def test_send_is_not_stalled_by_a_student_who_stops_the_worker(ready_course):
     course = ready_course
     staller, other = course.usernames
