@@ -50,7 +50,6 @@ from students import (
     kill_uid,
     processes_of_uid,
     run_as_student,
-    squatting,
     stopper,
     student_ids,
     write_as,
@@ -316,38 +315,6 @@ def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course):
         )
     finally:
         stop_session(launch)
-        shutdown_quietly(course)
-
-
-def test_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
-    """A port a student holds on IPv6 only is in use: check warns, launch does not hand it out."""
-    if not ipv6_available():
-        pytest.skip("this host has no IPv6")
-    course = ready_course
-    course.write_config(launch={"app": "server", "ip": "0.0.0.0"})
-    squatter = course.usernames[0]
-    first = int(course.sections["launch"]["first_port"])
-    portal_port = int(course.sections["launch"]["portal_port"])
-    try:
-        with squatting(course, squatter, first, portal_port) as held:
-            assert held == {str(first): "bound", str(portal_port): "bound"}, held
-            check = run_bounded(course, "check", bound=120)
-            text = check.text
-            assert "ipv6" in text.lower(), f"check does not say how IPv6 is handled:\n{text}"
-            assert re.search(rf"\b{portal_port}\b.*in use", text), text
-            assert re.search(rf"\b{first}\b", text), (
-                f"check missed port {first} held on IPv6:\n{text}"
-            )
-
-            r = run_bounded(course, "launch", "--no-portal", bound=120)
-            assert r.returncode == 0, r.text
-            st = run_bounded(course, "status", "--json", bound=60)
-            rows = json.loads(st.stdout)
-            assert all(row["server"] == "running" for row in rows), rows
-            assert first not in {row["port"] for row in rows}, (
-                f"port {first} went to a student although another holds it on IPv6: {rows}"
-            )
-    finally:
         shutdown_quietly(course)
 
 

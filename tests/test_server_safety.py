@@ -362,12 +362,12 @@ def test_a_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
     try:
         with squatting(course, squatter, first, portal_port) as held:
             assert held == {str(first): "bound", str(portal_port): "bound"}, held
-            check = course.run("check")
+            check = course.run("check", timeout=120)
             assert "IPv4 and IPv6" in check.stdout, check.stdout
             assert re.search(rf"port {portal_port} is in use", check.stdout), check.stdout
             assert re.search(rf"students' range \({first}\b", check.stdout), check.stdout
 
-            r = course.run("launch", "--no-portal")
+            r = course.run("launch", "--no-portal", timeout=120)
             assert r.returncode == 0, r.stdout + r.stderr
             rows = status(course)
             assert all(row["server"] == "running" for row in rows.values()), rows
