@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import json
 import os
 import pwd
@@ -30,7 +29,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import requests
 from conftest import (
     NOTEBOOKS,
     PYTHON,
@@ -41,12 +39,10 @@ from conftest import (
     random_name,
     roots_files,
     snapshots,
-    stop_session,
 )
 from students import (
     FLOOD,
     HOSTILE_NAMES,
-    SQUAT,
     kill_uid,
     processes_of_uid,
     run_as_student,
@@ -261,61 +257,6 @@ def test_remove_deletes_what_the_student_owns_in_tmp(ready_course):
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
-
-
-# --- 2. rule 12: no IPv6 squatting where ip is a wildcard ----------------------------------------
-
-
-def ipv6_available() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def wait_for_portal(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, "launch ended before its portal answered"
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    pytest.fail(f"the portal did not answer on port {port} within {timeout} s")
-
-
-def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course):
-    """With ip = 0.0.0.0 a student cannot bind [::]:PORT (IPv6 only) on a class port."""
-    if not ipv6_available():
-        pytest.skip("this host has no IPv6")
-    course = ready_course
-    course.write_config(launch={"app": "server", "ip": "0.0.0.0"})
-    squatter, victim = course.usernames
-    portal_port = int(course.sections["launch"]["portal_port"])
-    launch = subprocess.Popen(
-        [PYTHON, str(NOTEBOOKS), "launch", str(course.config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_portal(portal_port, launch)
-        r = run_bounded(course, "status", "--json", bound=60)
-        rows = {row["username"]: row for row in json.loads(r.stdout)}
-        assert rows[victim]["server"] == "running", rows
-        ports = [portal_port, rows[victim]["port"]]
-        tried = json.loads(run_as_student(course, squatter, SQUAT, "try", *map(str, ports)))
-        assert tried == {str(p): errno.EADDRINUSE for p in ports}, (
-            f"a student bound [::] (IPv6 only) on the class's ports {ports}: {tried}"
-        )
-    finally:
-        stop_session(launch)
-        shutdown_quietly(course)
 
 
 # --- 3. rule 13: no session keyring of root's --------------------------------------------------

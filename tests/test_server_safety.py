@@ -338,9 +338,12 @@ def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course, mode):
             time.sleep(0.3)
         else:
             pytest.fail("the portal does not answer on IPv6")
+        healthz = requests.get(f"http://127.0.0.1:{portal_port}/healthz", timeout=5)
+        assert healthz.status_code == 200, "the portal does not answer on IPv4"
         row = status(course)[victim]
         assert row["server"] == "running", row
-        assert requests.get(f"http://[::1]:{row['port']}/user/{victim}/api", timeout=5).ok
+        for host in ("[::1]", "127.0.0.1"):
+            assert requests.get(f"http://{host}:{row['port']}/user/{victim}/api", timeout=5).ok
         ports = [portal_port, row["port"]]
         out = run_as_student(course, squatter, SQUAT, "try", *map(str, ports), timeout=60)
         assert json.loads(out) == {str(p): errno.EADDRINUSE for p in ports}, (
