@@ -27,17 +27,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import (
     NOTEBOOKS,
     PYTHON,
     control_chars,
     failed_line,
-    login,
     needs_root,
     random_name,
-    roots_files,
     snapshots,
 )
 from students import (
@@ -257,124 +254,6 @@ def test_remove_deletes_what_the_student_owns_in_tmp(ready_course):
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
-
-
-# --- 3. rule 13: no session keyring of root's --------------------------------------------------
-
-KEYRING_PROBE = """\
-import os, subprocess
-out = []
-try:
-    with open("/proc/keys") as f:
-        out.append(f.read())
-except OSError as exc:
-    out.append(f"/proc/keys: {{exc}}")
-for args in (["show", "@s"], ["print", "%user:{desc}"]):
-    try:
-        r = subprocess.run(["{keyctl}", *args], capture_output=True, text=True, timeout=20)
-        # only what keyctl found: its error for a missing key names the key it looked for
-        out.append(r.stdout if r.returncode == 0 else f"keyctl {{args[0]}}: not found")
-    except Exception as exc:
-        out.append(repr(exc))
-with open(os.path.join(os.path.expanduser("~"), "keyring-probe.txt"), "w") as f:
-    f.write("\\n".join(out))
-"""
-
-
-@MODES
-def test_teachers_session_keyring_does_not_reach_servers(make_course, mode):
-    keyctl = shutil.which("keyctl")
-    if keyctl is None:
-        pytest.fail("keyctl is missing: install Debian keyutils (scripts/install.sh --test)")
-    course = make_course(1)
-    assert course.run("setup", "--yes").returncode == 0
-    course.write_config(launch={"app": "server", "start_mode": mode})
-    u = course.usernames[0]
-    desc, secret = f"teacher-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
-    write_as(
-        course,
-        u,
-        ".jupyter/jupyter_server_config.py",
-        KEYRING_PROBE.format(desc=desc, keyctl=keyctl),
-    )
-    # the teacher's session: a keyring that holds a key (as login, su -l or sudo keep it)
-    add_then_run = 'keyctl add user "$1" "$2" @s >/dev/null || exit 99; shift 2; exec "$@"'
-    prefix = (keyctl, "session", "-", "sh", "-c", add_then_run, "sh", desc, secret)
-    try:
-        r = run_bounded(course, "launch", "--no-portal", bound=120, prefix=prefix)
-        assert r.returncode == 0, r.text
-        probe = course.home(u) / "keyring-probe.txt"
-        assert probe.exists(), "the student's config did not run"
-        seen = probe.read_text()
-        assert desc not in seen and secret not in seen, (
-            f"the student's server ({mode} mode) sees the teacher's session keyring:\n{seen}"
-        )
-    finally:
-        shutdown_quietly(course)
-
-
-# --- 7. rule 13: no descriptor of root's (the server's log) -------------------------------------
-
-FD_PROBE = """\
-import json, os, stat
-info = {}
-for fd in (0, 1, 2):
-    try:
-        st = os.fstat(fd)
-        info[fd] = {"uid": st.st_uid, "regular": stat.S_ISREG(st.st_mode)}
-    except OSError as exc:
-        info[fd] = {"error": str(exc)}
-with open(os.path.join(os.path.expanduser("~"), "fd-probe.json"), "w") as f:
-    json.dump(info, f)
-"""
-
-
-@MODES
-def test_server_and_kernels_hold_no_root_owned_log(make_course, mode):
-    course = make_course(1)
-    assert course.run("setup", "--yes").returncode == 0
-    # kernels as Jupyter starts them (the server's children); forked ones: test_kernels.py
-    course.write_config(launch={"app": "server", "start_mode": mode, "kernel_mode": "exec"})
-    u = course.usernames[0]
-    write_as(course, u, ".jupyter/jupyter_server_config.py", FD_PROBE)
-    try:
-        r = run_bounded(course, "launch", "--no-portal", bound=120)
-        assert r.returncode == 0, r.text
-        # what the student's own code sees on its stdout and stderr
-        probe = json.loads((course.home(u) / "fd-probe.json").read_text())
-        for fd in ("1", "2"):
-            info = probe[fd]
-            assert not (info.get("regular") and info.get("uid") == 0), (
-                f"{mode} mode: the student's server writes fd {fd} straight into a root-owned "
-                f"file (it could truncate or fill it): {probe}"
-            )
-        st = run_bounded(course, "status", "--json", bound=60)
-        row = json.loads(st.stdout)[0]
-        pid, port = row["pid"], row["port"]
-        assert not roots_files(pid), f"the server holds root's files: {roots_files(pid)}"
-        # a kernel, started as the student would
-        password = course.credentials()[u]["notebook_password"]
-        session = login(port, password, f"/user/{u}/")  # every server's base URL
-        made = session.post(
-            f"http://127.0.0.1:{port}/user/{u}/api/kernels", json={"name": "python3"}
-        )
-        assert made.status_code == 201, made.text[:300]
-        uid = course.pw(u).pw_uid
-        kernels: list[psutil.Process] = []
-        end = time.monotonic() + 60
-        while not kernels and time.monotonic() < end:
-            with contextlib.suppress(psutil.Error):
-                kernels = [
-                    p
-                    for p in psutil.Process(pid).children(recursive=True)
-                    if p.uids().real == uid and "ipykernel" in " ".join(p.cmdline())
-                ]
-            time.sleep(0.3)
-        assert kernels, "no kernel process appeared"
-        for k in kernels:
-            assert not roots_files(k.pid), f"the kernel holds root's files: {roots_files(k.pid)}"
-    finally:
-        shutdown_quietly(course)
 
 
 # --- 4. rule 14: retrieve is bounded whatever the home holds -----------------------------------

@@ -171,14 +171,16 @@ def a_kernel(port: int, base: str, password: str, server_pid: int, uid: int) -> 
 
 @needs_root
 @MODES
-def test_nothing_of_roots_reaches_the_server(make_course, mode):
+@pytest.mark.parametrize("kernel_mode", ["fork", "exec"])
+def test_nothing_of_roots_reaches_the_server(make_course, mode, kernel_mode):
     """Launch from a teacher's session that holds a key, with a secret in root's environment:
-    the student's config sees neither, and its stdout/stderr are no file of root's."""
+    the student's config sees neither, and its stdout/stderr are no file of root's; nor are
+    a kernel's, forked from the kernel server or started by Jupyter (the server's child)."""
     keyctl = shutil.which("keyctl")
     assert keyctl, "keyctl is missing: install Debian keyutils (scripts/install.sh --test)"
     course = make_course(1)
     assert course.run("setup", "--yes").returncode == 0
-    course.write_config(launch={"app": "server", "start_mode": mode})
+    course.write_config(launch={"app": "server", "start_mode": mode, "kernel_mode": kernel_mode})
     u = course.usernames[0]
     desc, secret = f"teacher-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
     write_as(
@@ -188,7 +190,7 @@ def test_nothing_of_roots_reaches_the_server(make_course, mode):
     prefix = (keyctl, "session", "-", "sh", "-c", add_then_run, "sh", desc, secret)
     env = {"KRB5CCNAME": f"FILE:/tmp/krb5cc_{secret}", "SSH_AUTH_SOCK": f"/tmp/{secret}"}
     try:
-        r = run_notebooks(course, "launch", "--no-portal", prefix=prefix, env=env)
+        r = run_notebooks(course, "launch", "--no-portal", prefix=prefix, env=env, timeout=120)
         assert r.returncode == 0, text_of(r)
         probe = json.loads((course.home(u) / "roots-probe.json").read_text())
         assert desc not in probe["keys"] and secret not in probe["keys"], (
@@ -209,7 +211,9 @@ def test_nothing_of_roots_reaches_the_server(make_course, mode):
         assert not roots_files(pid), f"the server holds root's files: {roots_files(pid)}"
         password = course.credentials()[u]["notebook_password"]
         kernel = a_kernel(port, f"/user/{u}/", password, pid, course.pw(u).pw_uid)
-        assert not roots_files(kernel.pid), f"the kernel holds {roots_files(kernel.pid)}"
+        assert not roots_files(kernel.pid), (
+            f"{kernel_mode} kernel: it holds {roots_files(kernel.pid)}"
+        )
         assert secret not in json.dumps(proc_env(kernel.pid))
     finally:
         course.run("shutdown")
