@@ -1,65 +1,41 @@
-"""Issue 16: what a hostile student found (SPEC §6.11, rules 11-15), tried as the student would.
+"""Issue 16: what a hostile student found (SPEC §6.11 rule 11), tried as the student would.
 
 Each test drives the tool through its command line as a teacher does, on a throw-away
 course with real random accounts (see conftest), and acts as the student: code runs in a
 child that has setuid() to the student's uid (never one of the host's real users).
 
-Deadlines: SPEC rule 14 gives each student's part of setup, send, launch and retrieve an
-overall deadline but names no setting for it. The stall tests set it small through the
-environment variable ``CLASSROOM_STUDENT_DEADLINE`` (seconds; proposed here, see
-``DEADLINE_ENV``) and give the whole command a bound well below the defaults the tool
-had (600 s for as_user, 300 s for the retrieve reader).
+Rules 12-15 (IPv6 squatting, nothing of root's in a server, stalls, escape sequences) are
+tried in test_server_safety.py and test_send_retrieve_attacks.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import errno
-import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import subprocess
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
-import psutil
 import pytest
-import requests
 from conftest import (
     NOTEBOOKS,
     PYTHON,
     control_chars,
-    failed_line,
-    login,
     needs_root,
     random_name,
-    roots_files,
-    snapshots,
-    stop_session,
 )
 from students import (
-    FLOOD,
-    HOSTILE_NAMES,
-    SQUAT,
     kill_uid,
     processes_of_uid,
     run_as_student,
-    squatting,
-    stopper,
     student_ids,
-    write_as,
 )
 
 pytestmark = [pytest.mark.root, needs_root]
-
-DEADLINE_ENV = "CLASSROOM_STUDENT_DEADLINE"  # proposed knob: each student's overall deadline (s)
-MODES = pytest.mark.parametrize("mode", ["fork", "exec"])
 
 
 # --- helpers: the teacher's commands, each with a bound ---------------------------------------
@@ -81,15 +57,12 @@ def run_bounded(
     command: str,
     *args: str,
     bound: float,
-    env: dict | None = None,
-    prefix: tuple[str, ...] = (),
 ) -> Result:
     """``notebooks.py COMMAND CONFIG ARGS`` as a teacher runs it; fails the test if it is
     still running after ``bound`` seconds (and then kills it and what it started)."""
     full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
-    full_env.update(env or {})
     proc = subprocess.Popen(
-        [*prefix, PYTHON, str(NOTEBOOKS), command, str(course.config), *args],
+        [PYTHON, str(NOTEBOOKS), command, str(course.config), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -110,11 +83,6 @@ def run_bounded(
     result = Result(proc.returncode, out, err)
     assert b"Traceback" not in err, result.text
     return result
-
-
-def shutdown_quietly(course) -> None:
-    with contextlib.suppress(Exception):
-        run_bounded(course, "shutdown", bound=120)
 
 
 # --- 1. rule 11: remove leaves nothing of the student running, and no uid to inherit -----------
@@ -264,390 +232,14 @@ def test_remove_deletes_what_the_student_owns_in_tmp(ready_course):
                     os.unlink(p)
 
 
-# --- 2. rule 12: no IPv6 squatting where ip is a wildcard ----------------------------------------
-
-
-def ipv6_available() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def wait_for_portal(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, "launch ended before its portal answered"
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    pytest.fail(f"the portal did not answer on port {port} within {timeout} s")
-
-
-def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course):
-    """With ip = 0.0.0.0 a student cannot bind [::]:PORT (IPv6 only) on a class port."""
-    if not ipv6_available():
-        pytest.skip("this host has no IPv6")
-    course = ready_course
-    course.write_config(launch={"app": "server", "ip": "0.0.0.0"})
-    squatter, victim = course.usernames
-    portal_port = int(course.sections["launch"]["portal_port"])
-    launch = subprocess.Popen(
-        [PYTHON, str(NOTEBOOKS), "launch", str(course.config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_portal(portal_port, launch)
-        r = run_bounded(course, "status", "--json", bound=60)
-        rows = {row["username"]: row for row in json.loads(r.stdout)}
-        assert rows[victim]["server"] == "running", rows
-        ports = [portal_port, rows[victim]["port"]]
-        tried = json.loads(run_as_student(course, squatter, SQUAT, "try", *map(str, ports)))
-        assert tried == {str(p): errno.EADDRINUSE for p in ports}, (
-            f"a student bound [::] (IPv6 only) on the class's ports {ports}: {tried}"
-        )
-    finally:
-        stop_session(launch)
-        shutdown_quietly(course)
-
-
-def test_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
-    """A port a student holds on IPv6 only is in use: check warns, launch does not hand it out."""
-    if not ipv6_available():
-        pytest.skip("this host has no IPv6")
-    course = ready_course
-    course.write_config(launch={"app": "server", "ip": "0.0.0.0"})
-    squatter = course.usernames[0]
-    first = int(course.sections["launch"]["first_port"])
-    portal_port = int(course.sections["launch"]["portal_port"])
-    try:
-        with squatting(course, squatter, first, portal_port) as held:
-            assert held == {str(first): "bound", str(portal_port): "bound"}, held
-            check = run_bounded(course, "check", bound=120)
-            text = check.text
-            assert "ipv6" in text.lower(), f"check does not say how IPv6 is handled:\n{text}"
-            assert re.search(rf"\b{portal_port}\b.*in use", text), text
-            assert re.search(rf"\b{first}\b", text), (
-                f"check missed port {first} held on IPv6:\n{text}"
-            )
-
-            r = run_bounded(course, "launch", "--no-portal", bound=120)
-            assert r.returncode == 0, r.text
-            st = run_bounded(course, "status", "--json", bound=60)
-            rows = json.loads(st.stdout)
-            assert all(row["server"] == "running" for row in rows), rows
-            assert first not in {row["port"] for row in rows}, (
-                f"port {first} went to a student although another holds it on IPv6: {rows}"
-            )
-    finally:
-        shutdown_quietly(course)
-
-
-# --- 3. rule 13: no session keyring of root's --------------------------------------------------
-
-KEYRING_PROBE = """\
-import os, subprocess
-out = []
-try:
-    with open("/proc/keys") as f:
-        out.append(f.read())
-except OSError as exc:
-    out.append(f"/proc/keys: {{exc}}")
-for args in (["show", "@s"], ["print", "%user:{desc}"]):
-    try:
-        r = subprocess.run(["{keyctl}", *args], capture_output=True, text=True, timeout=20)
-        # only what keyctl found: its error for a missing key names the key it looked for
-        out.append(r.stdout if r.returncode == 0 else f"keyctl {{args[0]}}: not found")
-    except Exception as exc:
-        out.append(repr(exc))
-with open(os.path.join(os.path.expanduser("~"), "keyring-probe.txt"), "w") as f:
-    f.write("\\n".join(out))
-"""
-
-
-@MODES
-def test_teachers_session_keyring_does_not_reach_servers(make_course, mode):
-    keyctl = shutil.which("keyctl")
-    if keyctl is None:
-        pytest.fail("keyctl is missing: install Debian keyutils (scripts/install.sh --test)")
-    course = make_course(1)
-    assert course.run("setup", "--yes").returncode == 0
-    course.write_config(launch={"app": "server", "start_mode": mode})
-    u = course.usernames[0]
-    desc, secret = f"teacher-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
-    write_as(
-        course,
-        u,
-        ".jupyter/jupyter_server_config.py",
-        KEYRING_PROBE.format(desc=desc, keyctl=keyctl),
-    )
-    # the teacher's session: a keyring that holds a key (as login, su -l or sudo keep it)
-    add_then_run = 'keyctl add user "$1" "$2" @s >/dev/null || exit 99; shift 2; exec "$@"'
-    prefix = (keyctl, "session", "-", "sh", "-c", add_then_run, "sh", desc, secret)
-    try:
-        r = run_bounded(course, "launch", "--no-portal", bound=120, prefix=prefix)
-        assert r.returncode == 0, r.text
-        probe = course.home(u) / "keyring-probe.txt"
-        assert probe.exists(), "the student's config did not run"
-        seen = probe.read_text()
-        assert desc not in seen and secret not in seen, (
-            f"the student's server ({mode} mode) sees the teacher's session keyring:\n{seen}"
-        )
-    finally:
-        shutdown_quietly(course)
-
-
-# --- 7. rule 13: no descriptor of root's (the server's log) -------------------------------------
-
-FD_PROBE = """\
-import json, os, stat
-info = {}
-for fd in (0, 1, 2):
-    try:
-        st = os.fstat(fd)
-        info[fd] = {"uid": st.st_uid, "regular": stat.S_ISREG(st.st_mode)}
-    except OSError as exc:
-        info[fd] = {"error": str(exc)}
-with open(os.path.join(os.path.expanduser("~"), "fd-probe.json"), "w") as f:
-    json.dump(info, f)
-"""
-
-
-@MODES
-def test_server_and_kernels_hold_no_root_owned_log(make_course, mode):
-    course = make_course(1)
-    assert course.run("setup", "--yes").returncode == 0
-    # kernels as Jupyter starts them (the server's children); forked ones: test_kernels.py
-    course.write_config(launch={"app": "server", "start_mode": mode, "kernel_mode": "exec"})
-    u = course.usernames[0]
-    write_as(course, u, ".jupyter/jupyter_server_config.py", FD_PROBE)
-    try:
-        r = run_bounded(course, "launch", "--no-portal", bound=120)
-        assert r.returncode == 0, r.text
-        # what the student's own code sees on its stdout and stderr
-        probe = json.loads((course.home(u) / "fd-probe.json").read_text())
-        for fd in ("1", "2"):
-            info = probe[fd]
-            assert not (info.get("regular") and info.get("uid") == 0), (
-                f"{mode} mode: the student's server writes fd {fd} straight into a root-owned "
-                f"file (it could truncate or fill it): {probe}"
-            )
-        st = run_bounded(course, "status", "--json", bound=60)
-        row = json.loads(st.stdout)[0]
-        pid, port = row["pid"], row["port"]
-        assert not roots_files(pid), f"the server holds root's files: {roots_files(pid)}"
-        # a kernel, started as the student would
-        password = course.credentials()[u]["notebook_password"]
-        session = login(port, password, f"/user/{u}/")  # every server's base URL
-        made = session.post(
-            f"http://127.0.0.1:{port}/user/{u}/api/kernels", json={"name": "python3"}
-        )
-        assert made.status_code == 201, made.text[:300]
-        uid = course.pw(u).pw_uid
-        kernels: list[psutil.Process] = []
-        end = time.monotonic() + 60
-        while not kernels and time.monotonic() < end:
-            with contextlib.suppress(psutil.Error):
-                kernels = [
-                    p
-                    for p in psutil.Process(pid).children(recursive=True)
-                    if p.uids().real == uid and "ipykernel" in " ".join(p.cmdline())
-                ]
-            time.sleep(0.3)
-        assert kernels, "no kernel process appeared"
-        for k in kernels:
-            assert not roots_files(k.pid), f"the kernel holds root's files: {roots_files(k.pid)}"
-    finally:
-        shutdown_quietly(course)
-
-
-# --- 4. rule 14: retrieve is bounded whatever the home holds -----------------------------------
-
-
-def manifest_rows(dest: Path, username: str) -> list[list[str]]:
-    csv.field_size_limit(1 << 24)
-    try:
-        with open(dest / "manifest.csv", encoding="utf-8", errors="replace", newline="") as f:
-            return [row for row in csv.reader(f) if row and row[0] == username]
-    except FileNotFoundError:
-        return []
-
-
-def test_retrieve_flood_is_bounded_and_not_repeated(ready_course):
-    course = ready_course
-    flooder, other = course.usernames
-    dest = course.base / "submissions"
-    try:
-        assert course.run("send").returncode == 0
-        run_as_student(course, flooder, FLOOD, "12000", "10500", timeout=300)
-        write_as(course, other, "tutorial/answer.py", "print(42)\n")
-
-        r = run_bounded(course, "retrieve", bound=300)
-        assert r.returncode == 0, r.text
-        rows = manifest_rows(dest, flooder)
-        assert 0 < len(rows) <= 10_001, (
-            f"{len(rows)} manifest rows for one student in one retrieval (at most 10,000 and "
-            "a summary row)"
-        )
-        (snap,) = snapshots(dest, flooder)
-        folders = sum(len(d) for _, d, _ in os.walk(dest / flooder / snap))
-        assert folders <= 10_000, f"{folders} folders in one snapshot (at most 10,000)"
-        assert (dest / flooder / "latest" / "lesson.ipynb").read_text().endswith("# my answer\n")
-        assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
-
-        again = run_bounded(course, "retrieve", bound=300)
-        assert again.returncode == 0, again.text
-        assert snapshots(dest, flooder) == [snap], "the same skipped entries made a new snapshot"
-        assert len(manifest_rows(dest, flooder)) == len(rows), "nothing changed, yet new rows"
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)  # tens of MB before the fix
-
-
-# --- 5, 6. rule 14: a student who stops their own helpers stalls no one else --------------------
-
-MANY_FILES = r"""
-import os, sys
-base = os.path.join(os.path.expanduser("~"), "tutorial", "many")
-os.makedirs(base, exist_ok=True)
-for i in range(int(sys.argv[1])):
-    with open(os.path.join(base, f"n{i:05d}.txt"), "w") as f:
-        f.write(f"{i}\n")
-"""
-
-
-def test_retrieve_is_not_stalled_by_a_student_who_stops_the_reader(ready_course):
-    course = ready_course
-    staller, other = course.usernames
-    assert course.run("send").returncode == 0
-    run_as_student(course, staller, MANY_FILES, "5000")  # a reader that takes a while
-    write_as(course, other, "tutorial/answer.py", "print(42)\n")
-    with stopper(course, staller, pulse=2.0):
-        r = run_bounded(course, "retrieve", env={DEADLINE_ENV: "5"}, bound=45)
-    assert r.returncode == 1, r.text
-    assert failed_line(r.text, staller), r.text
-    assert re.search(rf"^\s*{other}: collected", r.text, re.M), r.text
-    dest = course.base / "submissions"
-    assert (dest / other / "latest" / "answer.py").read_text() == "print(42)\n"
-
-
-def test_launch_is_not_stalled_by_a_student_who_stops_the_preparation(ready_course):
-    course = ready_course
-    staller, other = course.usernames  # the staller comes first in the roster
-    course.write_config(launch={"app": "server", "start_timeout": "20"})
-    try:
-        with stopper(course, staller):
-            r = run_bounded(course, "launch", "--no-portal", env={DEADLINE_ENV: "5"}, bound=45)
-        assert r.returncode == 1, r.text
-        assert failed_line(r.text, staller), r.text
-        st = run_bounded(course, "status", "--json", bound=60)
-        rows = {row["username"]: row for row in json.loads(st.stdout)}
-        assert rows[other]["server"] == "running", rows
-        url = f"http://127.0.0.1:{rows[other]['port']}/user/{other}/api"
-        assert requests.get(url, timeout=10).ok
-    finally:
-        shutdown_quietly(course)
-
-
-def test_send_is_not_stalled_by_a_student_who_stops_the_worker(ready_course):
-    course = ready_course
-    staller, other = course.usernames
-    many = course.base / "tutorial" / "many"
-    many.mkdir()
-    for i in range(3000):  # a worker that takes a while
-        (many / f"n{i:05d}.txt").write_text(f"{i}\n")
-    with stopper(course, staller):
-        r = run_bounded(course, "send", env={DEADLINE_ENV: "5"}, bound=45)
-    assert r.returncode == 1, r.text
-    assert failed_line(r.text, staller), r.text
-    assert (course.home(other) / "tutorial" / "many" / "n02999.txt").exists()
-
-
-# --- 8. rule 15: nothing of a student's reaches the teacher's terminal raw --------------------
+# --- rule 15: the helper that the escape-sequence tests rely on -------------------------------
 
 ESCAPES = "\x1b]0;pwned\x07\x1b[2K\x1b[1A started"
-NOISY_CONFIG = """\
-import os, sys
-for out in (sys.stdout, sys.stderr):
-    out.write("\\x1b[31mError\\x1b[0m: {escapes}\\n{escapes}\\n")
-    out.flush()
-os._exit(1)
-""".format(escapes=ESCAPES.encode("unicode_escape").decode())
-
-
-@MODES
-def test_failed_start_shows_no_escape_sequences(make_course, mode):
-    course = make_course(1)
-    assert course.run("setup", "--yes").returncode == 0
-    course.write_config(launch={"app": "server", "start_mode": mode, "start_timeout": "30"})
-    u = course.usernames[0]
-    write_as(course, u, ".jupyter/jupyter_server_config.py", NOISY_CONFIG)
-    try:
-        r = run_bounded(course, "launch", "--no-portal", bound=120)
-        assert r.returncode == 1, r.text
-        assert failed_line(r.text, u), r.text
-        for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
-            assert not control_chars(data), (
-                f"launch's {name} carries the student's control characters "
-                f"{control_chars(data)}: {data!r}"
-            )
-    finally:
-        shutdown_quietly(course)
-
-
-MAKE_NAMES = r"""
-import json, os, sys
-base = os.path.join(os.path.expanduser("~"), "tutorial")
-for name in json.loads(sys.argv[1]):
-    with open(os.path.join(base, name), "w") as f:
-        f.write("x\n")
-    os.symlink("/etc/passwd", os.path.join(base, "link-" + name))  # skipped, and named
-"""
-
-
-def test_retrieve_shows_students_file_names_without_control_characters(ready_course):
-    course = ready_course
-    u = course.usernames[0]
-    assert course.run("send").returncode == 0
-    run_as_student(course, u, MAKE_NAMES, json.dumps(HOSTILE_NAMES))
-    # --deadline in the past: every new file is late, and late files are listed by name
-    r = run_bounded(course, "retrieve", "--deadline", "2000-01-01 00:00", bound=120)
-    assert r.returncode == 0, r.text
-    assert re.search(rf"^\s*{u}: collected", r.text, re.M), r.text
-    assert "late" in r.text and "skipped" in r.text, r.text
-    for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
-        assert not control_chars(data), f"retrieve's {name}: {control_chars(data)}: {data!r}"
-
-
-def test_send_shows_file_names_without_control_characters(ready_course):
-    course = ready_course
-    u = course.usernames[0]
-    for name in HOSTILE_NAMES:
-        (course.base / "tutorial" / name).write_text("v1\n")
-    r = run_bounded(course, "send", bound=120)
-    assert r.returncode == 0, r.text
-    # the student edits them; the teacher changes them: conflicts, listed by name
-    for name in HOSTILE_NAMES:
-        write_as(course, u, f"tutorial/{name}", "mine\n")
-        (course.base / "tutorial" / name).write_text("v2\n")
-    r2 = run_bounded(course, "send", bound=120)
-    assert r2.returncode in (0, 1), r2.text
-    for run, result in (("first", r), ("second", r2)):
-        for name, data in (("stdout", result.stdout), ("stderr", result.stderr)):
-            assert not control_chars(data), (
-                f"send's {name} ({run} run): {control_chars(data)}: {data!r}"
-            )
 
 
 def test_helpers_see_control_characters():
-    """The checks above can fail: control_chars finds what a terminal would act on."""
+    """The rule 15 checks (test_server_safety, test_send_retrieve_attacks) can fail:
+    control_chars finds what a terminal would act on."""
     assert control_chars(ESCAPES.encode()) == ["U+0007", "U+001B"]
     assert control_chars("csi\u009b ě".encode()) == ["U+009B"]
     assert control_chars(b"  alice: collected \\x1b]0;pwned\\x07\tok\n") == []

@@ -27,6 +27,7 @@ from conftest import (
     NOTEBOOKS,
     PYTHON,
     control_chars,
+    failed_line,
     login,
     needs_root,
     proc_env,
@@ -45,19 +46,28 @@ from classroom.host.ports import ipv6_available, port_free
 MODES = pytest.mark.parametrize("mode", ["fork", "exec"])
 
 
-def run_notebooks(course, *args: str, prefix: tuple[str, ...] = (), env: dict | None = None):
-    """``notebooks.py COMMAND CONFIG ...`` as a teacher runs it (optionally under ``prefix``)."""
+def run_notebooks(
+    course,
+    *args: str,
+    prefix: tuple[str, ...] = (),
+    env: dict | None = None,
+    timeout: float = 300,
+):
+    """``notebooks.py COMMAND CONFIG ...`` as a teacher runs it (optionally under ``prefix``);
+    a traceback on its stderr fails the test."""
     full_env = {k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"}
     full_env.update(env or {})
     command, *rest = args
-    return subprocess.run(
+    r = subprocess.run(
         [*prefix, PYTHON, str(NOTEBOOKS), command, str(course.config), *rest],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=full_env,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
+    assert b"Traceback" not in r.stderr, text_of(r)
+    return r
 
 
 def run_code(code: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -161,14 +171,16 @@ def a_kernel(port: int, base: str, password: str, server_pid: int, uid: int) -> 
 
 @needs_root
 @MODES
-def test_nothing_of_roots_reaches_the_server(make_course, mode):
+@pytest.mark.parametrize("kernel_mode", ["fork", "exec"])
+def test_nothing_of_roots_reaches_the_server(make_course, mode, kernel_mode):
     """Launch from a teacher's session that holds a key, with a secret in root's environment:
-    the student's config sees neither, and its stdout/stderr are no file of root's."""
+    the student's config sees neither, and its stdout/stderr are no file of root's; nor are
+    a kernel's, forked from the kernel server or started by Jupyter (the server's child)."""
     keyctl = shutil.which("keyctl")
     assert keyctl, "keyctl is missing: install Debian keyutils (scripts/install.sh --test)"
     course = make_course(1)
     assert course.run("setup", "--yes").returncode == 0
-    course.write_config(launch={"app": "server", "start_mode": mode})
+    course.write_config(launch={"app": "server", "start_mode": mode, "kernel_mode": kernel_mode})
     u = course.usernames[0]
     desc, secret = f"teacher-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
     write_as(
@@ -178,7 +190,7 @@ def test_nothing_of_roots_reaches_the_server(make_course, mode):
     prefix = (keyctl, "session", "-", "sh", "-c", add_then_run, "sh", desc, secret)
     env = {"KRB5CCNAME": f"FILE:/tmp/krb5cc_{secret}", "SSH_AUTH_SOCK": f"/tmp/{secret}"}
     try:
-        r = run_notebooks(course, "launch", "--no-portal", prefix=prefix, env=env)
+        r = run_notebooks(course, "launch", "--no-portal", prefix=prefix, env=env, timeout=120)
         assert r.returncode == 0, text_of(r)
         probe = json.loads((course.home(u) / "roots-probe.json").read_text())
         assert desc not in probe["keys"] and secret not in probe["keys"], (
@@ -199,7 +211,9 @@ def test_nothing_of_roots_reaches_the_server(make_course, mode):
         assert not roots_files(pid), f"the server holds root's files: {roots_files(pid)}"
         password = course.credentials()[u]["notebook_password"]
         kernel = a_kernel(port, f"/user/{u}/", password, pid, course.pw(u).pw_uid)
-        assert not roots_files(kernel.pid), f"the kernel holds {roots_files(kernel.pid)}"
+        assert not roots_files(kernel.pid), (
+            f"{kernel_mode} kernel: it holds {roots_files(kernel.pid)}"
+        )
         assert secret not in json.dumps(proc_env(kernel.pid))
     finally:
         course.run("shutdown")
@@ -235,9 +249,15 @@ def test_helpers_that_become_a_student_get_a_keyring_of_their_own():
 
 # --- rule 15 and issue 15.7: a failed start quotes its own log line, made printable -------------
 
+# On both stdout and stderr, over two lines: OSC (retitle), CSI (erase, cursor up, colour),
+# a C1 CSI; the tagged line on stderr is the last telling one, the one a failure quotes.
+ESCAPES = "\\x1b]0;pwned\\x07\\x1b[2K\\x1b[1A started"
 NOISY = """\
 import os, sys
+sys.stdout.write("\\x1b[31mError\\x1b[0m: {escapes}\\n{escapes}\\n")
+sys.stdout.flush()
 sys.stderr.write("\\x1b]0;pwned\\x07\\x1b[2K\\x1b[1A\\x1b[31mError\\x1b[0m: {tag} \\u009b2J\\n")
+sys.stderr.write("{escapes}\\n")
 sys.stderr.flush()
 os._exit(1)
 """
@@ -252,10 +272,12 @@ def test_failed_start_quotes_only_this_start_and_no_escape_sequences(make_course
     course.write_config(launch={"app": "server", "start_mode": mode, "start_timeout": "30"})
     u = course.usernames[0]
     tag = uuid.uuid4().hex[:8]
-    write_as(course, u, ".jupyter/jupyter_server_config.py", NOISY.format(tag=tag))
+    noisy = NOISY.format(tag=tag, escapes=ESCAPES)
+    write_as(course, u, ".jupyter/jupyter_server_config.py", noisy)
     try:
-        r = run_notebooks(course, "launch", "--no-portal")
+        r = run_notebooks(course, "launch", "--no-portal", timeout=120)
         assert r.returncode == 1, text_of(r)
+        assert failed_line(text_of(r), u), text_of(r)
         assert re.search(rf"{u}: .*its log says: Error: {tag}", text_of(r)), text_of(r)
         for name, data in (("stdout", r.stdout), ("stderr", r.stderr)):
             found = control_chars(data, allowed="\n")
@@ -263,7 +285,7 @@ def test_failed_start_quotes_only_this_start_and_no_escape_sequences(make_course
 
         # the next start fails without a word: the earlier run's line is not its reason
         write_as(course, u, ".jupyter/jupyter_server_config.py", SILENT)
-        again = run_notebooks(course, "launch", "--no-portal")
+        again = run_notebooks(course, "launch", "--no-portal", timeout=120)
         assert again.returncode == 1, text_of(again)
         assert re.search(rf"{u}: .*stopped before it answered", text_of(again)), text_of(again)
         assert tag not in text_of(again), f"an earlier run's log line quoted:\n{text_of(again)}"
@@ -320,9 +342,12 @@ def test_wildcard_ip_holds_ipv6_too_for_portal_and_servers(ready_course, mode):
             time.sleep(0.3)
         else:
             pytest.fail("the portal does not answer on IPv6")
+        healthz = requests.get(f"http://127.0.0.1:{portal_port}/healthz", timeout=5)
+        assert healthz.status_code == 200, "the portal does not answer on IPv4"
         row = status(course)[victim]
         assert row["server"] == "running", row
-        assert requests.get(f"http://[::1]:{row['port']}/user/{victim}/api", timeout=5).ok
+        for host in ("[::1]", "127.0.0.1"):
+            assert requests.get(f"http://{host}:{row['port']}/user/{victim}/api", timeout=5).ok
         ports = [portal_port, row["port"]]
         out = run_as_student(course, squatter, SQUAT, "try", *map(str, ports), timeout=60)
         assert json.loads(out) == {str(p): errno.EADDRINUSE for p in ports}, (
@@ -344,12 +369,12 @@ def test_a_port_squatted_on_ipv6_is_skipped_and_check_says_so(ready_course):
     try:
         with squatting(course, squatter, first, portal_port) as held:
             assert held == {str(first): "bound", str(portal_port): "bound"}, held
-            check = course.run("check")
+            check = course.run("check", timeout=120)
             assert "IPv4 and IPv6" in check.stdout, check.stdout
             assert re.search(rf"port {portal_port} is in use", check.stdout), check.stdout
             assert re.search(rf"students' range \({first}\b", check.stdout), check.stdout
 
-            r = course.run("launch", "--no-portal")
+            r = course.run("launch", "--no-portal", timeout=120)
             assert r.returncode == 0, r.stdout + r.stderr
             rows = status(course)
             assert all(row["server"] == "running" for row in rows.values()), rows
@@ -384,23 +409,25 @@ def test_launch_is_not_held_up_by_a_student_who_stops_the_preparation(ready_cour
     try:
         with stopper(course, staller):
             # before: each student was prepared in turn, with 600 s for each
-            r = subprocess.run(
-                [PYTHON, str(NOTEBOOKS), "launch", str(course.config), "--no-portal"],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "CLASSROOM_STUDENT_DEADLINE": "5"},
-                timeout=120,
-                check=False,
+            r = run_notebooks(
+                course,
+                "launch",
+                "--no-portal",
+                env={"CLASSROOM_STUDENT_DEADLINE": "5"},
+                timeout=45,
             )
-            assert r.returncode == 1, r.stdout + r.stderr
+            out = r.stdout.decode("utf-8", "replace")
+            assert r.returncode == 1, text_of(r)
             # Whichever of the staller's processes it stopped first (the helper that prepares
             # the home, or the fork server's child on its way to the server), the staller
             # fails alone: the other student's server starts, from the fork server.
-            assert re.search(rf"^  {staller}: FAILED", r.stdout, re.M), r.stdout
+            assert re.search(rf"^  {staller}: FAILED", out, re.M), out
             rows = status(course)
             assert rows[other]["server"] == "running", rows
             assert rows[staller]["server"] == "stopped", rows
-            assert server_rows(course)[other]["mode"] == "fork", r.stdout + r.stderr
+            assert server_rows(course)[other]["mode"] == "fork", text_of(r)
+            url = f"http://127.0.0.1:{rows[other]['port']}/user/{other}/api"
+            assert requests.get(url, timeout=10).ok
     finally:
         course.run("shutdown")
 
