@@ -391,12 +391,12 @@ def become_server(
         env = identity.student_env(pw)
         os.environ.clear()
         os.environ.update(env)
-        show_environ(env)
+        identity.show_environ(env)
         os.chdir(pw.pw_dir)
         os.umask(0o077)
         random.seed()  # nothing seeded in the fork server is shared between students
         add_user_site()
-        set_name(APPS[app][2])
+        identity.set_name(APPS[app][2])
         module, cls, prog = APPS[app]
         sys.argv = [prog, *args]
         application = getattr(importlib.import_module(module), cls)
@@ -424,28 +424,6 @@ def become_server(
         os._exit(code)
 
 
-def show_environ(env: dict[str, str]) -> None:
-    """Write ``env`` over the start-up block the kernel shows as ``/proc/self/environ``.
-
-    A forked child keeps the fork server's start-up block there (its live environment is
-    elsewhere), so ``ps e`` and ``/proc/PID/environ`` would show the fork server's, not the
-    student's. The block is overwritten in place (no privilege needed), padded with NULs.
-    Only after ``os.environ.clear()``: nothing points into the old strings any more.
-    Cosmetic: any problem leaves the block as it was.
-    """
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        start, end = int(fields[47]), int(fields[48])  # env_start, env_end: (50), (51) in proc(5)
-        block = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
-        size = end - start
-        if start <= 0 or len(block) >= size or size > 1 << 20:
-            return
-        ctypes.memmove(start, block + b"\0" * (size - len(block)), size)
-
-
 def add_user_site() -> None:
     """The student's ``~/.local`` site-packages, as a fresh Python would have (``-I`` left it out)."""
     import site
@@ -455,15 +433,6 @@ def add_user_site() -> None:
     path = site.getusersitepackages()
     if os.path.isdir(path):
         site.addsitedir(path)
-
-
-def set_name(name: str) -> None:
-    """Name the process (``ps -o comm``) after the app rather than the fork server."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 # --- the client (runs in launch) -------------------------------------------------------------

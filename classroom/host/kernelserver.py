@@ -483,13 +483,13 @@ class Server:
             posix = sys.modules["posix"]
             posix.environ.clear()  # the start-up environment, root's, which os.environ came from
             posix.environ.update({k.encode(): v.encode() for k, v in env.items()})
-            show_environ(env)
-            show_cmdline(argv)
+            identity.show_environ(env)
+            identity.show_cmdline(argv)
             reset_imported_state()
             launcher = importlib.util.find_spec("ipykernel_launcher")
             sys.argv = [launcher.origin if launcher and launcher.origin else argv[2], *argv[3:]]
             sys.orig_argv = list(argv)
-            set_name("python")
+            identity.set_name("python")
             gc.collect()
         except BaseException as exc:  # noqa: BLE001 - the child must never return into the server
             with contextlib.suppress(Exception):
@@ -733,40 +733,6 @@ def join_new_session_keyring() -> None:
         errno = ctypes.get_errno()
         if errno not in (1, 13, 38):  # EPERM, EACCES (seccomp), ENOSYS: no keyrings here at all
             raise OSError(errno, os.strerror(errno))
-
-
-def _overwrite_block(start_field: int, block: bytes) -> None:
-    """Write ``block`` over one of our start-up blocks (argv or environment), padded with NULs.
-
-    Cosmetic (``ps``, ``/proc/PID/cmdline|environ``): any problem leaves it as it was.
-    """
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        start, end = int(fields[start_field]), int(fields[start_field + 1])
-        size = end - start
-        if start <= 0 or len(block) >= size or size > 1 << 20:
-            return
-        ctypes.memmove(start, block + b"\0" * (size - len(block)), size)
-
-
-def show_environ(env: dict[str, str]) -> None:
-    """The kernel's own environment as ``/proc/PID/environ`` (env_start, env_end: fields 50, 51)."""
-    _overwrite_block(47, b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
-
-
-def show_cmdline(argv: list[str]) -> None:
-    """The kernel's own command line as ``/proc/PID/cmdline`` (arg_start, arg_end: fields 48, 49)."""
-    _overwrite_block(45, b"".join(a.encode() + b"\0" for a in argv))
-
-
-def set_name(name: str) -> None:
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 def listen(path: str, gid: int) -> socket.socket:
