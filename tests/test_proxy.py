@@ -227,6 +227,7 @@ class ProxyClass:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={k: v for k, v in os.environ.items() if k != "NOTEBOOKS_CONFIG"},
+                start_new_session=True,  # as from the teacher's own terminal
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -540,7 +541,11 @@ def test_a_students_session_never_reaches_another_students_server(klass):
     sock = f"/run/classroom/{c.name}/servers/{b}/server.sock"
     assert not Path(sock).parent.exists(), "shutdown left the stopped server's socket folder"
     prepare_socket_dir(load(c.config), c.pw(b))
-    recorder = subprocess.Popen(["runuser", "-u", b, "--", PYTHON, "-c", RECORDER, sock, str(log)])
+    pb = c.pw(b)
+    # setpriv execs in place: the pid is the recorder's own, so kill() below ends it (runuser
+    # would stay as its parent and a kill would leave the recorder holding B's socket)
+    become_b = ["setpriv", f"--reuid={pb.pw_uid}", f"--regid={pb.pw_gid}", "--init-groups"]
+    recorder = subprocess.Popen([*become_b, PYTHON, "-c", RECORDER, sock, str(log)])
     try:
         deadline = time.monotonic() + 60
         while not Path(f"{log}.ready").exists() and time.monotonic() < deadline:

@@ -442,6 +442,7 @@ def _stopping(sig: int, done: asyncio.Event) -> None:
     if sig == signal.SIGHUP:
         with contextlib.suppress(OSError):
             click.echo("The terminal was closed (SIGHUP): the portal stops; servers keep running.")
+    log.info("portal: %s received, stopping", signal.Signals(sig).name)
     done.set()
 
 
