@@ -381,6 +381,9 @@ def test_forked_kernels_are_the_students_own(make_course):
             assert got["leaks"] == [], got["leaks"]  # nothing computed from the server's HOME
             assert got["max_rows"] == 60 and got["umask"] == 0o077
             assert got["dumpable"] == 0  # became the student without exec: nobody may ptrace it
+            # over [limits] memory the OOM killer prefers the kernel to the server
+            assert Path(f"/proc/{got['pid']}/oom_score_adj").read_text().strip() == "300"
+            assert Path(f"/proc/{status(c)[u]['pid']}/oom_score_adj").read_text().strip() == "0"
             assert got["sys_path"][3] == "" and "/classroom/host" not in " ".join(got["sys_path"])
             # seen from outside: a kernel's command line, environment and descriptors
             cmdline = Path(f"/proc/{got['pid']}/cmdline").read_bytes().split(b"\0")

@@ -76,6 +76,7 @@ if __package__:
 else:  # run as a script: no package
     identity = _sibling("identity")
 
+KERNEL_OOM_SCORE_ADJ = 300  # the out-of-memory killer's preference for kernels (-1000..1000)
 REQUEST = b"classroom-kernel 1\n"  # the one request (and the protocol's version)
 KERNEL_MODULES = ("ipykernel_launcher", "ipykernel")  # ``python -m X`` that we can fork
 # Imported once for every kernel: what a kernel imports until it answers (found by diffing
@@ -463,6 +464,11 @@ class Server:
             os.setpriority(os.PRIO_PROCESS, 0, limits.pop("nice"))
             for res, value in limits.items():
                 resource.setrlimit(res, value)
+            # Over [limits] memory the OOM killer takes the kernel, not the student's server
+            # (a forked kernel counts the preloaded modules it shares; it need not be the
+            # largest). Raising the score needs no privilege: the student may raise it too.
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(KERNEL_OOM_SCORE_ADJ))
             stage = "become"
             identity.become(pw)
             join_new_session_keyring()
