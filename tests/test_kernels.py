@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 from conftest import login, needs_root, proc_env, proc_fds, status
-from students import write_as
+from students import as_student, write_as
 from test_launch import jupyter_hash, memory_contains
 
 from classroom.core import launchplan
@@ -627,7 +627,6 @@ def test_a_classmate_cannot_listen_to_a_kernel(make_course, mode):
     c = make_course(2)
     assert c.run("setup").returncode == 0
     a, b = c.usernames
-    pb = c.pw(b)
     try:
         launched(c, kernel_mode=mode)
         lab = Lab(c, a)
@@ -637,12 +636,8 @@ def test_a_classmate_cannot_listen_to_a_kernel(make_course, mode):
         runtime = c.home(a) / ".local/share/jupyter/runtime"
         info = json.loads((runtime / f"kernel-{kernel['id']}.json").read_text())
         assert info.get("curve_publickey"), "the kernel was started without transport encryption"
-        spy = subprocess.Popen(
-            ["setpriv", f"--reuid={pb.pw_uid}", f"--regid={pb.pw_gid}", "--init-groups"]
-            + [PYTHON, "-c", EAVESDROP, str(info["iopub_port"]), "8"],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd="/",
+        spy = as_student(
+            c, b, EAVESDROP, str(info["iopub_port"]), "8", stdout=subprocess.PIPE, text=True
         )
         try:
             assert spy.stdout.readline().strip() == "listening"

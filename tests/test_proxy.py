@@ -37,6 +37,7 @@ from conftest import (
     run_cli,
     status,
 )
+from students import as_student
 
 from classroom.core.settings import load
 from classroom.host import proxy, sessions
@@ -541,11 +542,8 @@ def test_a_students_session_never_reaches_another_students_server(klass):
     sock = f"/run/classroom/{c.name}/servers/{b}/server.sock"
     assert not Path(sock).parent.exists(), "shutdown left the stopped server's socket folder"
     prepare_socket_dir(load(c.config), c.pw(b))
-    pb = c.pw(b)
-    # setpriv execs in place: the pid is the recorder's own, so kill() below ends it (runuser
-    # would stay as its parent and a kill would leave the recorder holding B's socket)
-    become_b = ["setpriv", f"--reuid={pb.pw_uid}", f"--regid={pb.pw_gid}", "--init-groups"]
-    recorder = subprocess.Popen([*become_b, PYTHON, "-c", RECORDER, sock, str(log)])
+    # the recorder is B's process itself (no runuser above it): kill() below ends it
+    recorder = as_student(c, b, RECORDER, sock, str(log))
     try:
         deadline = time.monotonic() + 60
         while not Path(f"{log}.ready").exists() and time.monotonic() < deadline:

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from ..core.errors import InvalidInput, Refused, StepFailed
 from ..core.roster import Student
 from ..core.secret import Secret
 from ..core.sizes import human_size
 from . import interrupts
+from .processes import running_programs
 from .system import login_defs, run, run_account_tool
 from .workers import as_user
 
@@ -78,17 +77,8 @@ def wait_for_account_tools(names: set[str], command: str, timeout: float = TOOLS
     A run of setup or remove killed outright (SIGKILL) leaves its ``useradd`` running
     (never killed half-way, by design): the next run must see what it made, not race it.
     """
-
-    def running() -> list[str]:
-        found = []
-        for proc in psutil.process_iter(["name", "cmdline"]):
-            argv = proc.info["cmdline"] or []
-            if proc.info["name"] in ACCOUNT_TOOLS and names & set(argv):
-                found.append(f"{proc.pid} {' '.join(argv)[:200]}")
-        return found
-
     deadline = time.monotonic() + timeout
-    while (left := running()) and time.monotonic() < deadline:
+    while (left := running_programs(ACCOUNT_TOOLS, names)) and time.monotonic() < deadline:
         time.sleep(0.1)
     if left:
         raise Refused(

@@ -151,6 +151,16 @@ def other_jupyter(uid: int, exclude: set[int]) -> list[psutil.Process]:
     return found
 
 
+def running_programs(programs: tuple[str, ...], naming: set[str]) -> list[str]:
+    """'PID command line' of each running ``programs`` (by name) with an argument in ``naming``."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if proc.info["name"] in programs and naming & set(argv):
+            found.append(f"{proc.pid} {' '.join(argv)[:200]}")
+    return found
+
+
 def processes_of(uids: set[int]) -> dict[int, list[psutil.Process]]:
     """{uid: every process running as that uid (real, effective or saved)}."""
     found: dict[int, list[psutil.Process]] = {u: [] for u in uids}
