@@ -20,6 +20,10 @@ from .host import interrupts
 
 log = logging.getLogger("classroom")
 
+# Set once a command's work has returned (its summary printed): a Ctrl-C after that, while
+# it closes, must not be told as "nothing was changed".
+_finished_with: int | None = None
+
 CONFIG_HELP = "CONFIG is the course's INI file (default: $NOTEBOOKS_CONFIG, else ./notebooks.cfg)."
 
 
@@ -151,8 +155,10 @@ def course_command(
                     quiet=ctx.obj.quiet,
                     precheck=precheck,
                 )
+                global _finished_with
                 try:
                     code = func(course, only=tuple(only), **options)
+                    _finished_with = code
                 except KeyboardInterrupt:
                     code = course.stopped(interrupts.stopped_by())
                 finally:
@@ -352,7 +358,13 @@ def main(argv: list[str] | None = None) -> None:
     verbose = "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv)
     try:
         code = cli.main(args=argv, prog_name="notebooks.py", standalone_mode=False)
-    except click.exceptions.Abort:  # Ctrl-C at a question: asked before any change
+    except click.exceptions.Abort:  # Ctrl-C at a question (before any change), or late
+        if _finished_with is not None:  # the command had done its work: its summary stands
+            with contextlib.suppress(OSError):
+                click.echo(
+                    "Interrupted after the command finished: its summary above stands.", err=True
+                )
+            sys.exit(130)
         click.echo("Aborted: nothing was changed.", err=True)
         sys.exit(Refused.exit_code)
     except click.ClickException as exc:  # our domain errors are click exceptions too

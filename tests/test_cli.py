@@ -130,3 +130,25 @@ def test_dry_run_prints_exact_commands_for_only(course):
     assert r.returncode == 0
     assert u in r.stdout and course.usernames[0] not in r.stdout
     assert "useradd" in r.stdout and f"-- {u}" in r.stdout
+
+
+@needs_root
+def test_a_ctrl_c_after_the_work_is_not_nothing_was_changed(ready_course, monkeypatch, capsys):
+    """A Ctrl-C that lands once the command has done its work and printed its summary (while
+    it closes) must not end with "nothing was changed" (SPEC 6.10): exit 130 instead."""
+    from classroom import cli
+    from classroom.commands.course import Course
+
+    real_close = Course.close
+
+    def close_then_ctrl_c(self):
+        real_close(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_finished_with", None, raising=False)
+    monkeypatch.setattr(Course, "close", close_then_ctrl_c)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["setup", str(ready_course.config), "--yes"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 130, err
+    assert "nothing was changed" not in err.lower(), err
