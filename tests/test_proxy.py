@@ -615,6 +615,21 @@ def test_a_socket_swapped_for_a_link_to_another_students_is_refused(klass):
 
 
 @pytest.mark.root
+def test_an_answer_the_portal_gives_itself_under_user_closes_the_connection(klass):
+    """The portal refuses under /user/ before reading the (streamed) body, and then closes
+    the connection: the answer says so, or a client that reuses it loses its next request."""
+    a, b = klass.course.usernames
+    s_a = klass.login(a)
+    for session, path, code in (
+        (klass.session(), f"/user/{a}/lab", 403),
+        (s_a, f"/user/{b}/lab", 403),
+    ):
+        r = session.get(klass.url + path, timeout=30, allow_redirects=False)
+        assert r.status_code == code and r.headers.get("Connection") == "close", r.headers
+    assert s_a.get(f"{klass.url}/user/{a}/api/contents", timeout=30).status_code == 200
+
+
+@pytest.mark.root
 def test_not_logged_in_gets_the_login_form_and_nothing_is_forwarded(klass):
     a = klass.course.usernames[0]
     r = klass.get(f"/user/{a}/lab")

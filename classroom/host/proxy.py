@@ -434,6 +434,14 @@ class ForwardHandler(PageHandler):
     conn: HTTP1Connection | None = None
     prefix = ""
 
+    def finish(self, chunk: Any = None) -> Any:
+        if self.conn is None and not self._headers_written:
+            # Answered in prepare, before the (streamed) body was read: tornado closes the
+            # connection after this answer. Say so, or a client reuses it and loses its
+            # next request to the close.
+            self.set_header("Connection", "close")
+        return super().finish(chunk)
+
     async def prepare(self) -> None:
         user = self.session_user()
         path = self.request.path  # raw: still percent-encoded
