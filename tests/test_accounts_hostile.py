@@ -413,6 +413,47 @@ def test_a_new_account_never_gets_an_id_the_course_gave(course):
     assert new.pw_gid == new.pw_uid, "the account's own group does not have its id"
 
 
+def test_a_gid_left_to_accounts_by_a_deleted_group_is_not_given_to_the_course(course):
+    """A group deleted from under its accounts (groupdel --force) leaves them its gid: the
+    course group made with that gid would take a stranger in, and remove would keep it."""
+    from classroom.host.accounts import choose_id, login_defs
+
+    defs = login_defs()
+    low, high = int(defs.get("GID_MIN", "1000")), int(defs.get("GID_MAX", "60000"))
+    old_choice = choose_id({g.gr_gid for g in grp.getgrall()}, set(), low, high, 0)
+    gone, stranger = random_name(), random_name()
+    course.extra_users.append(stranger)
+    subprocess.run(["groupadd", "--gid", str(old_choice), "--", gone], check=True)
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-g", gone, "--", stranger], check=True)
+    subprocess.run(["groupdel", "--force", "--", gone], check=True)
+    assert pwd.getpwnam(stranger).pw_gid == old_choice
+    r = course.run("setup", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    course_gid = grp.getgrnam(course.name).gr_gid
+    assert course_gid != old_choice, "the course group took the gid of a stranger's deleted group"
+    assert course_gid not in os.getgrouplist(stranger, pwd.getpwnam(stranger).pw_gid)
+    for u in course.usernames:
+        assert old_choice not in (pwd.getpwnam(u).pw_uid, pwd.getpwnam(u).pw_gid)
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(KeyError):
+        grp.getgrnam(course.name)
+
+
+def test_remove_says_who_keeps_the_course_group(ready_course):
+    """A stranger added to the course group by hand keeps it: remove says so, not nothing."""
+    course = ready_course
+    stranger = random_name()
+    course.extra_users.append(stranger)
+    subprocess.run(
+        ["useradd", "-M", "-d", "/nonexistent", "-G", course.name, "--", stranger], check=True
+    )
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"group {course.name} kept: {stranger} still in it" in r.stdout + r.stderr, r.stdout
+    assert stranger in grp.getgrnam(course.name).gr_mem
+
+
 def test_ids_go_above_the_highest_given_then_below_never_given_ones():
     from classroom.host.accounts import choose_id
 

@@ -96,7 +96,12 @@ def remove(course: Course, *, only: tuple[str, ...] = ()) -> int:
     sessions.end_users(s.state_dir, removed)  # a name given again later starts logged out
     for username in removed:
         remove_socket_dir(s, username)
-    if remove_group(course):
+    try:
+        deleted = remove_group(course)
+    except StepFailed as exc:
+        report.note(str(exc))
+        deleted = False
+    if deleted:
         report.changed(f"group {s.group} deleted")
         line = portal_command.stop(course)  # nobody left to serve
         if line:

@@ -83,8 +83,12 @@ def ensure(
         if not assistants and group is not None:
             if dry_run():
                 report.note(f"staff group {name} would be deleted (no assistant left)")
-            elif remove_group_if_empty(course, name, staff.META):
-                report.note(f"staff group {name} deleted (no assistant left)")
+            else:
+                try:
+                    if remove_group_if_empty(course, name, staff.META):
+                        report.note(f"staff group {name} deleted (no assistant left)")
+                except StepFailed as exc:
+                    report.note(str(exc))
     except (StepFailed, OSError) as exc:
         for username in sorted(assistants):
             report.failed(username, f"the staff group or its sudoers file: {exc}")

@@ -151,6 +151,18 @@ def members(group_name: str) -> set[str]:
     return set(group.gr_mem) | primary
 
 
+def ids_in_use() -> set[int]:
+    """Every id the host uses: accounts' uids and primary gids, and groups' gids. A group
+    deleted from under its accounts (``groupdel --force``, ``userdel --force``) still gives
+    them its gid: a group made with that gid would take them in."""
+    accounts = pwd.getpwall()
+    return (
+        {p.pw_uid for p in accounts}
+        | {p.pw_gid for p in accounts}
+        | {g.gr_gid for g in grp.getgrall()}
+    )
+
+
 def free_id(used: set[int], low: int, high: int) -> int:
     """The next id after the highest used one in ``low..high`` (as useradd picks), else the lowest free."""
     in_range = [i for i in used if low <= i <= high]
@@ -247,8 +259,7 @@ def ensure_group(course: Any, name: str | None = None, meta: str = "group") -> b
     gid_min = int(defs.get("GID_MIN", "1000") or 1000)
     gid_max = int(defs.get("GID_MAX", "60000") or 60000)
     for attempt in range(ATTEMPTS):
-        used = {g.gr_gid for g in grp.getgrall()}
-        gid = choose_id(used, state.given_ids(), gid_min, gid_max, attempt)
+        gid = choose_id(ids_in_use(), state.given_ids(), gid_min, gid_max, attempt)
         with state.transaction():
             state.set_meta(f"{meta}_creating", f"{name}:{gid}")
             state.give_ids(gid)
@@ -273,7 +284,7 @@ def ensure_group(course: Any, name: str | None = None, meta: str = "group") -> b
 
 def remove_group_if_empty(course: Any, name: str | None = None, meta: str = "group") -> bool:
     """Delete the course group (or ``name``, see ``check_group``) once nobody is in it (only
-    the one the course made); True if deleted."""
+    the one the course made); True if deleted. StepFailed says who keeps it."""
     name = name or course.settings.group
     state = course.state
     gid = state.meta(f"{meta}_gid")
@@ -284,8 +295,14 @@ def remove_group_if_empty(course: Any, name: str | None = None, meta: str = "gro
             with state.transaction():
                 state.set_meta(f"{meta}_gid", None)
         return False
-    if gid != str(group.gr_gid) or members(name):
+    if gid != str(group.gr_gid):
         return False
+    left = sorted(members(name))
+    if left:
+        raise StepFailed(
+            f"group {name} kept: {', '.join(left[:5])}{' …' if len(left) > 5 else ''} "
+            f"still in it (the course did not delete {'them' if len(left) > 1 else 'that account'})"
+        )
     run_account_tool(["groupdel", "--", name])
     with state.transaction():
         state.set_meta(f"{meta}_gid", None)
@@ -336,8 +353,7 @@ def create_account(course: Any, student: Student) -> pwd.struct_passwd:
     defs = login_defs()
     with interrupts.shielded():
         for attempt in range(ATTEMPTS):
-            used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
-            uid = choose_id(used, state.given_ids(), defs.uid_min, defs.uid_max, attempt)
+            uid = choose_id(ids_in_use(), state.given_ids(), defs.uid_min, defs.uid_max, attempt)
             with state.transaction():
                 state.claim_account(student.username, uid, str(home))
                 state.give_ids(uid)
