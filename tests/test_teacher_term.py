@@ -465,7 +465,7 @@ def test_setup_interrupted_at_random_moments(term):
     assert_every_account_whole(c, skeleton, "uninterrupted setup")
     r = c.run("remove", "--yes")
     assert r.returncode == 0, out(r)
-    assert_everything_removed(c, "remove after the uninterrupted setup")
+    assert_everything_removed(c, f"remove after the uninterrupted setup said {out(r)}")
 
     cut_midway = 0
     for i in range(INTERRUPTIONS):
@@ -500,7 +500,7 @@ def test_setup_interrupted_at_random_moments(term):
         assert_every_account_whole(c, skeleton, f"{why}, after the re-run")
         r = c.run("remove", "--yes")
         assert r.returncode == 0, f"{why}: remove failed: {out(r)}"
-        assert_everything_removed(c, f"{why}, after remove")
+        assert_everything_removed(c, f"{why}, after remove, which said {out(r)}")
     assert cut_midway >= 1, (
         f"seed {seed}: no interruption fell while accounts were being made (setup took "
         f"{whole:.2f}s): the test did not test what it claims"
