@@ -23,6 +23,7 @@ from test_launch import jupyter_hash, memory_contains
 
 from classroom.core import launchplan
 from classroom.core.errors import InvalidInput
+from classroom.core.launchplan import provisioners_installed
 from classroom.core.settings import load
 from classroom.host import kernels as kernel_server
 
@@ -54,7 +55,8 @@ def test_kernel_settings_and_server_args(tmp_path):
     exec_mode = settings_with(tmp_path, kernel_mode="exec", preload="numpy")
     assert exec_mode.preload == ("numpy",)
     exec_args = launchplan.server_args(exec_mode, "/h", 1)
-    assert not any("Provisioner" in a for a in exec_args)
+    assert "--KernelProvisionerFactory.default_provisioner_name=classroom-exec" in exec_args
+    assert not any("ForkProvisioner" in a for a in exec_args)
     assert "--KernelManager.transport_encryption=auto" in exec_args
     with pytest.raises(InvalidInput, match="'os; rm' is not a Python module name"):
         settings_with(tmp_path, preload="numpy, os; rm")
@@ -64,13 +66,70 @@ def test_kernel_settings_and_server_args(tmp_path):
 
 def test_the_provisioner_is_registered():
     """The students' servers find it by its entry point (the installed package)."""
-    assert kernel_server.provisioner_installed()
+    assert provisioners_installed()
     from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
-    from classroom.host.provisioner import ForkProvisioner
+    from classroom.host.provisioner import ForkProvisioner, OwnPortsProvisioner
 
-    entry = KernelProvisionerFactory.instance().provisioners["classroom-fork"]
-    assert entry.load() is ForkProvisioner
+    found = KernelProvisionerFactory.instance().provisioners
+    assert found["classroom-fork"].load() is ForkProvisioner
+    assert found["classroom-exec"].load() is OwnPortsProvisioner
+
+
+def test_an_exec_kernel_whose_ports_were_taken_meanwhile_still_starts(tmp_path, monkeypatch):
+    """Jupyter picks free ports, lets them go, and the kernel binds them a second later:
+    in a room starting at once a classmate's kernel takes them first (here a socket of the
+    test's). The exec provisioner's IPython kernel binds ports of its own instead."""
+    import asyncio
+    import socket
+
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.provisioning import LocalProvisioner
+    from jupyter_client.provisioning.factory import KernelProvisionerFactory
+
+    from classroom.host.provisioner import PORT_NAMES
+
+    taken: list[socket.socket] = []
+    ports_taken: list[int] = []
+    pre_launch = LocalProvisioner.pre_launch
+
+    async def take_the_ports(self, **kwargs):
+        answer = await pre_launch(self, **kwargs)  # the connection file is written now
+        for name in PORT_NAMES:
+            s = socket.socket()
+            s.bind(("127.0.0.1", getattr(self.parent, name)))
+            s.listen()
+            taken.append(s)
+            ports_taken.append(s.getsockname()[1])
+        return answer
+
+    monkeypatch.setattr(LocalProvisioner, "pre_launch", take_the_ports)
+    monkeypatch.setattr(
+        KernelProvisionerFactory.instance(), "default_provisioner_name", launchplan.EXEC_PROVISIONER
+    )
+
+    async def run_a_cell() -> dict:
+        km = AsyncKernelManager(connection_file=str(tmp_path / "kernel.json"))
+        await km.start_kernel(cwd=str(tmp_path))
+        try:
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=60)
+            reply = await kc.execute_interactive("print(6 * 7)", timeout=30, store_history=False)
+            kc.stop_channels()
+            return {"status": reply["content"]["status"], "ports": km.get_connection_info()}
+        finally:
+            await km.shutdown_kernel(now=True)
+
+    try:
+        result = asyncio.run(asyncio.wait_for(run_a_cell(), 90))
+    finally:
+        for s in taken:
+            s.close()
+    assert len(taken) == len(PORT_NAMES)
+    assert result["status"] == "ok"
+    squatted = set(ports_taken)
+    assert not squatted & {result["ports"][name] for name in PORT_NAMES}
 
 
 # --- a student's server, driven as JupyterLab drives it ----------------------------------
@@ -754,12 +813,13 @@ def test_exec_mode_is_jupyters_own(make_course):
     try:
         launched(c, kernel_mode="exec")
         server_pid = status(c)[a]["pid"]
-        cmdline = " ".join(psutil.Process(server_pid).cmdline())
-        assert "Provisioner" not in cmdline
         assert not launchplan.kernel_socket(load(c.config)).exists()
         lab = Lab(c, a)
         ks = lab.connect(lab.open("lesson.ipynb")["id"])
         assert ks.value("import os\nprint(os.getppid())") == server_pid
+        server_log = (c.state_dir / "logs" / f"{a}.log").read_text()
+        assert "listens on ports it chose" in server_log  # the exec provisioner's
+        assert "forked" not in server_log
     finally:
         if ks is not None:
             ks.close()

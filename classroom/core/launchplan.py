@@ -12,7 +12,9 @@ which logged the student in, is the only one that forwards to it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .addresses import https, listen_address, proxied, server_path
@@ -35,7 +37,8 @@ LAB_OVERRIDES = {
 # The apps that read JupyterLab settings (with app = notebook, JupyterLab's extension
 # is loaded beside Notebook's: both are told).
 LAB_SETTINGS_APPS = {"lab": ("LabApp",), "notebook": ("JupyterNotebookApp", "LabApp")}
-PROVISIONER = "classroom-fork"  # the entry point of host/provisioner.py
+PROVISIONER = "classroom-fork"  # the entry points of host/provisioner.py
+EXEC_PROVISIONER = "classroom-exec"
 
 
 def root_dir(settings: Settings, home: str) -> str:
@@ -59,11 +62,22 @@ def kernel_socket(settings: Settings) -> Path:
     return RUN_BASE / settings.name / "kernels" / "kernels.sock"
 
 
+@functools.cache
+def provisioners_installed() -> bool:
+    """Whether this package is installed (not only run from a checkout), so the servers,
+    which run with this Python, find its kernel provisioners' entry points."""
+    found = entry_points(group="jupyter_client.kernel_provisioners")
+    return {PROVISIONER, EXEC_PROVISIONER} <= {e.name for e in found}
+
+
 def kernel_args(settings: Settings) -> list[str]:
-    """Server settings for ``kernel_mode = fork``: every kernel through the fork provisioner,
-    which starts by exec what it cannot fork."""
+    """The servers' kernel provisioner: with ``kernel_mode = fork`` the fork provisioner,
+    which starts by exec what it cannot fork; else one whose IPython kernels bind their own
+    ports (both in ``host/provisioner.py``)."""
+    if not provisioners_installed():
+        return []  # Jupyter's own provisioner (check and launch say so for fork mode)
     if settings.kernel_mode != "fork":
-        return []
+        return [f"--KernelProvisionerFactory.default_provisioner_name={EXEC_PROVISIONER}"]
     return [
         f"--KernelProvisionerFactory.default_provisioner_name={PROVISIONER}",
         f"--ForkProvisioner.kernel_server={kernel_socket(settings)}",

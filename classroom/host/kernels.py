@@ -19,12 +19,11 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import psutil
 
-from ..core.launchplan import PROVISIONER, kernel_socket
+from ..core.launchplan import kernel_socket, provisioners_installed
 from ..core.settings import Settings
 from . import kernelserver
 from .identity import server_python
@@ -36,11 +35,6 @@ from .system import dry_run, spawn
 
 RECORD = "kernelserver"  # the course state's meta key
 READY_POLL = 0.1  # seconds between looks at the socket while it imports
-
-
-def provisioner_installed() -> bool:
-    """Whether the servers' Python has the provisioner's entry point (the package is installed)."""
-    return bool(entry_points(group="jupyter_client.kernel_provisioners", name=PROVISIONER))
 
 
 def log_path(settings: Settings) -> Path:
@@ -148,7 +142,7 @@ def ensure(settings: Settings, state: State, note: Callable[[str], None]) -> Ker
     """
     if settings.kernel_mode != "fork":
         return None
-    if not provisioner_installed():
+    if not provisioners_installed():
         note(
             "kernel_mode = fork: the classroom package is not installed in the servers' Python "
             "(pip install it): kernels start by exec"

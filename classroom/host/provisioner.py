@@ -1,6 +1,11 @@
-"""The kernel provisioner of the students' servers: kernels forked by the course's kernel server.
+"""The kernel provisioners of the students' servers: kernels that bind their own ports, and
+kernels forked by the course's kernel server.
 
-Registered as the ``jupyter_client.kernel_provisioners`` entry point ``classroom-fork``;
+``OwnPortsProvisioner`` (entry point ``classroom-exec``, the servers' default with
+``kernel_mode = exec``) starts kernels as Jupyter does, except that a new IPython kernel
+binds ports of its own choosing (see the class).
+
+``ForkProvisioner`` is registered as the ``jupyter_client.kernel_provisioners`` entry point ``classroom-fork``;
 with ``kernel_mode = fork`` launch makes it the servers' default provisioner and gives it
 the kernel server's socket (``--ForkProvisioner.kernel_server``). It is jupyter_client's
 ``LocalProvisioner`` except for the one step that starts the process: the connection file
@@ -149,79 +154,44 @@ class ForkedKernel:
         return False
 
 
-class ForkProvisioner(LocalProvisioner):
-    """``LocalProvisioner`` whose kernels are forked by the course's kernel server."""
+def is_ipykernel(cmd: list[str]) -> bool:
+    """``cmd`` is ``PYTHON -m ipykernel_launcher …`` (or ``-m ipykernel``)."""
+    return len(cmd) >= 3 and cmd[1] == "-m" and cmd[2] in KERNEL_MODULES
 
-    _forked = False  # a kernel was forked once: a restart keeps its ports
 
-    kernel_server = Unicode("", config=True, help="The course's kernel server: its Unix socket.")
-    timeout = Float(START_REPLY_TIMEOUT, config=True, help="Seconds to wait for a forked kernel.")
+class OwnPortsProvisioner(LocalProvisioner):
+    """``LocalProvisioner`` whose new IPython kernels bind ports of their own choosing.
+
+    Jupyter picks five free ports, lets them go, and the kernel binds them later: when a
+    room starts its kernels at once, a classmate's kernel may bind them first, and this
+    kernel never answers. Given port 0, ipykernel binds ports of its own and writes them
+    into the connection file, where the server takes them. A restarted kernel keeps its
+    ports, so the browser's open connections still reach it. Other kernel specs start as
+    Jupyter starts them. ``kernel_mode = exec`` uses this one (entry point ``classroom-exec``).
+    """
+
+    _started = False  # a kernel was started once: a restart keeps its ports
+
+    timeout = Float(
+        START_REPLY_TIMEOUT, config=True, help="Seconds a new kernel gets to listen (and fork)."
+    )
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        why = self.not_forkable(cmd, kwargs.get("env") or {})
-        if why is None:
-            try:
-                return await self._fork(cmd, kwargs)
-            except (OSError, ValueError, TimeoutError) as exc:
-                why = f"the kernel server did not fork it: {exc}"
-        self.log.warning("classroom: kernel %s started by exec: %s", self.kernel_id, why)
-        return await super().launch_kernel(cmd, **kwargs)
-
-    def not_forkable(self, cmd: list[str], env: dict[str, str]) -> str | None:
-        """None if the kernel server can start ``cmd`` with ``env``; else why not."""
-        if not self.kernel_server:
-            return "no kernel server configured"
-        if len(cmd) < 3 or cmd[1] != "-m" or cmd[2] not in KERNEL_MODULES:
-            return "not an IPython kernel (its kernel spec runs something else)"
-        found = shutil.which(cmd[0], path=env.get("PATH", os.defpath))
-        if not found or not _same_python(found, sys.executable):
-            return f"its kernel spec runs another Python ({cmd[0]})"
-        startup = sorted(k for k in env if k.startswith(STARTUP_VARIABLES))
-        if startup:
-            return f"its environment sets {', '.join(startup)}, which only a new Python applies"
-        return None
-
-    async def _fork(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
-        env = dict(kwargs.get("env") or os.environ)
-        cwd = str(kwargs.get("cwd") or os.getcwd())
-        spec = {"argv": cmd, "env": env, "cwd": cwd, "umask": _umask()}
-        # A new kernel binds ports of its own choosing (the ports the server picked and
-        # let go may be anyone's by then: a room starting at once hits that); a restarted
-        # one keeps its ports, so the browser's open connections still reach it.
-        ports = self.parent is not None and not self._forked
-        written = self._open_ports() if ports else None
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec_fd = os.memfd_create("kernel-launch", os.MFD_CLOEXEC)
-        outputs = [_output(1), _output(2)]
+        written = self._open_ports() if self._own_ports(cmd) else None
         try:
-            os.write(spec_fd, json.dumps(spec).encode())
-            os.lseek(spec_fd, 0, os.SEEK_SET)
-            conn.settimeout(5)
-            conn.connect(self.kernel_server)
-            socket.send_fds(conn, [REQUEST], [spec_fd, *outputs])
-            conn.setblocking(False)
-            pid, rest = await self._answer(conn)
-            kernel = ForkedKernel(conn, pid, rest)
+            info = await super().launch_kernel(cmd, **kwargs)
             if written is not None:
-                await self._take_ports(kernel)
+                await self._take_ports(self.process)
+                info = self.connection_info
         except BaseException:
-            conn.close()  # a kernel already forked goes with it
             if written is not None:
-                self._write_connection_file(written)  # exec'd instead: the ports picked first
+                self._write_connection_file(written)
             raise
-        finally:
-            os.close(spec_fd)
-            for fd in outputs:
-                if fd > 2:
-                    os.close(fd)
-        self.process = kernel
-        self.pid = self.pgid = pid  # the kernel leads a session of its own
-        self.cwd = cwd
-        self._forked = True
-        self.log.info(
-            "classroom: kernel %s forked by the kernel server (pid %d)", self.kernel_id, pid
-        )
-        return self.connection_info
+        self._started = True
+        return info
+
+    def _own_ports(self, cmd: list[str]) -> bool:
+        return self.parent is not None and not self._started and is_ipykernel(cmd)
 
     def _open_ports(self) -> dict:
         """Rewrite the connection file with port 0 for each channel (ipykernel then binds
@@ -231,7 +201,7 @@ class ForkProvisioner(LocalProvisioner):
         self._write_connection_file({**written, **dict.fromkeys(PORT_NAMES, 0)})
         return written
 
-    async def _take_ports(self, kernel: ForkedKernel) -> None:
+    async def _take_ports(self, kernel: Any) -> None:
         """Wait for the kernel to write its ports into the connection file; use them."""
         km = self.parent
         deadline = time.monotonic() + self.timeout
@@ -253,10 +223,80 @@ class ForkProvisioner(LocalProvisioner):
         for name in PORT_NAMES:
             setattr(km, name, int(info[name]))
         self.connection_info = km.get_connection_info()
+        ports = ", ".join(str(info[name]) for name in PORT_NAMES)
+        self.log.info("classroom: kernel %s listens on ports it chose (%s)", self.kernel_id, ports)
 
     def _write_connection_file(self, info: dict) -> None:
         with secure_write(self.parent.connection_file) as f:
             json.dump(info, f, indent=1)
+
+
+class ForkProvisioner(OwnPortsProvisioner):
+    """``OwnPortsProvisioner`` whose kernels are forked by the course's kernel server."""
+
+    kernel_server = Unicode("", config=True, help="The course's kernel server: its Unix socket.")
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        why = self.not_forkable(cmd, kwargs.get("env") or {})
+        if why is None:
+            try:
+                return await self._fork(cmd, kwargs)
+            except (OSError, ValueError, TimeoutError) as exc:
+                why = f"the kernel server did not fork it: {exc}"
+        self.log.warning("classroom: kernel %s started by exec: %s", self.kernel_id, why)
+        return await super().launch_kernel(cmd, **kwargs)
+
+    def not_forkable(self, cmd: list[str], env: dict[str, str]) -> str | None:
+        """None if the kernel server can start ``cmd`` with ``env``; else why not."""
+        if not self.kernel_server:
+            return "no kernel server configured"
+        if not is_ipykernel(cmd):
+            return "not an IPython kernel (its kernel spec runs something else)"
+        found = shutil.which(cmd[0], path=env.get("PATH", os.defpath))
+        if not found or not _same_python(found, sys.executable):
+            return f"its kernel spec runs another Python ({cmd[0]})"
+        startup = sorted(k for k in env if k.startswith(STARTUP_VARIABLES))
+        if startup:
+            return f"its environment sets {', '.join(startup)}, which only a new Python applies"
+        return None
+
+    async def _fork(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
+        env = dict(kwargs.get("env") or os.environ)
+        cwd = str(kwargs.get("cwd") or os.getcwd())
+        spec = {"argv": cmd, "env": env, "cwd": cwd, "umask": _umask()}
+        written = self._open_ports() if self._own_ports(cmd) else None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        spec_fd = os.memfd_create("kernel-launch", os.MFD_CLOEXEC)
+        outputs = [_output(1), _output(2)]
+        try:
+            os.write(spec_fd, json.dumps(spec).encode())
+            os.lseek(spec_fd, 0, os.SEEK_SET)
+            conn.settimeout(5)
+            conn.connect(self.kernel_server)
+            socket.send_fds(conn, [REQUEST], [spec_fd, *outputs])
+            conn.setblocking(False)
+            pid, rest = await self._answer(conn)
+            kernel = ForkedKernel(conn, pid, rest)
+            if written is not None:
+                await self._take_ports(kernel)
+        except BaseException:
+            conn.close()  # a kernel already forked goes with it
+            if written is not None:
+                self._write_connection_file(written)
+            raise
+        finally:
+            os.close(spec_fd)
+            for fd in outputs:
+                if fd > 2:
+                    os.close(fd)
+        self.process = kernel
+        self.pid = self.pgid = pid  # the kernel leads a session of its own
+        self.cwd = cwd
+        self._started = True
+        self.log.info(
+            "classroom: kernel %s forked by the kernel server (pid %d)", self.kernel_id, pid
+        )
+        return self.connection_info
 
     async def _answer(self, conn: socket.socket) -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
