@@ -237,3 +237,55 @@ with open(os.path.join(base, "lesson.ipynb"), "a") as f:  # and one real edit
 
 # File names that would move the cursor, retitle the terminal or colour it, were they printed raw.
 HOSTILE_NAMES = ["\x1b]0;pwned\x07title.txt", "\x1b[2K\x1b[1A started.py", "csi\u009b31mred.txt"]
+
+
+def memory_contains(pid: int, needles: list[bytes]) -> set[bytes]:
+    """Which of ``needles`` occur in any readable region of /proc/PID/mem (as root)."""
+    found: set[bytes] = set()
+    longest = max(len(n) for n in needles)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            tail = b""
+            offset = start
+            while offset < end:
+                size = min(1 << 22, end - offset)
+                try:
+                    mem.seek(offset)
+                    chunk = mem.read(size)
+                except (OSError, OverflowError, ValueError):
+                    break
+                data = tail + chunk
+                for needle in needles:
+                    if needle in data:
+                        found.add(needle)
+                tail = data[-longest:]
+                offset += size
+    return found
+
+
+def find_hashed_password(home: Path) -> tuple[Path, str] | None:
+    """The file in the student's ~/.jupyter that holds a hashed Jupyter password, and the
+    hash; None if there is none."""
+    for f in sorted((home / ".jupyter").glob("*.json")):
+        with contextlib.suppress(ValueError, OSError):
+            data = json.loads(f.read_text())
+            for section, key in (
+                ("IdentityProvider", "hashed_password"),
+                ("PasswordIdentityProvider", "hashed_password"),
+                ("ServerApp", "password"),
+            ):
+                value = data.get(section, {}).get(key)
+                if value:
+                    return f, value
+    return None
+
+
+def hashed_password(home: Path) -> tuple[Path, str]:
+    """``find_hashed_password``, which must find one."""
+    found = find_hashed_password(home)
+    assert found, f"no Jupyter password hash under {home / '.jupyter'}"
+    return found

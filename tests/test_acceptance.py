@@ -45,7 +45,7 @@ from conftest import (
     status,
     user_exists,
 )
-from students import write_as
+from students import hashed_password, write_as
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acceptance tests run as root")
 
@@ -99,23 +99,6 @@ def login_defs(key: str) -> str | None:
         if len(parts) >= 2 and parts[0] == key:
             return parts[1]
     return None
-
-
-def jupyter_hash(home: Path) -> tuple[Path, str]:
-    """The hashed Jupyter password in the student's ~/.jupyter, and the file that holds it."""
-    found = []
-    for f in sorted((home / ".jupyter").glob("*.json")):
-        data = json.loads(f.read_text())
-        for section, key in (
-            ("IdentityProvider", "hashed_password"),
-            ("PasswordIdentityProvider", "hashed_password"),
-            ("ServerApp", "password"),
-        ):
-            value = data.get(section, {}).get(key)
-            if value:
-                found.append((f, value))
-    assert found, f"no Jupyter password hash under {home / '.jupyter'}"
-    return found[0]
 
 
 def passwd_check(hashed: str, password: str) -> bool:
@@ -535,7 +518,7 @@ def test_original_tool_roster_with_passwords(course):
         assert not crypt_ok(old[u][0], h), "the roster's sys-pass was used"
         assert crypt_ok(creds[u]["password"], h)
         assert creds[u]["password"] not in old[u]
-        _, jh = jupyter_hash(course.home(u))
+        _, jh = hashed_password(course.home(u))
         assert not passwd_check(jh, old[u][1]), "the roster's nb-pass was used"
     # the old passwords are written nowhere under the state folder
     for f in course.state_dir.rglob("*"):
@@ -712,7 +695,7 @@ def test_setup_passwords_generated(shared):
 def test_setup_jupyter_password(shared):
     creds = shared.credentials()
     for u in shared.usernames:
-        f, h = jupyter_hash(shared.home(u))
+        f, h = hashed_password(shared.home(u))
         st = f.stat()
         pw = pwd.getpwnam(u)
         assert st.st_uid == pw.pw_uid, f
@@ -788,7 +771,7 @@ def test_setup_no_password_in_argv_environment_or_logs(shared):
     for u in shared.usernames:
         secrets_.add(creds[u]["password"].encode())
         secrets_.add(shadow_entry(u).encode())
-        secrets_.add(jupyter_hash(shared.home(u))[1].encode())
+        secrets_.add(hashed_password(shared.home(u))[1].encode())
     assert any(b"useradd" in blob for blob in shared.watched), (
         "the watcher saw nothing (test broken)"
     )
@@ -880,7 +863,7 @@ def test_setup_reset_passwords_updates_rows_in_place(ready_course):
     assert crypt_ok(after[u0]["password"], shadow_entry(u0))
     assert not crypt_ok(before[u0]["password"], shadow_entry(u0))
     assert crypt_ok(after[u1]["password"], shadow_entry(u1))
-    _, h = jupyter_hash(c.home(u0))
+    _, h = hashed_password(c.home(u0))
     assert passwd_check(h, after[u0]["notebook_password"] or after[u0]["password"])
     assert not passwd_check(h, before[u0]["password"])
     assert after[u0]["password"] in (c.state_dir / "handout.html").read_text()
@@ -896,7 +879,7 @@ def test_setup_separate_notebook_password(course):
     for u in course.usernames:
         row = creds[u]
         assert row["notebook_password"] and row["notebook_password"] != row["password"]
-        _, h = jupyter_hash(course.home(u))
+        _, h = hashed_password(course.home(u))
         assert passwd_check(h, row["notebook_password"])
         assert not passwd_check(h, row["password"])
         assert crypt_ok(row["password"], shadow_entry(u))

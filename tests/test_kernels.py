@@ -18,8 +18,7 @@ import psutil
 import pytest
 import requests
 from conftest import login, needs_root, proc_env, proc_fds, status
-from students import as_student, write_as
-from test_launch import jupyter_hash, memory_contains
+from students import as_student, hashed_password, memory_contains, write_as
 
 from classroom.core import launchplan
 from classroom.core.errors import InvalidInput
@@ -473,7 +472,7 @@ def test_forked_kernels_are_the_students_own(make_course):
             key_b,
             creds[b]["password"].encode(),
             creds[b]["notebook_password"].encode(),
-            jupyter_hash(c, b).encode(),
+            hashed_password(c.home(b))[1].encode(),
         ]
         found = memory_contains(seen[a1["id"]]["pid"], needles)
         assert found == {key_a}, found

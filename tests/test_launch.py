@@ -34,7 +34,7 @@ from conftest import (
     server_rows,
     status,
 )
-from students import write_as
+from students import hashed_password, memory_contains, write_as
 
 from classroom.commands import launch
 from classroom.core import launchplan
@@ -47,39 +47,6 @@ MODES = pytest.mark.parametrize("mode", ["exec", "fork"])
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def memory_contains(pid: int, needles: list[bytes]) -> set[bytes]:
-    """Which of ``needles`` occur in any readable region of /proc/PID/mem (as root)."""
-    found: set[bytes] = set()
-    longest = max(len(n) for n in needles)
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            tail = b""
-            offset = start
-            while offset < end:
-                size = min(1 << 22, end - offset)
-                try:
-                    mem.seek(offset)
-                    chunk = mem.read(size)
-                except (OSError, OverflowError, ValueError):
-                    break
-                data = tail + chunk
-                for needle in needles:
-                    if needle in data:
-                        found.add(needle)
-                tail = data[-longest:]
-                offset += size
-    return found
-
-
-def jupyter_hash(course, username: str) -> str:
-    config = course.home(username) / ".jupyter" / "jupyter_server_config.json"
-    return json.loads(config.read_text())["IdentityProvider"]["hashed_password"]
 
 
 def alive_processes_of(uid: int) -> list:
@@ -276,11 +243,13 @@ def test_launch_runs_each_student_as_the_student(ready_course, mode):
             needles = [
                 creds[other]["password"].encode(),
                 creds[other]["notebook_password"].encode(),
-                jupyter_hash(c, other).encode(),
-                jupyter_hash(c, u).encode(),
+                hashed_password(c.home(other))[1].encode(),
+                hashed_password(c.home(u))[1].encode(),
             ]
             found = memory_contains(pid, needles)
-            assert found == {jupyter_hash(c, u).encode()}, f"{u}'s server holds {other}'s secrets"
+            assert found == {hashed_password(c.home(u))[1].encode()}, (
+                f"{u}'s server holds {other}'s secrets"
+            )
         # the student's own ~/.jupyter/jupyter_server_config.py ran, as the student
         marker = json.loads((c.home(b) / "config-was-read").read_text())
         assert marker["uid"] == c.pw(b).pw_uid and marker["cwd"] == c.pw(b).pw_dir

@@ -28,7 +28,7 @@ from chromium import (
     watch_console,
 )
 from conftest import PYTHON, RunningPortal, free_port
-from test_proxy import running_class
+from proxyclass import running_class
 
 from classroom.core.settings import load
 

@@ -46,7 +46,7 @@ from conftest import (
     status,
     user_exists,
 )
-from students import write_as
+from students import find_hashed_password, write_as
 
 pytestmark = needs_root
 
@@ -77,21 +77,6 @@ def shadow() -> dict[str, str]:
         if len(parts) > 1:
             entries[parts[0]] = parts[1]
     return entries
-
-
-def jupyter_hash_file(home: Path) -> Path | None:
-    """The file in the student's ~/.jupyter that holds a hashed Jupyter password, if any."""
-    for f in sorted((home / ".jupyter").glob("*.json")):
-        with contextlib.suppress(ValueError, OSError):
-            data = json.loads(f.read_text())
-            for section, key in (
-                ("IdentityProvider", "hashed_password"),
-                ("PasswordIdentityProvider", "hashed_password"),
-                ("ServerApp", "password"),
-            ):
-                if data.get(section, {}).get(key):
-                    return f
-    return None
 
 
 def http_answers(port: int) -> bool:
@@ -422,7 +407,7 @@ def assert_every_account_whole(c: TestCourse, skeleton: list[str], why: str) -> 
             f = home / name
             assert f.is_file(), f"{why}: {u}'s home lacks the skeleton file {name}"
             assert f.stat().st_uid == pw.pw_uid, f"{why}: {f} is not {u}'s"
-        assert jupyter_hash_file(home), f"{why}: {u} has no Jupyter password"
+        assert find_hashed_password(home), f"{why}: {u} has no Jupyter password"
         assert u in creds and creds[u]["password"], f"{why}: {u} has no row in credentials.csv"
         assert crypt_ok(creds[u]["password"], hashes.get(u, "")), (
             f"{why}: {u}'s Unix password is not the one in credentials.csv"
