@@ -296,6 +296,46 @@ def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
         subprocess.run(["groupdel", squatter], check=False)
 
 
+def test_a_process_started_after_remove_stopped_everything_is_killed_too(ready_course, monkeypatch):
+    """A student who logs in again once remove has stopped their processes: userdel refuses
+    (the account is in use); remove kills that process too and deletes the account."""
+    from click.testing import CliRunner
+
+    from classroom import cli
+    from classroom.commands import remove as remove_command
+
+    course = ready_course
+    u = course.usernames[0]
+    pw = course.pw(u)
+    real_stop = remove_command.stop_everything
+    late: list[subprocess.Popen] = []
+
+    def stop_then_log_in(course_, present):
+        real_stop(course_, present)
+        late.append(
+            subprocess.Popen(
+                ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
+                + ["sleep", "120"]
+            )
+        )
+        time.sleep(0.2)  # running as the student by now
+
+    monkeypatch.setattr(remove_command, "stop_everything", stop_then_log_in)
+    try:
+        result = CliRunner().invoke(
+            cli.cli, ["remove", str(course.config), "--yes"], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+        assert late and late[0].wait(10) == -9, "the late login survived remove"
+        with pytest.raises(KeyError):
+            pwd.getpwnam(u)
+    finally:
+        for p in late:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_remove_leaves_alone_a_uid_given_out_again_meanwhile(ready_course, monkeypatch):
     """Between userdel and remove's last sweep (processes, files in /tmp), another program
     (another course's setup) may give the freed uid to a new account: what that account

@@ -188,7 +188,8 @@ def stop_everything(course: Course, present: list[Account]) -> None:
 
 
 def remove_accounts(course: Course, report: Report, present: list[Account]) -> None:
-    """Archives (tar + gzip, CPU bound) in parallel; accounts deleted one by one, in order.
+    """Archives (tar + gzip, CPU bound) in parallel; accounts deleted one by one, in order;
+    then nothing of theirs outlives them (``sweep_deleted``, also when interrupted).
 
     An account whose archive failed is kept.
     """
@@ -200,43 +201,53 @@ def remove_accounts(course: Course, report: Report, present: list[Account]) -> N
             return archive_home(s.archive_dir, a.pw)
         return None
 
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        futures = [(a, pool.submit(archive, a)) for a in present]
-        for a, future in progress(futures, "removing"):
-            try:
+    deleted: list[Account] = []
+    try:
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            futures = [(a, pool.submit(archive, a)) for a in present]
+            for a, future in progress(futures, "removing"):
                 try:
-                    archived = future.result()
-                except StepFailed as exc:
-                    raise StepFailed(f"archive failed, account kept: {exc}") from None
-                except OSError as exc:
-                    raise StepFailed(
-                        f"archive failed, account kept: {exc.strerror}: {exc.filename}"
-                    ) from None
-                detail = {"archive": str(archived or "")}
-                with course.state.transaction():
-                    course.state.record("remove", a.username, "archived", detail)
-                ids = [(a.pw.pw_uid, a.pw.pw_gid)]
-                with interrupts.shielded():  # deleted and forgotten, or neither
-                    # Again just before userdel: a login between the first stop and now.
-                    kill_every_process_of(ids)
-                    delete_account(course, a)
+                    try:
+                        archived = future.result()
+                    except StepFailed as exc:
+                        raise StepFailed(f"archive failed, account kept: {exc}") from None
+                    except OSError as exc:
+                        raise StepFailed(
+                            f"archive failed, account kept: {exc.strerror}: {exc.filename}"
+                        ) from None
+                    detail = {"archive": str(archived or "")}
                     with course.state.transaction():
-                        course.state.forget_account(a.username)
-                        course.state.record("remove", a.username, "removed", detail)
-                    # and after it: nothing of that uid outlives the account (unless the
-                    # uid already went to a new account elsewhere: then it is theirs)
-                    survivors = []
-                    if not uid_taken(a.pw.pw_uid):
-                        survivors = kill_every_process_of(ids)[a.pw.pw_uid]
-                    # its cgroup (``[limits]``) goes with it; what is left there is SIGKILLed
-                    released = dry_run() or limits.release(s.name, a.username)
-                if survivors:
-                    raise StepFailed(
-                        f"account deleted, but processes of uid {a.pw.pw_uid} survived "
-                        f"SIGKILL: {', '.join(map(str, survivors))}; stop them by hand"
-                    )
-                if not released:
-                    raise StepFailed("account deleted, but its cgroup is not empty; remove again")
-                report.done(a.username, "removed", f"archive {archived}" if archived else "")
-            except StepFailed as exc:
-                report.failed(a.username, str(exc))
+                        course.state.record("remove", a.username, "archived", detail)
+                    with interrupts.shielded():  # deleted and forgotten, or neither
+                        delete_account(course, a)
+                        deleted.append(a)
+                        with course.state.transaction():
+                            course.state.forget_account(a.username)
+                            course.state.record("remove", a.username, "removed", detail)
+                    report.done(a.username, "removed", f"archive {archived}" if archived else "")
+                except StepFailed as exc:
+                    report.failed(a.username, str(exc))
+    finally:
+        with interrupts.shielded():
+            sweep_deleted(course, report, deleted)
+
+
+def sweep_deleted(course: Course, report: Report, deleted: list[Account]) -> None:
+    """After userdel: SIGKILL whatever of those uids still runs (a process started between
+    userdel's look and the deletion), unless the uid already went to a new account
+    elsewhere (then it is theirs); then release their cgroups (``[limits]``), SIGKILLing
+    what is left there. One sweep for the class, not one per account."""
+    ids = {a.pw.pw_uid: a.pw.pw_gid for a in deleted if a.pw is not None}
+    ids = {uid: gid for uid, gid in ids.items() if not uid_taken(uid)}
+    survivors = kill_every_process_of(ids.items()) if ids else {}
+    for a in deleted:
+        assert a.pw is not None
+        left = survivors.get(a.pw.pw_uid)
+        if left:
+            report.failed(
+                a.username,
+                f"account deleted, but processes of uid {a.pw.pw_uid} survived "
+                f"SIGKILL: {', '.join(map(str, left))}; stop them by hand",
+            )
+        elif not (dry_run() or limits.release(course.settings.name, a.username)):
+            report.failed(a.username, "account deleted, but its cgroup is not empty; remove again")

@@ -29,7 +29,7 @@ from ..core.roster import Student
 from ..core.secret import Secret
 from ..core.sizes import human_size
 from . import interrupts
-from .processes import running_programs
+from .processes import kill_every_process_of, running_programs
 from .system import login_defs, run, run_account_tool
 from .workers import as_user
 
@@ -66,6 +66,8 @@ class Change:
 # --- ownership --------------------------------------------------------------------------------
 
 
+USERDEL_BUSY = 8  # userdel's status when a process of the account runs
+BUSY_ATTEMPTS = 3
 ACCOUNT_TOOLS = ("useradd", "groupadd", "usermod", "gpasswd", "userdel", "groupdel")
 TOOLS_WAIT = 60.0  # seconds to wait for an account tool a killed run left running
 
@@ -300,8 +302,7 @@ def remove_group_if_empty(course: Any, name: str | None = None, meta: str = "gro
     left = sorted(members(name))
     if left:
         raise StepFailed(
-            f"group {name} kept: {', '.join(left[:5])}{' …' if len(left) > 5 else ''} "
-            f"still in it (the course did not delete {'them' if len(left) > 1 else 'that account'})"
+            f"group {name} kept: {', '.join(left[:5])}{' …' if len(left) > 5 else ''} still in it"
         )
     run_account_tool(["groupdel", "--", name])
     with state.transaction():
@@ -592,7 +593,9 @@ def set_passwords(passwords: dict[str, Secret]) -> None:
 def delete_account(course: Any, account: Account) -> None:
     """userdel (the home too when it is the one the course made), then forget the account.
 
-    Looks again just before deleting: the account must still be the one inspected.
+    Looks again just before deleting: the account must still be the one inspected. userdel
+    refuses while a process of the account runs (one started since they were stopped):
+    those are killed and userdel runs again.
     """
     settings, state = course.settings, course.state
     now_acc = inspect(course, account.student)
@@ -608,7 +611,12 @@ def delete_account(course: Any, account: Account) -> None:
     home = Path(now_acc.pw.pw_dir)
     own_home = row is not None and Path(row["home"]) == home and home.parent == settings.home_base
     argv = ["userdel", "--remove", "--", username] if own_home else ["userdel", "--", username]
-    result = run_account_tool(argv, check=False)
+    ids = [(now_acc.pw.pw_uid, now_acc.pw.pw_gid)]
+    for _ in range(BUSY_ATTEMPTS):
+        result = run_account_tool(argv, check=False)
+        if result.returncode != USERDEL_BUSY:
+            break
+        kill_every_process_of(ids)  # a login since the processes were stopped: again
     if result.returncode not in (0, 12):
         raise StepFailed(f"userdel failed with status {result.returncode}: {result.stderr.strip()}")
     if own_home and home.is_dir() and not home.is_symlink():
