@@ -291,6 +291,26 @@ def test_login_sets_one_strict_session_cookie_and_logout_ends_it(klass):
 
 
 @pytest.mark.root
+def test_logging_out_closes_the_open_kernel_connections_of_that_session(klass):
+    """Logged out on a lab computer, a JupyterLab tab left open elsewhere on it must not
+    still run code as the student over its open kernel WebSocket."""
+    a = klass.course.usernames[0]
+    s = klass.login(a)
+    ws = kernel_websocket(klass, s, a)
+    ws.send(json.dumps(execute("print(6*7)", a)))
+    assert read_stream(ws) == "42\n"
+    other = klass.login(a)  # the same student in another browser: stays logged in
+    ws_other = kernel_websocket(klass, other, a)
+    assert s.get(klass.url + "/logout", timeout=30).status_code == 200
+    assert closed_within(ws, 2 * sessions.CACHE_SECONDS + 30), (
+        "the kernel connection outlived logout"
+    )
+    ws_other.send(json.dumps(execute("print(7*6)", a)))
+    assert read_stream(ws_other) == "42\n"
+    ws_other.close()
+
+
+@pytest.mark.root
 def test_kernel_websocket_and_a_50_mb_upload_and_download_stream_through(klass):
     import websocket
 
@@ -356,6 +376,42 @@ def test_kernel_websocket_and_a_50_mb_upload_and_download_stream_through(klass):
         done.set()
         watcher.join()
     assert peak[0] - before < 25 << 20, f"the portal grew by {(peak[0] - before) >> 20} MB"
+
+
+def kernel_websocket(klass, s: requests.Session, username: str):
+    """A new kernel of ``username``'s, and a WebSocket to it through the portal."""
+    import websocket
+
+    k = s.post(f"{klass.url}/user/{username}/api/kernels", json={}, timeout=60)
+    assert k.status_code == 201, k.text
+    cookie = "; ".join(f"{n}={v}" for n, v in s.cookies.items())
+    return websocket.create_connection(
+        f"wss://127.0.0.1:{klass.port}/user/{username}/api/kernels/{k.json()['id']}/channels",
+        header=[f"Cookie: {cookie}"],
+        origin=klass.url,
+        sslopt={"ca_certs": str(klass.cert)},
+        timeout=60,
+    )
+
+
+def closed_within(ws, seconds: float) -> bool:
+    """Whether the other end closes ``ws`` within ``seconds`` (what arrives meanwhile is read)."""
+    import websocket
+
+    deadline = time.monotonic() + seconds
+    ws.settimeout(1)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if not ws.recv():
+                    return True
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+                return True
+        return False
+    finally:
+        ws.close()
 
 
 def execute(code: str, username: str) -> dict:

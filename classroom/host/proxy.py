@@ -63,7 +63,14 @@ from .portal_pages import (
     signed_in,
 )
 from .server import peer_uid
-from .sessions import SESSION_SECONDS, Authenticator, RateLimit, Sessions, cookie_secret
+from .sessions import (
+    CACHE_SECONDS,
+    SESSION_SECONDS,
+    Authenticator,
+    RateLimit,
+    Sessions,
+    cookie_secret,
+)
 
 log = logging.getLogger("classroom")
 
@@ -607,7 +614,23 @@ class ForwardHandler(PageHandler):
         except iostream.StreamClosedError:
             upstream.close()
             return
-        await asyncio.gather(_pipe(client, upstream), _pipe(upstream, client))
+        watch = asyncio.ensure_future(self.end_with_session(client, upstream))
+        try:
+            await asyncio.gather(_pipe(client, upstream), _pipe(upstream, client))
+        finally:
+            watch.cancel()
+
+    async def end_with_session(self, client: iostream.IOStream, upstream: Any) -> None:
+        """Close the tunnel once its session has ended (logout, a new password, remove):
+        an open kernel or terminal connection must not outlive the login it came with."""
+        session_id, user = self.session_id(), self.session_user()
+        while not client.closed():
+            await asyncio.sleep(CACHE_SECONDS)
+            if session_id is None or self.gate.sessions.user(session_id) != user:
+                log.info("portal: %s's WebSocket closed: its session ended", user)
+                client.close()
+                upstream.close()
+                return
 
 
 class _Detached:
