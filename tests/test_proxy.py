@@ -39,7 +39,7 @@ from proxyclass import running_class
 from students import as_student
 
 from classroom.core.settings import load
-from classroom.host import proxy, sessions
+from classroom.host import portal_login, proxy, sessions
 from classroom.host.serverhome import prepare_socket_dir
 from classroom.host.sessions import FAIL_DELAY, LIMIT, RateLimit
 
@@ -139,7 +139,7 @@ def test_a_server_sets_only_its_own_cookies_on_its_own_path(set_cookie, expect):
     ],
 )
 def test_after_login_only_a_path_under_user(value, expect):
-    assert proxy.safe_next(value) == expect
+    assert portal_login.safe_next(value) == expect
 
 
 def test_more_than_ten_failures_in_five_minutes_wait_until_the_window_passed():

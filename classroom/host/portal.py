@@ -8,7 +8,8 @@ With ``access = redirect``:
     anything else, an unknown user or a stopped server: a friendly page, status 404
 
 With ``access = proxy`` the portal is the only door: a login, and each student's
-requests forwarded to their own server (``proxy.py``); ``/healthz`` as above.
+requests forwarded to their own server (``proxy.py``; the login is ``portal_login.py``);
+``/healthz`` as above.
 
 A redirect is only ever ``SCHEME://HOST:PORT/PATH`` built from checked parts: HOST is
 ``[launch] server_address`` or the host name of the browser's Host header (strictly
@@ -53,7 +54,7 @@ from ..core.addresses import (
 )
 from ..core.errors import EXIT_PARTIAL, ClassroomError, InvalidInput
 from ..core.settings import Settings
-from . import proxy
+from . import portal_login, proxy
 from .portal_pages import LEAD, csp, form, note, render, security_headers
 
 log = logging.getLogger("classroom")
@@ -322,14 +323,14 @@ def make_app(settings: Settings, lookup: Lookup, *, probe: bool = True) -> torna
     }
     if proxied(settings):
         try:
-            keys = proxy.application_settings(settings)
+            keys = portal_login.application_settings(settings)
             routes, gate = proxy.routes(settings)
         except (OSError, sqlite3.Error) as exc:
             raise PortalError(
                 f"portal: cannot keep sessions in {settings.state_dir}: {exc} "
                 "(run setup first; the portal runs as root)"
             ) from None
-        not_found, not_found_args = proxy.not_found(gate)
+        not_found, not_found_args = portal_login.not_found(gate)
         app = tornado.web.Application(
             [(r"/healthz", HealthHandler, args), *routes],
             default_handler_class=not_found,
@@ -426,7 +427,7 @@ def serve(
     try:
         asyncio.run(_run(app, sockets, context, url, ready, stop, tick, catch_signals=main_thread))
     finally:
-        proxy.close_quietly(app.settings.get("gate"))
+        portal_login.close_quietly(app.settings.get("gate"))
         for sock in sockets:
             sock.close()
         for sig, handler in saved.items():
