@@ -275,20 +275,20 @@ def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
     from click.testing import CliRunner
 
     from classroom import cli
-    from classroom.host import accounts
+    from classroom.host import groups
 
     squatter = random_name("tg")
     subprocess.run(["groupadd", squatter], check=True)
     try:
         taken = grp.getgrnam(squatter).gr_gid
-        real = accounts.free_id
+        real = groups.free_id
         calls = []
 
         def racy(used, low, high):
             calls.append(1)
             return taken if len(calls) == 1 else real(used, low, high)
 
-        monkeypatch.setattr(accounts, "free_id", racy)
+        monkeypatch.setattr(groups, "free_id", racy)
         result = CliRunner().invoke(cli.cli, ["setup", str(course.config)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert grp.getgrnam(course.name).gr_gid != taken
@@ -456,7 +456,8 @@ def test_a_new_account_never_gets_an_id_the_course_gave(course):
 def test_a_gid_left_to_accounts_by_a_deleted_group_is_not_given_to_the_course(course):
     """A group deleted from under its accounts (groupdel --force) leaves them its gid: the
     course group made with that gid would take a stranger in, and remove would keep it."""
-    from classroom.host.accounts import choose_id, login_defs
+    from classroom.host.groups import choose_id
+    from classroom.host.system import login_defs
 
     defs = login_defs()
     low, high = int(defs.get("GID_MIN", "1000")), int(defs.get("GID_MAX", "60000"))
@@ -495,7 +496,7 @@ def test_remove_says_who_keeps_the_course_group(ready_course):
 
 
 def test_ids_go_above_the_highest_given_then_below_never_given_ones():
-    from classroom.host.accounts import choose_id
+    from classroom.host.groups import choose_id
 
     used, given = {1000, 1005}, {1002, 1003, 1004}
     assert choose_id(used, given, 1000, 1010, 0) == 1006  # above everything, as useradd

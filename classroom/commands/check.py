@@ -21,8 +21,9 @@ from ..core.errors import EXIT_OK, EXIT_USAGE, InvalidInput
 from ..core.roster import Roster
 from ..core.settings import Settings
 from ..host import credentials, hooks, limits, sharedfolder
-from ..host.accounts import FOREIGN, check_group, inspect
+from ..host.accounts import FOREIGN, inspect
 from ..host.files import world_readable_chain
+from ..host.groups import check_group
 from ..host.ports import ipv6_available, port_free
 from ..host.system import CommandFailed, is_root, login_defs, run, set_dry_run
 from . import staff

@@ -28,8 +28,8 @@ from ..host.accounts import (
     uid_taken,
     wait_for_account_tools,
 )
-from ..host.accounts import remove_group_if_empty as remove_group
 from ..host.archive import archive_home
+from ..host.groups import remove_group_if_empty as remove_group
 from ..host.leftovers import SHARED_TMP
 from ..host.processes import kill_every_process_of, processes_of, stop_processes
 from ..host.serverhome import remove_run_dir, remove_socket_dir

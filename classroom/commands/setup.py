@@ -25,15 +25,14 @@ from ..host.accounts import (
     MISSING,
     Account,
     alignment,
-    check_group,
     create_account,
-    ensure_group,
     inspect,
     set_passwords,
     useradd_argv,
     wait_for_account_tools,
 )
 from ..host.files import world_readable_chain, write_atomic
+from ..host.groups import check_group, ensure_group
 from ..host.homefiles import write_student_files
 from ..host.state import check_private_dir
 from ..host.system import dry_run, sudo_caller

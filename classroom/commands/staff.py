@@ -21,7 +21,8 @@ from pathlib import Path
 from ..core.errors import StepFailed
 from ..core.settings import Settings
 from ..host import staff, sudoers
-from ..host.accounts import MISSING, OK, Account, check_group, ensure_group, remove_group_if_empty
+from ..host.accounts import MISSING, OK, Account
+from ..host.groups import check_group, ensure_group, remove_group_if_empty
 from ..host.system import dry_run, run, sudo_caller
 from .course import Course, Report
 
