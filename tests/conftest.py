@@ -258,6 +258,17 @@ def group_exists(name: str) -> bool:
     return True
 
 
+def describe_group(name: str) -> str:
+    """The group as /etc/group has it, and the accounts whose primary group it is (for a
+    failure's message)."""
+    try:
+        g = grp.getgrnam(name)
+    except KeyError:
+        return f"no group {name}"
+    primary = [p.pw_name for p in pwd.getpwall() if p.pw_gid == g.gr_gid]
+    return f"{g.gr_name}:{g.gr_gid}:{','.join(g.gr_mem)} (primary group of {primary})"
+
+
 def crypt_ok(password: str, hashed: str | None) -> bool:
     """True if ``hashed`` (from /etc/shadow) is a hash of ``password``."""
     with warnings.catch_warnings():

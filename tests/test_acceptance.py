@@ -36,6 +36,7 @@ from conftest import (
     TestCourse,
     answers,
     crypt_ok,
+    describe_group,
     group_exists,
     login,
     random_name,
@@ -1260,7 +1261,7 @@ def test_remove_archives_kills_deletes(ready_course):
         assert any(n.endswith("tutorial/lesson.ipynb") for n in names), names
         if u == u0:
             assert any(n.endswith("tutorial/homework.py") for n in names), names
-    assert not group_exists(c.name)
+    assert not group_exists(c.name), f"{describe_group(c.name)}; remove said: {out(r)}"
     st = status(c)
     assert all(row["account"] == "missing" for row in st.values())
     r = c.run("remove", "--yes")

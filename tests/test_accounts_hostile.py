@@ -495,6 +495,23 @@ def test_remove_says_who_keeps_the_course_group(ready_course):
     assert stranger in grp.getgrnam(course.name).gr_mem
 
 
+def test_remove_keeps_a_course_group_someone_replaced_and_says_so(ready_course):
+    """A group of the course's name made by someone else since setup is not the course's
+    to delete: remove keeps it and says why."""
+    course = ready_course
+    made = grp.getgrnam(course.name).gr_gid
+    used = {g.gr_gid for g in grp.getgrall()} | {p.pw_gid for p in pwd.getpwall()}
+    other = next(gid for gid in range(50000, 59000) if gid not in used and gid != made)
+    subprocess.run(["groupdel", "--", course.name], check=True)
+    subprocess.run(["groupadd", "--gid", str(other), "--", course.name], check=True)
+    now = grp.getgrnam(course.name).gr_gid
+    assert now != made
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"group {course.name} kept: its gid is {now}, not the {made}" in r.stdout, r.stdout
+    assert grp.getgrnam(course.name).gr_gid == now
+
+
 def test_ids_go_above_the_highest_given_then_below_never_given_ones():
     from classroom.host.groups import choose_id
 

@@ -38,6 +38,7 @@ from conftest import (
     ROOT,
     TestCourse,
     crypt_ok,
+    describe_group,
     group_exists,
     needs_root,
     random_name,
@@ -422,7 +423,7 @@ def assert_everything_removed(c: TestCourse, why: str) -> None:
         assert not user_exists(u), f"{why}: {u} is left"
         assert not group_exists(u), f"{why}: {u}'s own group is left"
         assert not c.home(u).exists(), f"{why}: {u}'s home is left"
-    assert not group_exists(c.name), f"{why}: the course group is left"
+    assert not group_exists(c.name), f"{why}: the course group is left: {describe_group(c.name)}"
 
 
 @pytest.mark.timeout(1800)  # 20 rounds of 40 accounts: about a minute on a quiet host

@@ -180,8 +180,13 @@ def remove_group_if_empty(course: Any, name: str | None = None, meta: str = "gro
             with state.transaction():
                 state.set_meta(f"{meta}_gid", None)
         return False
+    if gid is None:
+        return False  # not the course's: it was there before
     if gid != str(group.gr_gid):
-        return False
+        raise StepFailed(
+            f"group {name} kept: its gid is {group.gr_gid}, not the {gid} the course made it "
+            "with (another program replaced it)"
+        )
     left = sorted(members(name))
     if left:
         raise StepFailed(
