@@ -663,6 +663,52 @@ def test_a_new_password_logs_out_whoever_used_the_old_one(klass):
     assert s.get(contents, timeout=30).status_code == 200
 
 
+@pytest.mark.root
+def test_a_password_changed_outside_the_course_ends_the_sessions_made_with_the_old_one(klass):
+    """The student suspects a classmate saw their password and changes it (``passwd``;
+    here ``chpasswd``, the same change to /etc/shadow): whoever logged in with the old one
+    is out, an open kernel connection too; the new one logs in."""
+    c = klass.course
+    a = c.usernames[0]
+    old_session = klass.login(a)
+    contents = f"{klass.url}/user/{a}/api/contents"
+    assert old_session.get(contents, timeout=30).status_code == 200
+    ws = kernel_websocket(klass, old_session, a)
+    new = "Nw-" + secrets.token_urlsafe(12)
+    subprocess.run(["chpasswd"], input=f"{a}:{new}\n", text=True, check=True)
+    klass.creds[a] = {**klass.creds[a], "password": new}
+    deadline = time.monotonic() + sessions.CACHE_SECONDS + 30
+    while True:
+        code = old_session.get(contents, timeout=30, allow_redirects=False).status_code
+        if code != 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert code == 403, "a session made with the old password still reaches the server"
+    assert closed_within(ws, 2 * sessions.CACHE_SECONDS + 30), "its kernel connection stays open"
+    fresh = klass.login(a)
+    assert fresh.get(contents, timeout=30).status_code == 200
+
+
+def test_sessions_made_with_another_password_have_ended(tmp_path):
+    """Unit: a session keeps the stamp it was made with; another stamp now ends it."""
+    now = {"ada": "one"}
+    store = sessions.Sessions(tmp_path, stamp=lambda u: now.get(u))
+    ada = store.create("ada")
+    assert store.user(ada) == "ada"
+    now["ada"] = "two"
+    store.cache.clear()  # as CACHE_SECONDS later
+    assert store.user(ada) is None
+    assert store.user(ada) is None  # ended for good, also if the stamp came back
+    now["ada"] = "one"
+    store.cache.clear()
+    assert store.user(ada) is None
+    del now["ada"]  # the account is gone
+    bob = store.create("bob")
+    store.cache.clear()
+    assert store.user(bob) is None
+    store.close()
+
+
 def test_end_users_ends_only_their_sessions(tmp_path):
     store = sessions.Sessions(tmp_path)
     try:

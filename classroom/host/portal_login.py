@@ -67,11 +67,12 @@ class Gate:
 
     @classmethod
     def open(cls, settings: Settings) -> Gate:
+        auth = Authenticator(settings)
         return cls(
             settings,
-            Sessions(settings.state_dir),
+            Sessions(settings.state_dir, stamp=auth.stamp),
             RateLimit(),
-            Authenticator(settings),
+            auth,
             https(settings),
         )
 

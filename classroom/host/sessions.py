@@ -13,6 +13,9 @@
   restart of the portal; ``/logout`` deletes the row, so a copied cookie stops working.
   A new password (``setup --reset-passwords``) and ``remove`` end all of that student's
   sessions (``end_users``): a browser that logged in with a leaked password is out.
+  So does any other change of the password a session was made with (``passwd``, an
+  edited notebook hash): each session keeps a digest of it (``Authenticator.stamp``),
+  compared whenever the session is looked up again.
 - More than ``LIMIT`` failures for one username or one client address within
   ``WINDOW`` seconds: the next attempts are refused (429) until the window has passed.
   Counted in memory: a restart of the portal starts the count again.
@@ -62,10 +65,12 @@ CREATE TABLE IF NOT EXISTS sessions (
     id_hash TEXT PRIMARY KEY,   -- sha256 of the id in the cookie (a copy of the file logs nobody in)
     username TEXT NOT NULL,
     created REAL NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    stamp TEXT NOT NULL DEFAULT ''  -- digest of the password it was made with (Authenticator.stamp)
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (username);
 """
+SHADOW = "/etc/shadow"
 
 
 def cookie_secret(state_dir: Path) -> bytes:
@@ -101,9 +106,14 @@ def _hash(session_id: str) -> str:
 
 
 class Sessions:
-    """Sessions in ``STATE_DIR/sessions.db``, with a short in-memory cache."""
+    """Sessions in ``STATE_DIR/sessions.db``, with a short in-memory cache.
 
-    def __init__(self, state_dir: Path):
+    ``stamp(username)``: the digest of that student's password now (None: no such
+    account); a session made with another one has ended. Without it (``end_users``),
+    sessions are not compared.
+    """
+
+    def __init__(self, state_dir: Path, stamp: Callable[[str], str | None] | None = None):
         path = Path(state_dir) / SESSIONS_FILE
         old = os.umask(0o077)
         try:
@@ -112,31 +122,42 @@ class Sessions:
             os.umask(old)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(sessions)")}
+        if "stamp" not in columns:  # made by an older portal: its sessions end once
+            self.db.execute("ALTER TABLE sessions ADD COLUMN stamp TEXT NOT NULL DEFAULT ''")
+        self.stamp = stamp
         self.cache: dict[str, tuple[str | None, float]] = {}
 
     def create(self, username: str) -> str:
         """A new session for ``username``; returns the id to put in the cookie."""
         session_id = secrets.token_urlsafe(32)
         now = time.time()
+        stamp = (self.stamp(username) if self.stamp else None) or ""
         self.db.execute(
-            "INSERT INTO sessions (id_hash, username, created, expires) VALUES (?, ?, ?, ?)",
-            (_hash(session_id), username, now, now + SESSION_SECONDS),
+            "INSERT INTO sessions (id_hash, username, created, expires, stamp)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (_hash(session_id), username, now, now + SESSION_SECONDS, stamp),
         )
         self.db.execute("DELETE FROM sessions WHERE expires < ?", (now,))
         return session_id
 
     def user(self, session_id: str) -> str | None:
-        """The username of a live session, or None (unknown, ended or expired)."""
+        """The username of a live session, or None (unknown, ended, expired, or made with
+        a password the student no longer has)."""
         now = time.monotonic()
         cached = self.cache.get(session_id)
         if cached is not None and now - cached[1] < CACHE_SECONDS:
             username = cached[0]
         else:
             row = self.db.execute(
-                "SELECT username FROM sessions WHERE id_hash = ? AND expires > ?",
+                "SELECT username, stamp FROM sessions WHERE id_hash = ? AND expires > ?",
                 (_hash(session_id), time.time()),
             ).fetchone()
             username = row[0] if row else None
+            if row and self.stamp is not None and self.stamp(row[0]) != row[1]:
+                log.info("portal: a session of %s ended: its password changed", row[0])
+                self.end(session_id)
+                username = None
             if len(self.cache) > MAX_TRACKED:
                 self.cache.clear()
             self.cache[session_id] = (username, now)
@@ -252,6 +273,19 @@ class Authenticator:
             return None
         return pw if pw.pw_uid == row["uid"] and pw.pw_uid != 0 else None
 
+    def stamp(self, username: str) -> str | None:
+        """A digest of the password ``username`` logs in with now (the hash in /etc/shadow,
+        or the notebook password's hash), with the account's uid; None if the account is
+        not the course's. A session keeps the one it was made with."""
+        pw = self.course_account(username)
+        if pw is None:
+            return None
+        if self.settings.notebook_password == "separate":
+            hashed = notebook_hash(pw)
+        else:
+            hashed = shadow_hash(pw.pw_name)
+        return hashlib.sha256(f"{pw.pw_name}:{pw.pw_uid}:{hashed or ''}".encode()).hexdigest()
+
     def _check(self, pw: pwd.struct_passwd, password: Secret) -> bool:
         if self.settings.notebook_password == "separate":
             hashed = notebook_hash(pw)
@@ -277,6 +311,19 @@ def pam_check(username: str, password: Secret) -> bool:
     except pamela.PAMError:
         return False
     return True
+
+
+def shadow_hash(username: str) -> str | None:
+    """The password hash /etc/shadow holds for ``username`` (root reads it), or None."""
+    try:
+        with open(SHADOW, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name == username:
+                    return rest.split(":", 1)[0]
+    except OSError:
+        return None
+    return None
 
 
 def notebook_hash(pw: pwd.struct_passwd) -> str | None:
