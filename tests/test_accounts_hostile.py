@@ -296,6 +296,48 @@ def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
         subprocess.run(["groupdel", squatter], check=False)
 
 
+@pytest.mark.parametrize("made", ["the course group", "a student's own group"])
+def test_a_gid_another_program_made_at_the_same_moment_is_given_up(course, monkeypatch, made):
+    """Debian 12's useradd --user-group picks its group's gid before it holds the lock on
+    /etc/group, so a group made at the same moment can get the same gid (two groups, one
+    gid: the course group then has a stranger as a member, and remove keeps it). Here the
+    other program makes its group right after ours, with ``groupadd -o``, the state that
+    race leaves; setup must end with gids of its own."""
+    from click.testing import CliRunner
+
+    from classroom import cli
+    from classroom.host import accounts, groups
+
+    u0 = course.usernames[0]
+    squatter = random_name("tq")
+    module = groups if made == "the course group" else accounts
+    tool, name = ("groupadd", course.name) if made == "the course group" else ("useradd", u0)
+    real = module.run_account_tool
+    done: list[int] = []
+
+    def and_another_program(argv, **kw):
+        result = real(argv, **kw)
+        if argv[0] == tool and argv[-1] == name and not done:
+            gid = grp.getgrnam(name).gr_gid
+            subprocess.run(["groupadd", "-o", "--gid", str(gid), "--", squatter], check=True)
+            done.append(gid)
+        return result
+
+    monkeypatch.setattr(module, "run_account_tool", and_another_program)
+    try:
+        result = CliRunner().invoke(cli.cli, ["setup", str(course.config)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert done, f"no {tool} of {name}"
+        assert grp.getgrnam(squatter).gr_gid == done[0]  # theirs, left alone
+        for group in (course.name, *course.usernames):
+            gid = grp.getgrnam(group).gr_gid
+            sharing = [g.gr_name for g in grp.getgrall() if g.gr_gid == gid]
+            assert sharing == [group], f"{group} shares its gid {gid} with {sharing}"
+        assert grp.getgrnam(u0).gr_gid == pwd.getpwnam(u0).pw_gid
+    finally:
+        subprocess.run(["groupdel", "--", squatter], check=False)
+
+
 def test_a_process_started_after_remove_stopped_everything_is_killed_too(ready_course, monkeypatch):
     """A student who logs in again once remove has stopped their processes: userdel refuses
     (the account is in use); remove kills that process too and deletes the account."""
@@ -493,6 +535,25 @@ def test_remove_says_who_keeps_the_course_group(ready_course):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"group {course.name} kept: {stranger} still in it" in r.stdout + r.stderr, r.stdout
     assert stranger in grp.getgrnam(course.name).gr_mem
+
+
+def test_remove_deletes_a_course_group_a_strangers_own_group_shares_a_gid_with(ready_course):
+    """The useradd race, lost by another program: a stranger's own group got the course
+    group's gid. The stranger is not the course's member: remove deletes the course group
+    and leaves the stranger's own group as it is."""
+    course = ready_course
+    gid = grp.getgrnam(course.name).gr_gid
+    stranger = random_name()
+    course.extra_users.append(stranger)
+    subprocess.run(["groupadd", "-o", "--gid", str(gid), "--", stranger], check=True)
+    subprocess.run(
+        ["useradd", "-M", "-d", "/nonexistent", "-g", stranger, "--", stranger], check=True
+    )
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(KeyError):
+        grp.getgrnam(course.name)
+    assert grp.getgrnam(stranger).gr_gid == pwd.getpwnam(stranger).pw_gid == gid
 
 
 def test_remove_keeps_a_course_group_someone_replaced_and_says_so(ready_course):

@@ -28,7 +28,7 @@ from ..core.roster import Student
 from ..core.secret import Secret
 from ..core.sizes import human_size
 from . import interrupts
-from .groups import ATTEMPTS, choose_id, ids_in_use, listed_members, members
+from .groups import ATTEMPTS, choose_id, ids_in_use, listed_members, members, sharing_gid
 from .processes import kill_every_process_of, running_programs
 from .system import login_defs, run, run_account_tool
 from .workers import as_user
@@ -193,16 +193,21 @@ def create_account(course: Any, student: Student) -> pwd.struct_passwd:
             argv[1:1] = ["--uid", str(uid)]
             try:
                 run_account_tool(argv)
-                break
             except StepFailed as exc:
                 with state.transaction():
                     state.forget_account(student.username)
                 if "not unique" in str(exc):  # another program took that uid meanwhile
                     continue
                 raise
+            pw = pwd.getpwnam(student.username)
+            if not sharing_gid(pw.pw_gid, student.username, student.username):
+                break
+            # its own group got a gid another group has too (see sharing_gid): undo, again
+            run_account_tool(["userdel", "--remove", "--", student.username], check=False)
+            with state.transaction():
+                state.forget_account(student.username)
         else:
             raise StepFailed("useradd kept finding its uid taken; try again")
-        pw = pwd.getpwnam(student.username)
         if pw.pw_uid != uid:
             raise StepFailed(f"useradd gave uid {pw.pw_uid}, not {uid}")
         with state.transaction():

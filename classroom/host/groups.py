@@ -29,6 +29,28 @@ def members(group_name: str) -> set[str]:
     return set(group.gr_mem) | primary
 
 
+def sharing_gid(gid: int, group: str, account: str | None = None) -> list[str]:
+    """Who else has ``gid``: other groups, and accounts (other than ``account``) whose
+    primary gid it is. Right after making ``group`` there must be none, but Debian 12's
+    ``useradd --user-group`` picks its group's gid without looking again once it holds
+    the lock on /etc/group: a program making a group at the same moment can end up with
+    the same gid (tried here: 16 times in 40)."""
+    groups = [g.gr_name for g in grp.getgrall() if g.gr_gid == gid and g.gr_name != group]
+    accounts = [p.pw_name for p in pwd.getpwall() if p.pw_gid == gid and p.pw_name != account]
+    return groups + accounts
+
+
+def _twin(username: str, group: grp.struct_group) -> bool:
+    """Whether ``username`` is in ``group`` only because their own group got the same gid
+    (``sharing_gid``'s race, lost by a program other than the course)."""
+    if username in group.gr_mem:
+        return False
+    try:
+        return grp.getgrnam(username).gr_gid == group.gr_gid == pwd.getpwnam(username).pw_gid
+    except KeyError:
+        return False
+
+
 def ids_in_use() -> set[int]:
     """Every id the host uses: accounts' uids and primary gids, and groups' gids. A group
     deleted from under its accounts (``groupdel --force``, ``userdel --force``) still gives
@@ -151,7 +173,13 @@ def ensure_group(course: Any, name: str | None = None, meta: str = "group") -> b
         try:
             with interrupts.shielded():
                 run_account_tool(["groupadd", "--gid", str(gid), "--", name])
-            break
+                if not sharing_gid(gid, name):
+                    break
+                # just made, so nobody is in it; --force: the other program's account
+                # has that gid as its primary one, and keeps its own group of that gid
+                run_account_tool(["groupdel", "--force", "--", name])
+            with state.transaction():
+                state.set_meta(f"{meta}_creating", None)
         except StepFailed as exc:
             with state.transaction():
                 state.set_meta(f"{meta}_creating", None)
@@ -188,11 +216,14 @@ def remove_group_if_empty(course: Any, name: str | None = None, meta: str = "gro
             "with (another program replaced it)"
         )
     left = sorted(members(name))
-    if left:
+    keeping = [who for who in left if not _twin(who, group)]
+    if keeping:
         raise StepFailed(
-            f"group {name} kept: {', '.join(left[:5])}{' …' if len(left) > 5 else ''} still in it"
+            f"group {name} kept: {', '.join(keeping[:5])}{' …' if len(keeping) > 5 else ''} "
+            "still in it"
         )
-    run_account_tool(["groupdel", "--", name])
+    # --force: an account in it only through a twin gid keeps its own group of that gid
+    run_account_tool(["groupdel", "--force", "--", name] if left else ["groupdel", "--", name])
     with state.transaction():
         state.set_meta(f"{meta}_gid", None)
         state.record("remove", None, "group deleted", {"group": name})
