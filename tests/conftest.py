@@ -41,6 +41,11 @@ PYTHON = sys.executable
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates real accounts")
 
 
+# Accounts the tests make by hand (foreign accounts, strangers) use ``useradd -N``: no group
+# of their own. Debian 12's ``useradd --user-group`` can give its group the gid of a group
+# that another worker's setup makes at the same moment; setup and remove cope with that
+# (tests in test_accounts_hostile.py), but a by-hand account would then share a course
+# group's gid and upset that other worker's test.
 def random_name(prefix: str = "t") -> str:
     return prefix + secrets.token_hex(4)
 

@@ -163,7 +163,7 @@ def world_readable_course(n: int = 2):
 def foreign_account(system: bool = False):
     """An account the course did not create (random test name)."""
     name = random_name()
-    cmd = ["useradd", "--no-create-home", "--shell", "/bin/sh"]
+    cmd = ["useradd", "-N", "--no-create-home", "--shell", "/bin/sh"]
     if system:
         cmd.append("--system")
     subprocess.run([*cmd, "--", name], check=True, capture_output=True)

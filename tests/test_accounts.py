@@ -143,7 +143,7 @@ def test_existing_course_account_is_brought_in_line(ready_course):
 def test_system_and_foreign_accounts_fail_and_are_untouched(course):
     foreign = random_name()
     course.extra_users.append(foreign)
-    subprocess.run(["useradd", "-M", "-d", "/nonexistent", foreign], check=True)
+    subprocess.run(["useradd", "-N", "-M", "-d", "/nonexistent", foreign], check=True)
     course.write_roster([f"{course.usernames[0]},A,B,", "daemon,D,E,", f"{foreign},F,G,"])
     daemon_before = pwd.getpwnam("daemon")
     r = course.run("setup")
@@ -170,7 +170,7 @@ def test_account_recreated_outside_the_course_is_foreign(ready_course):
     course = ready_course
     u = course.usernames[0]
     remove_account(u)
-    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-u", "59999", u], check=True)
+    subprocess.run(["useradd", "-N", "-M", "-d", "/nonexistent", "-u", "59999", u], check=True)
     r = course.run("remove", "--yes")
     assert r.returncode == 3
     assert "never touched" in r.stderr

@@ -30,7 +30,7 @@ def test_failed_useradd_leaves_no_claim_on_a_later_account(course):
         assert r.returncode == 1 and u in r.stdout
     finally:
         subprocess.run(["groupdel", u], check=True)
-    subprocess.run(["useradd", "-m", "-d", str(course.home(u)), u], check=True)
+    subprocess.run(["useradd", "-N", "-m", "-d", str(course.home(u)), u], check=True)
     before = shadow_hash(u)
     r = course.run("setup")
     assert r.returncode == 1
@@ -163,7 +163,7 @@ def test_home_base_writable_by_others_is_refused(course):
 def test_handout_copy_belongs_to_the_teacher(course, tmp_path):
     teacher = random_name()
     course.extra_users.append(teacher)
-    subprocess.run(["useradd", "-M", "-d", "/nonexistent", teacher], check=True)
+    subprocess.run(["useradd", "-N", "-M", "-d", "/nonexistent", teacher], check=True)
     out = tmp_path / "slips.html"
     r = course.run("setup", "--handout", str(out), env={"SUDO_USER": teacher})
     assert r.returncode == 0, r.stderr
@@ -400,7 +400,7 @@ def test_remove_leaves_alone_a_uid_given_out_again_meanwhile(ready_course, monke
         if account.username != u:
             return
         subprocess.run(
-            ["useradd", "-u", str(uid), "-M", "-d", "/nonexistent", newcomer], check=True
+            ["useradd", "-N", "-u", str(uid), "-M", "-d", "/nonexistent", newcomer], check=True
         )
         gid = pwd.getpwnam(newcomer).pw_gid
         held["proc"] = subprocess.Popen(

@@ -515,7 +515,9 @@ def test_a_real_jupyterhub_with_the_exported_config(course):
     r = course.run("setup", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     creds = course.credentials()
-    subprocess.run(["useradd", "--create-home", "--", stranger], check=True, capture_output=True)
+    subprocess.run(
+        ["useradd", "-N", "--create-home", "--", stranger], check=True, capture_output=True
+    )
     subprocess.run(["chpasswd"], input=f"{stranger}:Stranger-Pass-42\n", text=True, check=True)
 
     out = course.base / "hub"

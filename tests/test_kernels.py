@@ -606,7 +606,7 @@ def test_nobody_gets_a_kernel_as_anyone_else(make_course):
     pa, pb = c.pw(a), c.pw(b)
     outsider = "t" + uuid.uuid4().hex[:8]
     c.extra_users.append(outsider)
-    subprocess.run(["useradd", "-m", "-d", str(c.home_base / outsider), outsider], check=True)
+    subprocess.run(["useradd", "-N", "-m", "-d", str(c.home_base / outsider), outsider], check=True)
     po = c.pw(outsider)
     procs = []
     try:

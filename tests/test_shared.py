@@ -36,7 +36,9 @@ def staffed(course):
     subprocess.run(["groupadd", staff], check=True)
     assistant = random_name()
     course.extra_users.append(assistant)
-    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-G", staff, assistant], check=True)
+    subprocess.run(
+        ["useradd", "-N", "-M", "-d", "/nonexistent", "-G", staff, assistant], check=True
+    )
     try:
         yield course, staff, assistant
     finally:
@@ -159,7 +161,7 @@ def test_shared_folder_in_a_bad_place_is_refused(course, public_folder):
     pupil = random_name()
     c.extra_users.append(pupil)
     elsewhere = public_folder / "homes" / pupil  # a user's home outside home_base
-    subprocess.run(["useradd", "-M", "-d", str(elsewhere), pupil], check=True)
+    subprocess.run(["useradd", "-N", "-M", "-d", str(elsewhere), pupil], check=True)
     open_parent = public_folder / "open"
     open_parent.mkdir(mode=0o777)
     os.chmod(open_parent, 0o777)

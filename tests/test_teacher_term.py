@@ -201,7 +201,7 @@ def term(make_course):
 def foreign_account(group: str | None = None):
     """An account the course did not create (random test name), optionally in ``group``."""
     name = random_name()
-    cmd = ["useradd", "--no-create-home", "--shell", "/bin/sh"]
+    cmd = ["useradd", "-N", "--no-create-home", "--shell", "/bin/sh"]
     if group:
         cmd += ["--gid", group]
     subprocess.run([*cmd, "--", name], check=True, capture_output=True)
