@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, needs_root, random_name, shadow_hash
+from conftest import ROOT, needs_root, random_name, remove_account, shadow_hash
 from students import as_student, kill_uid, processes_of_uid
 
 pytestmark = needs_root
@@ -554,6 +554,25 @@ def test_remove_deletes_a_course_group_a_strangers_own_group_shares_a_gid_with(r
     with pytest.raises(KeyError):
         grp.getgrnam(course.name)
     assert grp.getgrnam(stranger).gr_gid == pwd.getpwnam(stranger).pw_gid == gid
+
+
+def test_check_warns_of_a_stranger_sharing_the_course_groups_gid(ready_course):
+    """The useradd race lost after setup looked: check says who shares the gid."""
+    course = ready_course
+    gid = grp.getgrnam(course.name).gr_gid
+    stranger = random_name()
+    course.extra_users.append(stranger)
+    subprocess.run(["groupadd", "-o", "--gid", str(gid), "--", stranger], check=True)
+    subprocess.run(
+        ["useradd", "-M", "-d", "/nonexistent", "-g", stranger, "--", stranger], check=True
+    )
+    try:
+        r = course.run("check")
+        expected = f"group {course.name} (gid {gid}) shares its gid with {stranger}: they have"
+        assert expected in r.stdout, r.stdout + r.stderr
+    finally:
+        remove_account(stranger)
+        subprocess.run(["groupdel", "--", stranger], check=False)
 
 
 def test_remove_keeps_a_course_group_someone_replaced_and_says_so(ready_course):

@@ -23,7 +23,7 @@ from ..core.settings import Settings
 from ..host import credentials, hooks, limits, sharedfolder
 from ..host.accounts import FOREIGN, inspect
 from ..host.files import world_readable_chain
-from ..host.groups import check_group
+from ..host.groups import check_group, sharing_gid
 from ..host.ports import ipv6_available, port_free
 from ..host.system import CommandFailed, is_root, login_defs, run, set_dry_run
 from . import staff
@@ -242,6 +242,13 @@ def check_course(course: Course, found: Findings) -> None:
     gone = [st.username for st in course.dropped()]
     if gone:
         found.warnings.append(setup.dropped_message(course, gone))
+    gid = course.state.meta("group_gid") if course.state_readable else None
+    others = sharing_gid(int(gid), s.group) if gid else []
+    if others:  # another program's useradd that raced setup's groupadd (see sharing_gid)
+        found.warnings.append(
+            f"group {s.group} (gid {gid}) shares its gid with {', '.join(others[:5])}: "
+            "they have the course group's access to the course's files; give them another gid"
+        )
 
 
 def check(config_path: Path, as_json: bool = False) -> int:

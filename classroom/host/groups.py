@@ -37,7 +37,7 @@ def sharing_gid(gid: int, group: str, account: str | None = None) -> list[str]:
     the same gid (tried here: 16 times in 40)."""
     groups = [g.gr_name for g in grp.getgrall() if g.gr_gid == gid and g.gr_name != group]
     accounts = [p.pw_name for p in pwd.getpwall() if p.pw_gid == gid and p.pw_name != account]
-    return groups + accounts
+    return list(dict.fromkeys(groups + accounts))  # an account's own group: one name
 
 
 def _twin(username: str, group: grp.struct_group) -> bool:
