@@ -296,7 +296,9 @@ def test_gid_taken_between_choice_and_groupadd_is_retried(course, monkeypatch):
         subprocess.run(["groupdel", squatter], check=False)
 
 
-@pytest.mark.parametrize("made", ["the course group", "a student's own group"])
+@pytest.mark.parametrize(
+    "made", ["the course group", "a student's own group", "a student's own group, an account"]
+)
 def test_a_gid_another_program_made_at_the_same_moment_is_given_up(course, monkeypatch, made):
     """Debian 12's useradd --user-group picks its group's gid before it holds the lock on
     /etc/group, so a group made at the same moment can get the same gid (two groups, one
@@ -320,6 +322,11 @@ def test_a_gid_another_program_made_at_the_same_moment_is_given_up(course, monke
         if argv[0] == tool and argv[-1] == name and not done:
             gid = grp.getgrnam(name).gr_gid
             subprocess.run(["groupadd", "-o", "--gid", str(gid), "--", squatter], check=True)
+            if made.endswith("an account"):  # whose primary gid it is: userdel keeps ours
+                subprocess.run(
+                    ["useradd", "-N", "-M", "-d", "/nonexistent", "-g", squatter, "--", squatter],
+                    check=True,
+                )
             done.append(gid)
         return result
 
@@ -335,6 +342,7 @@ def test_a_gid_another_program_made_at_the_same_moment_is_given_up(course, monke
             assert sharing == [group], f"{group} shares its gid {gid} with {sharing}"
         assert grp.getgrnam(u0).gr_gid == pwd.getpwnam(u0).pw_gid
     finally:
+        remove_account(squatter)
         subprocess.run(["groupdel", "--", squatter], check=False)
 
 

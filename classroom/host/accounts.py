@@ -204,6 +204,9 @@ def create_account(course: Any, student: Student) -> pwd.struct_passwd:
                 break
             # its own group got a gid another group has too (see sharing_gid): undo, again
             run_account_tool(["userdel", "--remove", "--", student.username], check=False)
+            with contextlib.suppress(KeyError):  # userdel keeps it when an account has its gid
+                if grp.getgrnam(student.username).gr_gid == pw.pw_gid:
+                    run_account_tool(["groupdel", "--force", "--", student.username])
             with state.transaction():
                 state.forget_account(student.username)
         else:
