@@ -67,6 +67,14 @@ def test_group_belonging_to_others_is_refused(course):
         pwd.getpwnam(course.usernames[0])
 
 
+def removes_the_group_too(course) -> None:
+    """``remove`` succeeds and the course group is gone."""
+    r = course.run("remove", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(KeyError):
+        grp.getgrnam(course.name)
+
+
 def test_group_made_by_a_cut_off_run_is_adopted_and_removed(course):
     course.state_dir.mkdir(mode=0o700)
     gid = 59000
@@ -88,10 +96,7 @@ def test_group_made_by_a_cut_off_run_is_adopted_and_removed(course):
     state.close()
     r = course.run("setup")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = course.run("remove", "--yes")
-    assert r.returncode == 0, r.stdout + r.stderr
-    with pytest.raises(KeyError):
-        grp.getgrnam(course.name)
+    removes_the_group_too(course)
 
 
 def test_failed_password_write_gives_a_new_password_next_time(ready_course):
@@ -525,10 +530,7 @@ def test_a_gid_left_to_accounts_by_a_deleted_group_is_not_given_to_the_course(co
     assert course_gid not in os.getgrouplist(stranger, pwd.getpwnam(stranger).pw_gid)
     for u in course.usernames:
         assert old_choice not in (pwd.getpwnam(u).pw_uid, pwd.getpwnam(u).pw_gid)
-    r = course.run("remove", "--yes")
-    assert r.returncode == 0, r.stdout + r.stderr
-    with pytest.raises(KeyError):
-        grp.getgrnam(course.name)
+    removes_the_group_too(course)
 
 
 def test_remove_says_who_keeps_the_course_group(ready_course):
@@ -545,11 +547,9 @@ def test_remove_says_who_keeps_the_course_group(ready_course):
     assert stranger in grp.getgrnam(course.name).gr_mem
 
 
-def test_remove_deletes_a_course_group_a_strangers_own_group_shares_a_gid_with(ready_course):
-    """The useradd race, lost by another program: a stranger's own group got the course
-    group's gid. The stranger is not the course's member: remove deletes the course group
-    and leaves the stranger's own group as it is."""
-    course = ready_course
+def twin_of_the_course_group(course) -> str:
+    """A stranger whose own group has the course group's gid (what the useradd race, lost
+    by another program, leaves); the stranger's name."""
     gid = grp.getgrnam(course.name).gr_gid
     stranger = random_name()
     course.extra_users.append(stranger)
@@ -557,23 +557,23 @@ def test_remove_deletes_a_course_group_a_strangers_own_group_shares_a_gid_with(r
     subprocess.run(
         ["useradd", "-M", "-d", "/nonexistent", "-g", stranger, "--", stranger], check=True
     )
-    r = course.run("remove", "--yes")
-    assert r.returncode == 0, r.stdout + r.stderr
-    with pytest.raises(KeyError):
-        grp.getgrnam(course.name)
+    return stranger
+
+
+def test_remove_deletes_a_course_group_a_strangers_own_group_shares_a_gid_with(ready_course):
+    """The useradd race, lost by another program: a stranger's own group got the course
+    group's gid. The stranger is not the course's member: remove deletes the course group
+    and leaves the stranger's own group as it is."""
+    course = ready_course
+    gid, stranger = grp.getgrnam(course.name).gr_gid, twin_of_the_course_group(course)
+    removes_the_group_too(course)
     assert grp.getgrnam(stranger).gr_gid == pwd.getpwnam(stranger).pw_gid == gid
 
 
 def test_check_warns_of_a_stranger_sharing_the_course_groups_gid(ready_course):
     """The useradd race lost after setup looked: check says who shares the gid."""
     course = ready_course
-    gid = grp.getgrnam(course.name).gr_gid
-    stranger = random_name()
-    course.extra_users.append(stranger)
-    subprocess.run(["groupadd", "-o", "--gid", str(gid), "--", stranger], check=True)
-    subprocess.run(
-        ["useradd", "-M", "-d", "/nonexistent", "-g", stranger, "--", stranger], check=True
-    )
+    gid, stranger = grp.getgrnam(course.name).gr_gid, twin_of_the_course_group(course)
     try:
         r = course.run("check")
         expected = f"group {course.name} (gid {gid}) shares its gid with {stranger}: they have"

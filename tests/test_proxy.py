@@ -378,6 +378,17 @@ def test_kernel_websocket_and_a_50_mb_upload_and_download_stream_through(klass):
     assert peak[0] - before < 25 << 20, f"the portal grew by {(peak[0] - before) >> 20} MB"
 
 
+def answer_once_ended(s: requests.Session, url: str) -> int:
+    """The status ``url`` gets once the portal has looked the session up again (it keeps a
+    session for ``CACHE_SECONDS``): 200 while it still lets it through, for at most 30 s more."""
+    deadline = time.monotonic() + sessions.CACHE_SECONDS + 30
+    while True:
+        code = s.get(url, timeout=30, allow_redirects=False).status_code
+        if code != 200 or time.monotonic() > deadline:
+            return code
+        time.sleep(0.5)
+
+
 def kernel_websocket(klass, s: requests.Session, username: str):
     """A new kernel of ``username``'s, and a WebSocket to it through the portal."""
     import websocket
@@ -642,12 +653,7 @@ def test_a_new_password_logs_out_whoever_used_the_old_one(klass):
     assert r.returncode == 0, r.stdout + r.stderr
     old, klass.creds = klass.creds, c.credentials()
     assert klass.creds[b]["password"] != old[b]["password"]
-    deadline = time.monotonic() + sessions.CACHE_SECONDS + 30
-    while True:
-        code = thief.get(contents, timeout=30, allow_redirects=False).status_code
-        if code != 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    code = answer_once_ended(thief, contents)
     assert code == 403, "a session made with the old password still reaches the server"
     r = klass.session().post(
         klass.url + "/login",
@@ -677,12 +683,7 @@ def test_a_password_changed_outside_the_course_ends_the_sessions_made_with_the_o
     new = "Nw-" + secrets.token_urlsafe(12)
     subprocess.run(["chpasswd"], input=f"{a}:{new}\n", text=True, check=True)
     klass.creds[a] = {**klass.creds[a], "password": new}
-    deadline = time.monotonic() + sessions.CACHE_SECONDS + 30
-    while True:
-        code = old_session.get(contents, timeout=30, allow_redirects=False).status_code
-        if code != 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    code = answer_once_ended(old_session, contents)
     assert code == 403, "a session made with the old password still reaches the server"
     assert closed_within(ws, 2 * sessions.CACHE_SECONDS + 30), "its kernel connection stays open"
     fresh = klass.login(a)
