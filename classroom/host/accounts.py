@@ -28,7 +28,15 @@ from ..core.roster import Student
 from ..core.secret import Secret
 from ..core.sizes import human_size
 from . import interrupts
-from .groups import ATTEMPTS, choose_id, ids_in_use, listed_members, members, sharing_gid
+from .groups import (
+    ATTEMPTS,
+    choose_id,
+    ids_in_use,
+    listed_members,
+    members,
+    primary_of,
+    sharing_gid,
+)
 from .processes import kill_every_process_of, running_programs
 from .system import login_defs, run, run_account_tool
 from .workers import as_user
@@ -463,6 +471,6 @@ def _delete_own_group(username: str, gid: int) -> None:
         group = grp.getgrnam(username)
     except KeyError:
         return
-    if group.gr_gid != gid or group.gr_mem or any(p.pw_gid == gid for p in pwd.getpwall()):
+    if group.gr_gid != gid or group.gr_mem or primary_of(gid):
         return
     run_account_tool(["groupdel", "--", username])

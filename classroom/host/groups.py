@@ -19,14 +19,18 @@ from .system import login_defs, run_account_tool
 ATTEMPTS = 10  # useradd / groupadd finding the id just chosen taken by another program
 
 
+def primary_of(gid: int) -> list[str]:
+    """The accounts whose primary gid is ``gid``."""
+    return [p.pw_name for p in pwd.getpwall() if p.pw_gid == gid]
+
+
 def members(group_name: str) -> set[str]:
     """Who is in ``group_name``: its listed members and the accounts whose primary group it is."""
     try:
         group = grp.getgrnam(group_name)
     except KeyError:
         return set()
-    primary = {p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid}
-    return set(group.gr_mem) | primary
+    return set(group.gr_mem) | set(primary_of(group.gr_gid))
 
 
 def sharing_gid(gid: int, group: str, account: str | None = None) -> list[str]:
@@ -36,7 +40,7 @@ def sharing_gid(gid: int, group: str, account: str | None = None) -> list[str]:
     the lock on /etc/group: a program making a group at the same moment can end up with
     the same gid (tried here: 16 times in 40)."""
     groups = [g.gr_name for g in grp.getgrall() if g.gr_gid == gid and g.gr_name != group]
-    accounts = [p.pw_name for p in pwd.getpwall() if p.pw_gid == gid and p.pw_name != account]
+    accounts = [name for name in primary_of(gid) if name != account]
     return list(dict.fromkeys(groups + accounts))  # an account's own group: one name
 
 
@@ -133,7 +137,7 @@ def check_group(
             f"{where}: group '{name}' is a system group (gid {group.gr_gid}); "
             f"choose another [course] {key}"
         )
-    primary = [p.pw_name for p in pwd.getpwall() if p.pw_gid == group.gr_gid]
+    primary = primary_of(group.gr_gid)
     outsiders = sorted(set(group.gr_mem) - set(course.roster.names()))
     if primary or outsiders:
         who = ", ".join((primary + outsiders)[:5])

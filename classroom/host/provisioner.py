@@ -212,9 +212,9 @@ class OwnPortsProvisioner(LocalProvisioner):
                 if all(info.get(name) for name in PORT_NAMES):
                     break
             if kernel.poll() is not None:
-                raise ValueError("the forked kernel ended before it listened")
+                raise ValueError("the kernel ended before it listened")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the forked kernel did not listen within {self.timeout:g} s")
+                raise TimeoutError(f"the kernel did not listen within {self.timeout:g} s")
             await asyncio.sleep(0.02)
         if km.cache_ports and self.ports_cached:
             cache = LocalPortCache.instance()
